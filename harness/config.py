@@ -1,0 +1,270 @@
+"""YAML run configuration and host-image recipes -> typed, validated objects.
+
+Every error names the file and the key, and lists the valid choices, so a user
+can fix a typo without reading this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPE_DIR = REPO_ROOT / "images" / "hosts"
+
+BACKENDS = ("qemu", "libvirt")
+ACCELS = ("auto", "kvm", "tcg")
+SNAPSHOT_MODES = ("auto", "off", "refresh")
+DOM0_MODES = ("pv", "pvh")
+
+
+class ConfigError(Exception):
+    """A configuration or recipe problem the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Deadlines in seconds, one per readiness stage and command class."""
+
+    xen_banner: float = 90.0
+    dom0_kernel: float = 180.0
+    dom0_ssh: float = 420.0
+    command: float = 120.0
+    guest_ready: float = 300.0
+    workload: float = 900.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, after merging YAML and command-line options."""
+
+    host_images: tuple[str, ...] = ("bookworm",)
+    backend: str = "qemu"
+    accel: str = "auto"
+    memory_mb: int | None = None
+    cpus: int = 2
+    dom0: str | None = None
+    artifacts_dir: Path = Path("artifacts")
+    cache_dir: Path | None = None
+    mirror: str | None = None
+    rebuild: bool = False
+    snapshot: str = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    libvirt_uri: str = "qemu:///system"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    source: str = "<defaults>"
+
+    def with_overrides(self, **changes: Any) -> RunConfig:
+        """Return a copy with the non-None values in ``changes`` applied, validated."""
+        real = {k: v for k, v in changes.items() if v is not None}
+        cfg = dataclasses.replace(self, **real)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _choice(self.source, "backend", self.backend, BACKENDS)
+        _choice(self.source, "accel", self.accel, ACCELS)
+        _choice(self.source, "snapshot", self.snapshot, SNAPSHOT_MODES)
+        if self.dom0 is not None:
+            _choice(self.source, "dom0", self.dom0, DOM0_MODES)
+        if not self.host_images:
+            raise ConfigError(f"{self.source}: host_images: list at least one recipe name")
+        if self.cpus < 1:
+            raise ConfigError(f"{self.source}: cpus: must be >= 1, got {self.cpus}")
+        if self.memory_mb is not None and self.memory_mb < 1024:
+            raise ConfigError(f"{self.source}: memory_mb: Xen + dom0 need >= 1024, got {self.memory_mb}")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        env = os.environ.get("NESTED_XEN_CACHE")
+        if env:
+            return Path(env)
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("nested-xen"))
+
+
+def _choice(source: str, key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{source}: {key}: {value!r} is not valid; choose one of: {', '.join(choices)}"
+        )
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(source: str, data: dict[str, Any], allowed: set[str], where: str = "") -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{source}: {where}unknown key(s) {', '.join(unknown)}; "
+            f"valid keys: {', '.join(sorted(allowed))}"
+        )
+
+
+def _typed(source: str, key: str, value: Any, typ: type | tuple[type, ...]) -> Any:
+    if isinstance(value, bool) and typ in (int, float):
+        raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+    if typ is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, typ):
+        names = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        raise ConfigError(f"{source}: {key}: expected {names}, got {value!r}")
+    return value
+
+
+def load_run_config(path: Path | None) -> RunConfig:
+    """Load a run configuration; ``None`` gives the defaults."""
+    if path is None:
+        cfg = RunConfig()
+        cfg.validate()
+        return cfg
+    source = str(path)
+    data = _load_yaml(path)
+    allowed = {f.name for f in dataclasses.fields(RunConfig)} - {"source"}
+    _check_keys(source, data, allowed)
+    kwargs: dict[str, Any] = {"source": source}
+    for key, value in data.items():
+        kwargs[key] = _convert_run_key(source, key, value)
+    cfg = RunConfig(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def _convert_run_key(source: str, key: str, value: Any) -> Any:
+    if key == "host_images":
+        if isinstance(value, str):
+            value = [value]
+        items = _typed(source, key, value, list)
+        return tuple(_typed(source, f"{key}[{i}]", v, str) for i, v in enumerate(items))
+    if key == "timeouts":
+        items = _typed(source, key, value, dict)
+        allowed = {f.name for f in dataclasses.fields(Timeouts)}
+        _check_keys(source, items, allowed, where="timeouts: ")
+        return Timeouts(**{k: _typed(source, f"timeouts.{k}", v, float) for k, v in items.items()})
+    if key in ("artifacts_dir", "cache_dir"):
+        return Path(_typed(source, key, value, str)).expanduser()
+    if key in ("memory_mb", "cpus"):
+        return _typed(source, key, value, int)
+    if key == "rebuild":
+        return _typed(source, key, value, bool)
+    return _typed(source, key, value, str)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """Globs (relative to the image root) of the files QEMU boots."""
+
+    xen: str = "boot/xen-*-amd64.gz"
+    kernel: str = "boot/vmlinuz-*"
+    initrd: str = "boot/initrd.img-*"
+
+
+@dataclass(frozen=True)
+class HostRecipe:
+    """A declarative host image: Debian suite + packages -> Xen + dom0 disk."""
+
+    name: str
+    suite: str
+    packages: tuple[str, ...]
+    path: Path
+    description: str = ""
+    components: tuple[str, ...] = ("main",)
+    extra_suites: tuple[str, ...] = ()
+    mirror: str | None = None
+    boot: BootFiles = field(default_factory=BootFiles)
+    xen_cmdline: str = ""
+    dom0_cmdline: str = ""
+    dom0: str = "pv"
+    memory_mb: int = 3072
+    dom0_mem_mb: int = 1024
+    free_space_mb: int = 2048
+
+    def key_material(self) -> dict[str, Any]:
+        """What shapes the built image (the file path does not)."""
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        data.pop("description")
+        # Boot-time settings do not change the disk; they are keyed by the machine.
+        for k in ("xen_cmdline", "dom0_cmdline", "memory_mb", "dom0_mem_mb", "dom0"):
+            data.pop(k)
+        return data
+
+
+_RECIPE_REQUIRED = {"name", "suite", "packages"}
+_RECIPE_KEYS = {f.name for f in dataclasses.fields(HostRecipe)} - {"path"}
+
+
+def available_recipes(recipe_dir: Path = RECIPE_DIR) -> list[str]:
+    return sorted(p.stem for p in recipe_dir.glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> Path:
+    """Resolve a recipe name (``bookworm``) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    path = recipe_dir / f"{name_or_path}.yaml"
+    if path.exists():
+        return path
+    raise ConfigError(
+        f"unknown host image {name_or_path!r}; available recipes in {recipe_dir}: "
+        f"{', '.join(available_recipes(recipe_dir)) or '(none)'}"
+    )
+
+
+def load_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> HostRecipe:
+    path = find_recipe(name_or_path, recipe_dir)
+    source = str(path)
+    data = _load_yaml(path)
+    _check_keys(source, data, _RECIPE_KEYS)
+    missing = sorted(_RECIPE_REQUIRED - set(data))
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+    kwargs: dict[str, Any] = {"path": path}
+    for key, value in data.items():
+        kwargs[key] = _convert_recipe_key(source, key, value)
+    recipe = HostRecipe(**kwargs)
+    if recipe.dom0 not in DOM0_MODES:
+        _choice(source, "dom0", recipe.dom0, DOM0_MODES)
+    return recipe
+
+
+def _convert_recipe_key(source: str, key: str, value: Any) -> Any:
+    if key in ("packages", "components", "extra_suites"):
+        items = _typed(source, key, value, list)
+        return tuple(_typed(source, f"{key}[{i}]", v, str) for i, v in enumerate(items))
+    if key == "boot":
+        items = _typed(source, key, value, dict)
+        allowed = {f.name for f in dataclasses.fields(BootFiles)}
+        _check_keys(source, items, allowed, where="boot: ")
+        return BootFiles(**{k: _typed(source, f"boot.{k}", v, str) for k, v in items.items()})
+    if key in ("memory_mb", "dom0_mem_mb", "free_space_mb"):
+        return _typed(source, key, value, int)
+    return _typed(source, key, value, str)

@@ -1,0 +1,137 @@
+"""A booted Xen host: an L1 machine, SSH to its dom0, and the toolstack.
+
+This is where the machine layer meets Xen: the readiness stages (Xen banner,
+dom0 kernel, dom0 answering a command) and the facts read from the booted
+host (versions, capabilities, dom0 mode) that checks are gated on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .accel import AccelChoice
+from .config import HostRecipe, RunConfig, Timeouts
+from .imaging import HostImage
+from .machines.base import Machine, MachineSpec, Module, Stage
+from .remote import Remote
+from .xen import Xl, XenInfo
+
+log = logging.getLogger(__name__)
+
+XEN_BANNER = r"Xen version \d+\.\d+"
+DOM0_KERNEL = r"Linux version \d+\.\d+"
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the booted host says about itself (not what the recipe says)."""
+
+    xen_version: str
+    kernel_release: str
+    dom0_mode: str
+    virt_caps: frozenset[str]
+    xen_caps: frozenset[str]
+    accel: str
+
+    def as_dict(self) -> dict:
+        return {
+            "xen_version": self.xen_version,
+            "kernel_release": self.kernel_release,
+            "dom0_mode": self.dom0_mode,
+            "virt_caps": sorted(self.virt_caps),
+            "xen_caps": sorted(self.xen_caps),
+            "accel": self.accel,
+        }
+
+
+def machine_spec(
+    name: str, recipe: HostRecipe, image: HostImage, cfg: RunConfig, accel: AccelChoice,
+    run_dir: Path, links: tuple[str, ...] = (),
+) -> MachineSpec:
+    dom0_mem = recipe.dom0_mem_mb
+    append = f"{recipe.xen_cmdline} dom0_mem={dom0_mem}M,max:{dom0_mem}M".strip()
+    return MachineSpec(
+        name=name,
+        kernel=image.xen,
+        append=append,
+        modules=(Module(image.kernel, recipe.dom0_cmdline), Module(image.initrd)),
+        disk=image.rootfs,
+        memory_mb=cfg.memory_mb or recipe.memory_mb,
+        cpus=cfg.cpus,
+        accel=accel,
+        run_dir=run_dir,
+        qemu_binary=cfg.qemu_binary,
+        links=links,
+    )
+
+
+def boot_stages(remote: Remote, timeouts: Timeouts) -> list[Stage]:
+    return [
+        Stage("xen", timeouts.xen_banner, "Xen did not boot", pattern=XEN_BANNER),
+        Stage("dom0-kernel", timeouts.dom0_kernel, "the dom0 kernel did not boot",
+              pattern=DOM0_KERNEL),
+        Stage("dom0-ssh", timeouts.dom0_ssh, "dom0 did not answer over SSH",
+              probe=remote.try_connect, interval=1.0),
+    ]
+
+
+@dataclass
+class XenHost:
+    """A running L1 with dom0 reachable."""
+
+    name: str
+    machine: Machine
+    remote: Remote
+    image: HostImage
+    recipe: HostRecipe
+    timings: dict[str, float] = field(default_factory=dict)
+    _facts: HostFacts | None = None
+
+    @property
+    def xl(self) -> Xl:
+        return Xl(self.remote)
+
+    @classmethod
+    def create(cls, name: str, machine: Machine, image: HostImage, recipe: HostRecipe,
+               timeouts: Timeouts) -> XenHost:
+        host, _port = machine.ssh_address
+        remote = Remote(host, _port, image.ssh_key, label=name, default_timeout=timeouts.command)
+        return cls(name, machine, remote, image, recipe)
+
+    def boot(self, timeouts: Timeouts) -> None:
+        """Start the machine and wait for each readiness stage in turn."""
+        started = time.monotonic()
+        self.machine.start()
+        self.remote.port = self.machine.ssh_address[1]
+        self.timings.update(self.machine.wait_ready(boot_stages(self.remote, timeouts)))
+        self.timings["boot_total"] = round(time.monotonic() - started, 2)
+        log.info("%s: Xen + dom0 ready in %.1f s (%s)", self.name, self.timings["boot_total"],
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+
+    def facts(self) -> HostFacts:
+        if self._facts is None:
+            info: XenInfo = self.xl.info()
+            out = self.remote.check_output(
+                "uname -r; cat /sys/hypervisor/guest_type 2>/dev/null || echo unknown", timeout=30
+            ).split()
+            accel = getattr(getattr(self.machine, "spec", None), "accel", None)
+            self._facts = HostFacts(
+                xen_version=info.xen_version,
+                kernel_release=out[0],
+                dom0_mode=out[1].lower() if len(out) > 1 else "unknown",
+                virt_caps=info.virt_caps,
+                xen_caps=info.xen_caps,
+                accel=accel.accel if accel else "unknown",
+            )
+        return self._facts
+
+    def sync_clock(self) -> None:
+        """Set dom0's clock to the harness's (a restored snapshot's clock is old)."""
+        self.remote.run_expect(f"date -u -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    def stop(self) -> None:
+        self.remote.close()
+        self.machine.stop()

@@ -1,0 +1,453 @@
+"""Build and cache host images from images/hosts/*.yaml recipes.
+
+A host image is a directory in the cache holding an ext4 root filesystem for
+dom0, the Xen hypervisor (gunzipped, for QEMU's multiboot loader), the dom0
+kernel and initrd, a per-image SSH key and a manifest. It is built with
+mmdebstrap (root mode as root, unshare mode without root) and ``mkfs.ext4 -d``
+-- no loop mounts -- and keyed by a hash of the recipe, so a second run reuses
+it and ``rebuild=True`` forces a new one. Concurrent builds of one key take a
+file lock; a build is written under a temporary name and renamed when whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from .config import HostRecipe
+
+log = logging.getLogger(__name__)
+
+# Bump when the way an image is built changes (overlay files, hooks, layout).
+IMAGE_FORMAT = 3
+ROOT_LABEL = "nxroot"
+REMOTE_PAYLOAD_DIR = "/var/lib/nested-xen"
+
+
+class ImageError(RuntimeError):
+    """An image could not be built or found; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class HostImage:
+    """A built host image in the cache."""
+
+    name: str
+    key: str
+    dir: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs.ext4"
+
+    @property
+    def xen(self) -> Path:
+        return self.dir / "xen"
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd.img"
+
+    @property
+    def busybox(self) -> Path:
+        return self.dir / "busybox"
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.dir / "manifest.json").read_text())
+
+
+def image_key(recipe: HostRecipe, mirror: str) -> str:
+    material = {"format": IMAGE_FORMAT, "recipe": recipe.key_material(), "mirror": mirror}
+    blob = json.dumps(material, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- mirror
+
+
+def resolve_mirror(override: str | None, recipe: HostRecipe) -> str:
+    """The Debian mirror: run config, else recipe, else the host's apt, else debootstrap's."""
+    for candidate in (override, recipe.mirror, _host_apt_mirror(), _debootstrap_default()):
+        if candidate:
+            return candidate.rstrip("/")
+    raise ImageError(
+        "no Debian mirror known: set `mirror:` in the run config (or --mirror), "
+        "or install debootstrap, whose default mirror is used otherwise"
+    )
+
+
+def _host_apt_mirror() -> str | None:
+    """The first Debian (not security) URI in the host's apt sources, if any."""
+    sources = Path("/etc/apt/sources.list.d")
+    texts = [p.read_text() for p in sorted(sources.glob("*.sources")) if p.is_file()]
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.is_file():
+        texts.append(legacy.read_text())
+    for text in texts:
+        for uri in re.findall(r"(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.M):
+            if uri.rstrip("/").endswith("/debian"):
+                return uri
+    return None
+
+
+def _debootstrap_default() -> str | None:
+    script = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    try:
+        text = Path(script).read_text()
+    except OSError:
+        return None
+    match = re.search(r'^DEF_MIRROR="([^"]+)"', text, re.M)
+    return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_ssh_key(path: Path) -> str:
+    """Write an unencrypted OpenSSH Ed25519 key to ``path``; return the public line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    path.write_bytes(private)
+    path.chmod(0o600)
+    line = public.decode() + " nested-xen"
+    path.with_suffix(".pub").write_text(line + "\n")
+    return line
+
+
+# --------------------------------------------------------------------------- overlay
+
+
+NETWORK_UNIT = """\
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+"""
+
+SSHD_CONF = """\
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+UseDNS no
+"""
+
+SSH_CLIENT_CONF = """\
+Host *
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+    LogLevel ERROR
+"""
+
+MODULES = """\
+xen-evtchn
+xen-gntdev
+xen-gntalloc
+xen-privcmd
+xenfs
+xen-blkback
+xen-netback
+"""
+
+# Appended to Debian's /etc/default/xen: log every guest console to a file
+# dom0 can read, which is how the harness hears the guest probe.
+XEN_DEFAULTS = """
+# nested-xen: guest consoles are logged for the harness
+XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"
+"""
+
+
+def write_overlay(dest: Path, public_key: str, private_key: Path) -> None:
+    """Files copied over the debootstrapped tree (owner root, modes set here)."""
+    files = {
+        "etc/hostname": ("nxdom0\n", 0o644),
+        "etc/hosts": ("127.0.0.1 localhost\n127.0.1.1 nxdom0\n::1 localhost\n", 0o644),
+        "etc/fstab": (f"LABEL={ROOT_LABEL} / ext4 rw,errors=remount-ro 0 1\n", 0o644),
+        "etc/systemd/network/20-wired.network": (NETWORK_UNIT, 0o644),
+        "etc/ssh/sshd_config.d/nested-xen.conf": (SSHD_CONF, 0o644),
+        "etc/modules-load.d/nested-xen.conf": (MODULES, 0o644),
+        "root/.ssh/authorized_keys": (public_key + "\n", 0o600),
+        "root/.ssh/config": (SSH_CLIENT_CONF, 0o600),
+        "root/.ssh/id_ed25519.pub": (public_key + "\n", 0o644),
+        "root/.ssh/id_ed25519": (private_key.read_text(), 0o600),
+        "etc/nested-xen-xen-defaults": (XEN_DEFAULTS, 0o644),
+    }
+    for rel, (text, mode) in files.items():
+        path = dest / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+    (dest / "root").chmod(0o700)
+    (dest / "root/.ssh").chmod(0o700)
+
+
+# Shell hooks run by mmdebstrap after the packages are installed; "$1" is the
+# new root. Kept as data so the image key covers them through IMAGE_FORMAT.
+CUSTOMIZE_HOOKS = (
+    'cat "$1/etc/nested-xen-xen-defaults" >> "$1/etc/default/xen"',
+    'chroot "$1" systemctl enable systemd-networkd.service',
+    'chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer '
+    "e2scrub_all.timer e2scrub_reap.service systemd-networkd-wait-online.service "
+    "getty@tty1.service serial-getty@hvc0.service",
+    'rm -f "$1/etc/machine-id" && touch "$1/etc/machine-id"',
+    'mkdir -p "$1/var/log/xen/console" "$1' + REMOTE_PAYLOAD_DIR + '"',
+)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_command(
+    recipe: HostRecipe,
+    mirror: str,
+    overlay: Path,
+    stage: Path,
+    target: Path,
+    mode: str,
+) -> list[str]:
+    """The mmdebstrap command line that builds ``recipe`` into ``target``."""
+    sources = [f"deb {mirror} {recipe.suite} {' '.join(recipe.components)}"]
+    sources += [f"deb {mirror} {s} {' '.join(recipe.components)}" for s in recipe.extra_suites]
+    cmd = [
+        "mmdebstrap",
+        f"--mode={mode}",
+        "--variant=apt",
+        "--include=" + ",".join(recipe.packages),
+        "--aptopt=Acquire::Retries=3",
+        f"--customize-hook=sync-in {overlay} /",
+    ]
+    cmd += [f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS]
+    cmd += [
+        f"--customize-hook=sync-out /boot {stage / 'boot'}",
+        f'--customize-hook=cp "$1/usr/bin/busybox" {stage / "busybox"}',
+        recipe.suite,
+        str(target),
+    ]
+    cmd += sources
+    return cmd
+
+
+def pick_newest(directory: Path, pattern: str) -> Path:
+    """The file matching ``pattern`` with the highest version-like name."""
+    matches = sorted(directory.glob(pattern), key=lambda p: _natural_key(p.name))
+    if not matches:
+        raise ImageError(
+            f"the image has no file matching {pattern!r} under {directory}: "
+            "check the recipe's `boot:` globs and that its packages install a kernel and Xen"
+        )
+    return matches[-1]
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _run_streaming(cmd: list[str], progress: Callable[[str], None]) -> None:
+    log.debug("run: %s", " ".join(cmd))
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+    except FileNotFoundError:
+        raise ImageError(
+            f"{cmd[0]} is not installed: run `apt-get install {cmd[0]}` "
+            "(or `nested-xen doctor` to see everything this host lacks)"
+        ) from None
+    tail: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-30:]
+            progress(line)
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if rc != 0:
+        raise ImageError(f"{cmd[0]} failed with exit status {rc}; last output:\n" + "\n".join(tail))
+
+
+class ImageBuilder:
+    """Builds recipes into the cache and finds built images."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        mirror: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.root = cache_dir / "images"
+        self.mirror_override = mirror
+        self.progress = progress or (lambda line: log.info("%s", line))
+
+    def image_dir(self, recipe: HostRecipe) -> tuple[str, Path]:
+        key = image_key(recipe, resolve_mirror(self.mirror_override, recipe))
+        return key, self.root / f"{recipe.name}-{key}"
+
+    def cached(self, recipe: HostRecipe) -> HostImage | None:
+        key, final = self.image_dir(recipe)
+        if (final / "manifest.json").exists():
+            return HostImage(recipe.name, key, final)
+        return None
+
+    def get(self, recipe: HostRecipe, rebuild: bool = False) -> HostImage:
+        """Return the cached image for ``recipe``, building it if needed."""
+        key, final = self.image_dir(recipe)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final) + ".lock"):
+            if rebuild and final.exists():
+                self.progress(f"[image {recipe.name}] --rebuild: dropping {final}")
+                shutil.rmtree(final)
+            if (final / "manifest.json").exists():
+                self.progress(f"[image {recipe.name}] cached: {final}")
+                return HostImage(recipe.name, key, final)
+            self._reap_stale_builds()
+            self._build(recipe, key, final)
+        return HostImage(recipe.name, key, final)
+
+    def _reap_stale_builds(self) -> None:
+        for stale in self.root.glob(".build-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                log.warning("removing half-built image %s left by a killed run", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _build(self, recipe: HostRecipe, key: str, final: Path) -> None:
+        mirror = resolve_mirror(self.mirror_override, recipe)
+        work = self.root / f".build-{recipe.name}-{key}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        started = time.monotonic()
+        self.progress(f"[image {recipe.name}] building {final.name} from {mirror} (a few minutes)")
+        try:
+            self._build_into(recipe, mirror, work)
+            manifest = self._finish(recipe, key, mirror, work, time.monotonic() - started)
+            os.rename(work / "out", final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.progress(
+            f"[image {recipe.name}] built in {manifest['build_seconds']:.0f} s: {final}"
+        )
+
+    def _build_into(self, recipe: HostRecipe, mirror: str, work: Path) -> None:
+        out = work / "out"
+        stage = work / "stage"
+        overlay = work / "overlay"
+        for d in (out, stage, overlay):
+            d.mkdir(parents=True)
+        public = generate_ssh_key(out / "id_ed25519")
+        write_overlay(overlay, public, out / "id_ed25519")
+        rootless = os.geteuid() != 0
+        target = work / ("rootfs.ext2" if rootless else "rootfs")
+        cmd = build_command(recipe, mirror, overlay, stage, target, "unshare" if rootless else "root")
+        _run_streaming(cmd, lambda line: self.progress(f"[image {recipe.name}] {line}"))
+        self._make_filesystem(recipe, target, out / "rootfs.ext4", rootless)
+        self._extract_boot(recipe, stage, out)
+
+    def _make_filesystem(self, recipe: HostRecipe, target: Path, image: Path, rootless: bool) -> None:
+        """ext4 from the tree (root) or grow the ext2 mmdebstrap made (rootless)."""
+        extra = recipe.free_space_mb * 1024 * 1024
+        if rootless:
+            os.rename(target, image)
+            size_mb = (image.stat().st_size + extra) // (1024 * 1024)
+            _run_streaming(["e2fsck", "-fy", str(image)], self.progress)
+            _run_streaming(["tune2fs", "-L", ROOT_LABEL, "-j", str(image)], self.progress)
+            _run_streaming(["resize2fs", str(image), f"{size_mb}M"], self.progress)
+            return
+        size_mb = (int(_tree_size(target) * 1.15) + extra) // (1024 * 1024)
+        self.progress(f"[image {recipe.name}] mkfs.ext4 -d ({size_mb} MiB, sparse)")
+        _run_streaming(
+            ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(target), str(image), f"{size_mb}M"],
+            self.progress,
+        )
+        shutil.rmtree(target)
+
+    def _extract_boot(self, recipe: HostRecipe, stage: Path, out: Path) -> None:
+        xen_gz = pick_newest(stage, recipe.boot.xen)
+        with gzip.open(xen_gz) as src, open(out / "xen", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        kernel = pick_newest(stage, recipe.boot.kernel)
+        shutil.copy(kernel, out / "vmlinuz")
+        shutil.copy(pick_newest(stage, recipe.boot.initrd), out / "initrd.img")
+        shutil.copy(stage / "busybox", out / "busybox")
+        (out / "boot-files.json").write_text(
+            json.dumps({"xen": xen_gz.name, "kernel": kernel.name}, indent=2)
+        )
+
+    def _finish(
+        self, recipe: HostRecipe, key: str, mirror: str, work: Path, seconds: float
+    ) -> dict:
+        out = work / "out"
+        boot = json.loads((out / "boot-files.json").read_text())
+        manifest = {
+            "name": recipe.name,
+            "key": key,
+            "format": IMAGE_FORMAT,
+            "recipe": str(recipe.path),
+            "suite": recipe.suite,
+            "mirror": mirror,
+            "xen_file": boot["xen"],
+            "kernel_file": boot["kernel"],
+            "build_seconds": round(seconds, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rootfs_bytes": (out / "rootfs.ext4").stat().st_size,
+        }
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,359 @@
+"""QEMU run directly as a child process, controlled over QMP.
+
+The VM boots Xen through QEMU's multiboot loader (``-kernel xen -initrd
+"vmlinuz args,initrd"``), its disk is a qcow2 overlay on the cached image, its
+serial console goes to a file, and dom0's SSH is forwarded on 127.0.0.1 only,
+with user networking restricted so dom0 can reach nothing outside this host.
+
+QEMU is never daemonized (QMP migration to a file fails that way); it runs in
+its own session so Ctrl-C reaches the harness, which stops it, and it gets
+SIGKILL if the harness dies (PR_SET_PDEATHSIG). A registry of running VMs lets
+the next run reap what a SIGKILLed run could not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+NAME_PREFIX = "nested-xen-"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise MachineStartError(
+            f"{binary} is not installed: run `apt-get install qemu-system-x86 qemu-utils` "
+            "(`nested-xen doctor` lists everything this host lacks)"
+        ) from None
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def create_overlay(path: Path, backing: Path, backing_fmt: str) -> None:
+    """A qcow2 file whose reads fall through to ``backing``."""
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", str(backing.resolve()), str(path)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise MachineStartError("qemu-img is not installed: run `apt-get install qemu-utils`") from None
+    except subprocess.CalledProcessError as exc:
+        raise MachineStartError(f"qemu-img failed: {exc.stderr.strip()}") from None
+
+
+class Registry:
+    """Running VMs, one JSON file each, so a later run can reap orphans."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def add(self, name: str, qemu_pid: int) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{name}.json"
+        path.write_text(json.dumps({"qemu_pid": qemu_pid, "owner_pid": os.getpid(), "name": name}))
+        return path
+
+    def reap(self) -> list[str]:
+        """Kill VMs whose owning harness process is gone; return what was reaped."""
+        reaped = []
+        for entry in sorted(self.dir.glob("*.json")):
+            try:
+                data = json.loads(entry.read_text())
+            except (OSError, ValueError):
+                entry.unlink(missing_ok=True)
+                continue
+            if _alive(data.get("owner_pid", -1)):
+                continue
+            pid = data.get("qemu_pid", -1)
+            if _alive(pid) and _is_our_qemu(pid, data.get("name", "")):
+                log.warning("reaping VM %s (pid %s) left by a killed run", data.get("name"), pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                reaped.append(data.get("name", "?"))
+            entry.unlink(missing_ok=True)
+        return reaped
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_qemu(pid: int, name: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return name.encode() in cmdline
+
+
+class QemuMachine(Machine):
+    """An L1 VM run by QEMU and controlled over its QMP socket."""
+
+    def __init__(self, spec: MachineSpec, registry: Registry | None = None) -> None:
+        self.spec = spec
+        self.registry = registry
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.qmp = None
+        self.run_dir = spec.run_dir
+        self.overlay = self.run_dir / "disk.qcow2"
+        self._registry_entry: Path | None = None
+        self.started_at = 0.0
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    @property
+    def qmp_path(self) -> Path:
+        # AF_UNIX paths are limited to 108 bytes: keep the socket short.
+        return Path(f"/tmp/nx-qmp-{os.getpid()}-{self.spec.name}.sock")
+
+    @property
+    def ssh_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    # ------------------------------------------------------------------ start
+    def command_line(self, incoming: SnapshotFiles | None = None) -> list[str]:
+        spec = self.spec
+        modules = ",".join(f"{m.path} {m.args}".strip() for m in spec.modules)
+        for m in spec.modules:
+            if "," in str(m.path) or "," in m.args:
+                raise MachineStartError(f"multiboot module {m.path} or its args contain a comma")
+        net = (
+            f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22"
+        )
+        cmd = [
+            spec.qemu_binary,
+            "-name", f"{NAME_PREFIX}{spec.name},debug-threads=on",
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-machine", "pc",
+            *spec.accel.qemu_args(),
+            "-smp", str(spec.cpus),
+            "-m", str(spec.memory_mb),
+            "-kernel", str(spec.kernel),
+            "-append", spec.append,
+            "-initrd", modules,
+            "-drive", f"if=none,id=disk0,file={self.overlay},format=qcow2,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=disk0,addr=0x4",
+            "-netdev", net,
+            "-device", "virtio-net-pci,netdev=net0,addr=0x3,mac=52:54:00:12:34:56",
+            "-chardev", f"file,id=ser0,path={self.serial_log}",
+            "-serial", "chardev:ser0",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        for i, link in enumerate(spec.links, start=1):
+            cmd += ["-netdev", f"{link},id=link{i}",
+                    "-device", f"virtio-net-pci,netdev=link{i},addr={0x5 + i:#x},"
+                    f"mac=52:54:00:12:35:{i:02x}"]
+        if incoming:
+            cmd += ["-incoming", f"exec:cat {incoming.memory}"]
+        return cmd
+
+    def start(self, incoming: SnapshotFiles | None = None) -> None:
+        if self.registry:
+            self.registry.reap()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        backing, fmt = (incoming.disk, "qcow2") if incoming else (self.spec.disk, "raw")
+        create_overlay(self.overlay, backing, fmt)
+        for attempt in range(3):
+            self.port = free_port()
+            if self._launch(incoming, attempt):
+                return
+        raise MachineStartError(f"QEMU did not start; see {self.run_dir / 'qemu.log'}")
+
+    def _launch(self, incoming: SnapshotFiles | None, attempt: int) -> bool:
+        cmd = self.command_line(incoming)
+        (self.run_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
+        self.serial_log.unlink(missing_ok=True)
+        self.qmp_path.unlink(missing_ok=True)
+        log.info("starting %s: %s", self.spec.name, " ".join(cmd))
+        stderr = open(self.run_dir / "qemu.log", "w")  # noqa: SIM115 - owned by the child
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        except FileNotFoundError:
+            raise MachineStartError(
+                f"{cmd[0]} is not installed: run `apt-get install qemu-system-x86`"
+            ) from None
+        finally:
+            stderr.close()
+        self.started_at = time.monotonic()
+        if self.registry:
+            self._registry_entry = self.registry.add(f"{NAME_PREFIX}{self.spec.name}", self.proc.pid)
+        try:
+            self._connect_qmp()
+        except MachineStartError:
+            text = (self.run_dir / "qemu.log").read_text(errors="replace")
+            self._kill()
+            if "Could not set up host forwarding" in text and attempt < 2:
+                log.warning("port %d was taken; retrying with another", self.port)
+                return False
+            raise MachineStartError(f"QEMU failed to start: {text.strip()[-2000:]}") from None
+        return True
+
+    def _connect_qmp(self, timeout: float = 30.0) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.alive() is not None:
+                raise MachineStartError("QEMU exited during start")
+            if self.qmp_path.exists():
+                qmp = QEMUMonitorProtocol(str(self.qmp_path))
+                try:
+                    qmp.connect()
+                except OSError:
+                    time.sleep(0.05)
+                    continue
+                qmp.settimeout(60.0)
+                self.qmp = qmp
+                return
+            time.sleep(0.05)
+        raise MachineStartError("QMP socket did not appear")
+
+    # ------------------------------------------------------------------ control
+    def alive(self) -> str | None:
+        if self.proc is None:
+            return "not started"
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        if rc < 0:
+            return f"killed by signal {-rc}"
+        return f"exit status {rc}"
+
+    def qmp_cmd(self, name: str, **args: object) -> object:
+        if self.qmp is None:
+            raise MachineError("QMP is not connected")
+        return self.qmp.cmd(name, **args)
+
+    def wait_incoming(self, timeout: float = 120.0) -> float:
+        """After start(incoming=...): wait until the VM runs; return seconds."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            status = self.alive()
+            if status is not None:
+                raise MachineError(f"QEMU exited while restoring ({status}): "
+                                   f"{(self.run_dir / 'qemu.log').read_text(errors='replace')[-1500:]}")
+            state = self.qmp_cmd("query-status")["status"]  # type: ignore[index]
+            if state == "running":
+                return time.monotonic() - started
+            if state in ("paused", "postmigrate", "prelaunch"):
+                migrate = self.qmp_cmd("query-migrate")
+                if state == "paused" or migrate.get("status") == "completed":  # type: ignore[union-attr]
+                    self.qmp_cmd("cont")
+            time.sleep(0.05)
+        raise MachineError(f"restore did not finish within {timeout:.0f} s")
+
+    def snapshot(self, dest_dir: Path) -> SnapshotFiles:
+        """Save memory and freeze the disk; the VM keeps running on a new overlay.
+
+        The current overlay becomes the read-only backing of a fresh one, so
+        the frozen disk matches the memory stream exactly; it is then copied
+        into ``dest_dir`` (written under temporary names by the caller).
+        """
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        memory = dest_dir / "memory"
+        frozen = self.overlay
+        fresh = self.run_dir / f"disk-{int(time.time() * 1000)}.qcow2"
+        self.qmp_cmd("stop")
+        try:
+            self.qmp_cmd("blockdev-snapshot-sync", device="disk0",
+                         **{"snapshot-file": str(fresh), "format": "qcow2"})
+            self.overlay = fresh
+            self.qmp_cmd("migrate", uri=f"exec:cat > {memory}")
+            self._wait_migration()
+        finally:
+            self.qmp_cmd("cont")
+        disk = dest_dir / "disk.qcow2"
+        shutil.copyfile(frozen, disk)
+        return SnapshotFiles(memory=memory, disk=disk)
+
+    def _wait_migration(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.qmp_cmd("query-migrate")
+            status = info.get("status")  # type: ignore[union-attr]
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise MachineError(f"QEMU migration to file {status}: {info}")
+            time.sleep(0.1)
+        raise MachineError("QEMU migration to file did not complete")
+
+    def stop(self) -> None:
+        """Stop QEMU: QMP quit, then SIGTERM, then SIGKILL. Idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                if self.qmp is not None:
+                    self.qmp.settimeout(5.0)
+                    self.qmp.cmd("quit")
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        self._close_qmp()
+        if self._registry_entry:
+            self._registry_entry.unlink(missing_ok=True)
+        self.qmp_path.unlink(missing_ok=True)
+        for disk in self.run_dir.glob("disk*.qcow2"):
+            disk.unlink(missing_ok=True)
+
+    def _kill(self) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=wait)
+        self._close_qmp()
+
+    def _close_qmp(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                self.qmp.close()
+            self.qmp = None

@@ -1,0 +1,156 @@
+"""The Xen toolstack over SSH: typed wrappers around `xl` and friends.
+
+Knows nothing of pytest. Each call raises :class:`XlError` with xl's own
+error text when xl fails, so that text reaches the test report verbatim.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from .remote import CommandResult, Remote
+
+
+class XlError(RuntimeError):
+    def __init__(self, result: CommandResult) -> None:
+        self.result = result
+        text = (result.stderr.strip() or result.stdout.strip())[-3000:]
+        super().__init__(f"`{result.command}` failed (exit {result.rc}):\n{text}")
+
+
+@dataclass(frozen=True)
+class XenInfo:
+    """The parts of `xl info` the harness uses, plus the raw mapping."""
+
+    raw: dict[str, str]
+
+    @property
+    def xen_version(self) -> str:
+        extra = self.raw.get("xen_extra", "")
+        base = f"{self.raw.get('xen_major', '0')}.{self.raw.get('xen_minor', '0')}"
+        match = re.match(r"\.(\d+)", extra)
+        return base + (f".{match.group(1)}" if match else "")
+
+    @property
+    def virt_caps(self) -> frozenset[str]:
+        return frozenset(self.raw.get("virt_caps", "").split())
+
+    @property
+    def xen_caps(self) -> frozenset[str]:
+        return frozenset(self.raw.get("xen_caps", "").split())
+
+    @property
+    def free_memory_mb(self) -> int:
+        return int(self.raw.get("free_memory", "0"))
+
+    @property
+    def total_memory_mb(self) -> int:
+        return int(self.raw.get("total_memory", "0"))
+
+    @property
+    def dom0_kernel(self) -> str:
+        return self.raw.get("release", "")
+
+
+def parse_xl_info(text: str) -> XenInfo:
+    raw: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        if ":" in line and not line.startswith(" "):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            raw[key] = value.strip()
+        elif key and line.strip():  # continuation (long xen_commandline)
+            raw[key] += " " + line.strip()
+    return XenInfo(raw)
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    domid: int
+    memory_mb: int
+    vcpus: int
+    state: str
+
+    @property
+    def running(self) -> bool:
+        return "r" in self.state or "b" in self.state
+
+    @property
+    def crashed(self) -> bool:
+        return "c" in self.state
+
+    @property
+    def dying(self) -> bool:
+        return "d" in self.state
+
+
+def parse_xl_list(text: str) -> list[Domain]:
+    domains = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 5 or not fields[1].isdigit():
+            continue
+        # Names have no spaces in xl; state is the 5th column.
+        domains.append(Domain(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), fields[4]))
+    return domains
+
+
+PANIC_PATTERNS = re.compile(
+    r"(Panic on CPU|FATAL TRAP|Xen BUG at|Xen WARN at|\bBUG\b|Assertion '.*' failed)"
+)
+
+
+class Xl:
+    """`xl` on one dom0."""
+
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+
+    def _xl(self, args: str, timeout: float | None = None) -> CommandResult:
+        result = self.remote.run(f"xl {args}", timeout=timeout)
+        if result.rc != 0:
+            raise XlError(result)
+        return result
+
+    def info(self) -> XenInfo:
+        return parse_xl_info(self._xl("info").stdout)
+
+    def list(self) -> list[Domain]:
+        return parse_xl_list(self._xl("list").stdout)
+
+    def domain(self, name: str) -> Domain | None:
+        return next((d for d in self.list() if d.name == name), None)
+
+    def domid(self, name: str) -> int:
+        return int(self._xl(f"domid {shlex.quote(name)}").stdout.strip())
+
+    def dmesg(self, clear: bool = False) -> str:
+        return self._xl("dmesg -c" if clear else "dmesg").stdout
+
+    def create(self, config_path: str, timeout: float = 300.0) -> CommandResult:
+        return self._xl(f"create {shlex.quote(config_path)}", timeout=timeout)
+
+    def destroy(self, name: str, timeout: float = 120.0) -> None:
+        self._xl(f"destroy {shlex.quote(name)}", timeout=timeout)
+
+    def save(self, name: str, path: str, timeout: float = 900.0) -> CommandResult:
+        return self._xl(f"-vvv save {shlex.quote(name)} {shlex.quote(path)}", timeout=timeout)
+
+    def restore(self, path: str, timeout: float = 900.0) -> CommandResult:
+        return self._xl(f"-vvv restore {shlex.quote(path)}", timeout=timeout)
+
+    def migrate(self, name: str, host: str, timeout: float = 900.0, extra: str = "") -> CommandResult:
+        return self._xl(f"-vvv migrate {extra} {shlex.quote(name)} {shlex.quote(host)}",
+                        timeout=timeout)
+
+    def debug_keys(self, keys: str) -> None:
+        self._xl(f"debug-keys {shlex.quote(keys)}")
+
+
+def dmesg_problems(text: str) -> list[str]:
+    """Lines of `xl dmesg` that show a panic, BUG, WARN or failed assertion."""
+    return [line for line in text.splitlines() if PANIC_PATTERNS.search(line)]
