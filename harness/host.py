@@ -17,7 +17,7 @@ from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import Machine, MachineSpec, Module, Stage
 from .remote import Remote
-from .xen import Xl, XenInfo
+from .xen import XenInfo, Xl
 
 log = logging.getLogger(__name__)
 

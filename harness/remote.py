@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -157,7 +156,7 @@ class Remote:
                 if not data and chan.exit_status_ready():
                     break
                 out += data
-            except socket.timeout:
+            except TimeoutError:
                 continue
         return out.decode(errors="replace"), err.decode(errors="replace")
 

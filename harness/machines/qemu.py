@@ -61,7 +61,8 @@ def qemu_version(binary: str) -> str:
 
 def create_overlay(path: Path, backing: Path, backing_fmt: str) -> None:
     """A qcow2 file whose reads fall through to ``backing``."""
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", str(backing.resolve()), str(path)]
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt,
+           "-b", str(backing.resolve()), str(path)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:

@@ -1,0 +1,70 @@
+"""Benchmarks: image build (cold and warm cache), cold boot and snapshot restore.
+
+Numbers are medians over several runs, written as JSON with the unit in each
+key. They are reported, never asserted: a noisy machine must not fail a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import RunConfig
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
+               progress: Callable[[str], None] = print) -> dict:
+    from .guests import guest_payload_for
+    from .provision import Provisioner
+
+    name = cfg.host_images[0]
+    results: dict = {"image": name, "runs": runs}
+    if cold_image:
+        with tempfile.TemporaryDirectory(prefix="nx-bench-cache-") as tmp:
+            cold_cfg = dataclasses.replace(cfg, cache_dir=Path(tmp))
+            started = time.monotonic()
+            Provisioner(cold_cfg, progress).image(name)
+            results["image_build_cold_s"] = round(time.monotonic() - started, 1)
+    prov = Provisioner(cfg, progress, guest_payload=guest_payload_for(cfg))
+    started = time.monotonic()
+    prov.image(name)
+    results["image_cache_warm_s"] = round(time.monotonic() - started, 2)
+    results["accel"] = prov.accel.accel
+
+    cold, overhead, stages = [], [], []
+    run_root = cfg.artifacts_dir.resolve() / "bench"
+    for i in range(runs):
+        started = time.monotonic()
+        host = prov.host(name, f"bench-cold-{i}", run_root / f"cold-{i}", snapshot="off")
+        total = time.monotonic() - started
+        host.stop()
+        cold.append(host.timings["boot_total"])
+        overhead.append(total - host.timings["boot_total"])
+        stages.append({k: v for k, v in host.timings.items() if k != "path"})
+        progress(f"cold boot {i + 1}/{runs}: {host.timings['boot_total']:.1f} s")
+    results["cold_boot_s"] = _median(cold)
+    results["cold_boot_all_s"] = cold
+    results["cold_stages_s"] = stages
+    results["harness_overhead_s"] = _median(overhead)
+
+    # One host saves the snapshot (if none fits yet), then restores are timed.
+    prov.host(name, "bench-save", run_root / "save", snapshot="auto").stop()
+    restore = []
+    for i in range(runs):
+        host = prov.host(name, f"bench-restore-{i}", run_root / f"restore-{i}", snapshot="auto")
+        host.stop()
+        if host.timings.get("path") != "restored":
+            raise RuntimeError("the snapshot did not restore; see the log above")
+        restore.append(host.timings["restore"])
+        progress(f"restore {i + 1}/{runs}: {host.timings['restore']:.2f} s")
+    results["restore_s"] = _median(restore)
+    results["restore_all_s"] = restore
+    return results

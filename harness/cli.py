@@ -1,0 +1,227 @@
+"""The `nested-xen` command: doctor, images, boot, run, bench, report.
+
+Errors the user can fix print one clear sentence and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, available_recipes, load_recipe, load_run_config
+
+log = logging.getLogger("nested_xen")
+
+
+class UserError(Exception):
+    """Printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------- doctor
+
+TOOLS = [
+    ("qemu-system-x86_64", "qemu-system-x86", "boots the L1 VM"),
+    ("qemu-img", "qemu-utils", "creates disk overlays"),
+    ("mmdebstrap", "mmdebstrap", "builds host images (root or unshare mode)"),
+    ("mkfs.ext4", "e2fsprogs", "turns the image tree into a disk"),
+    ("gcc", "gcc libc6-dev", "compiles the static guest probe"),
+]
+
+
+def doctor_findings() -> list[tuple[bool, str, str]]:
+    """(ok, what, how to fix) for everything a run needs."""
+    from .accel import HostFacts, nested_kvm_problem
+
+    findings = []
+    for binary, package, why in TOOLS:
+        found = shutil.which(binary)
+        findings.append((bool(found), f"{binary}: {found or 'missing'} ({why})",
+                         f"apt-get install {package}"))
+    problem = nested_kvm_problem(HostFacts.read())
+    findings.append((True, "accelerator: " + ("KVM with nested virtualization" if problem is None
+                                              else f"TCG (slower) because {problem}"),
+                     "enable nested virtualization in kvm_amd/kvm_intel for speed"))
+    if os.geteuid() != 0:
+        userns = Path("/proc/sys/kernel/unprivileged_userns_clone")
+        ok = not userns.exists() or userns.read_text().strip() == "1"
+        findings.append((ok and bool(shutil.which("newuidmap")),
+                         "rootless image builds: mmdebstrap --mode=unshare needs user namespaces "
+                         "and newuidmap",
+                         "apt-get install uidmap; sysctl kernel.unprivileged_userns_clone=1"))
+    cfg = RunConfig()
+    cache = cfg.resolved_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    free_gb = shutil.disk_usage(cache).free / 2**30
+    findings.append((free_gb >= 10, f"disk: {free_gb:.0f} GiB free in {cache} (an image takes ~3, "
+                     "a snapshot ~0.5)", "free space or set NESTED_XEN_CACHE to a larger disk"))
+    return findings
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    bad = 0
+    for ok, what, fix in doctor_findings():
+        print(f"[{'ok' if ok else 'MISSING'}] {what}")
+        if not ok:
+            bad += 1
+            print(f"          fix: {fix}")
+    print("all good" if not bad else f"{bad} problem(s)")
+    return 0 if not bad else 1
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    cfg = load_run_config(Path(args.config) if args.config else None)
+    return cfg.with_overrides(
+        host_images=tuple(args.image) if getattr(args, "image", None) else None,
+        accel=getattr(args, "accel", None), mirror=getattr(args, "mirror", None),
+        rebuild=True if getattr(args, "rebuild", False) else None,
+        snapshot=getattr(args, "snapshot", None),
+    )
+
+
+def _provisioner(cfg: RunConfig):
+    from .guests import guest_payload_for
+    from .provision import Provisioner
+
+    return Provisioner(cfg, progress=lambda line: print(line, flush=True),
+                       guest_payload=guest_payload_for(cfg))
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name in available_recipes():
+            recipe = load_recipe(name)
+            print(f"{name:24} {recipe.description}")
+        return 0
+    cfg = _config(args)
+    prov = _provisioner(cfg)
+    for name in cfg.host_images:
+        _recipe, image = prov.image(name)
+        print(f"{name}: {image.dir}")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    """Boot (or restore) a host, print how to reach dom0, wait for Ctrl-C."""
+    cfg = _config(args)
+    prov = _provisioner(cfg)
+    name = cfg.host_images[0]
+    run_dir = cfg.artifacts_dir.resolve() / "hosts" / f"{name}-cli"
+    host = prov.host(name, f"{name}-cli", run_dir)
+    try:
+        facts = host.facts()
+        port = host.machine.ssh_address[1]
+        print(json.dumps({"timings": host.timings, "facts": facts.as_dict()}, indent=2))
+        print(f"dom0: ssh -i {host.image.ssh_key} -p {port} -o StrictHostKeyChecking=no "
+              f"root@127.0.0.1\nserial log: {host.machine.serial_log}")
+        if args.command:
+            result = host.remote.run(args.command, timeout=cfg.timeouts.workload)
+            sys.stdout.write(result.stdout)
+            sys.stderr.write(result.stderr)
+            return result.rc
+        print("Ctrl-C stops the VM.")
+        signal.pause()
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        host.stop()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_boot
+
+    cfg = _config(args)
+    results = bench_boot(cfg, runs=args.runs, progress=lambda line: print(line, flush=True))
+    text = json.dumps(results, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the plugin checks (pytest plugins/ with these options)."""
+    cmd = [sys.executable, "-m", "pytest", "plugins", "-v", "-rA"]
+    if args.config:
+        cmd += ["--nx-config", args.config]
+    for image in args.image or ():
+        cmd += ["--host-image", image]
+    cmd += args.pytest_args
+    return subprocess.call(cmd)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nested-xen", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="YAML", help="run configuration file")
+        p.add_argument("--image", action="append", metavar="NAME", help="host image recipe")
+        p.add_argument("--accel", choices=["auto", "kvm", "tcg"])
+        p.add_argument("--mirror", metavar="URL", help="Debian mirror for image builds")
+        p.add_argument("--rebuild", action="store_true", help="rebuild images, drop snapshots")
+        p.add_argument("--snapshot", choices=["auto", "off", "refresh"])
+
+    sub.add_parser("doctor", help="what this host has and lacks").set_defaults(func=cmd_doctor)
+    p = sub.add_parser("images", help="list recipes or build images")
+    p.add_argument("action", choices=["list", "build"])
+    common(p)
+    p.set_defaults(func=cmd_images)
+    p = sub.add_parser("boot", help="boot a host and keep it up (or run one command)")
+    common(p)
+    p.add_argument("command", nargs="?", help="run this in dom0, then stop")
+    p.set_defaults(func=cmd_boot)
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=["boot"])
+    common(p)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("run", help="run the plugin checks (pytest)")
+    common(p)
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every VM is stopped on the way out."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from .imaging import ImageError
+    from .machines.base import MachineError
+    from .remote import RemoteError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UserError, ImageError, MachineError, RemoteError) as exc:
+        print(f"nested-xen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nested-xen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,274 @@
+"""L2 guests: specs -> xl configs, lifecycle, console capture, probe handshake.
+
+Every guest boots the host image's own kernel with a small initramfs whose
+probe fills pages with a nonce-derived pattern and reports, on the guest
+console, each page's frame number and SHA-256. dom0's xenconsoled logs PV and
+PVH consoles to files; an HVM guest's serial port is a file QEMU writes. The
+harness reads those files over SSH and parses them (harness/probe_report.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .config import REPO_ROOT, RunConfig
+from .imaging import REMOTE_PAYLOAD_DIR, HostImage
+from .probe_report import ProbeReport, parse_probe_log
+from .xen import Xl, XlError
+
+log = logging.getLogger(__name__)
+
+GUEST_DIR = f"{REMOTE_PAYLOAD_DIR}/guest"
+CONSOLE_DIR = "/var/log/xen/console"
+PROBE_SOURCE = REPO_ROOT / "images" / "guests" / "probe.c"
+PAYLOAD_VERSION = 1
+
+
+class GuestError(RuntimeError):
+    """A guest failed to come up; the message carries xl's text or the console tail."""
+
+
+class GuestTimeout(GuestError):
+    pass
+
+
+class GuestCrashed(GuestError):
+    pass
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What to create; rendered into an xl config by :meth:`xl_config`."""
+
+    type: str
+    name: str
+    memory_mb: int = 256
+    vcpus: int = 1
+    probe_pages: int = 64
+    tick_ms: int = 0
+    dirty_mb: int = 0
+    dirty_pct: int = 0
+    extra_args: str = ""
+    kernel: str = f"{GUEST_DIR}/vmlinuz"
+    ramdisk: str = f"{GUEST_DIR}/initramfs.gz"
+
+    def __post_init__(self) -> None:
+        if self.type not in ("pv", "pvh", "hvm"):
+            raise ValueError(f"guest type {self.type!r}: choose pv, pvh or hvm")
+
+    @property
+    def console_log(self) -> str:
+        """Where dom0 finds this guest's console output."""
+        if self.type == "hvm":
+            return f"{CONSOLE_DIR}/hvm-{self.name}.log"
+        return f"{CONSOLE_DIR}/guest-{self.name}.log"
+
+    def cmdline(self) -> str:
+        console = "console=ttyS0,115200" if self.type == "hvm" else "console=hvc0"
+        probe = (f"nxprobe.pages={self.probe_pages} nxprobe.tick_ms={self.tick_ms} "
+                 f"nxprobe.dirty_mb={self.dirty_mb} nxprobe.dirty_pct={self.dirty_pct}")
+        return f"{console} panic=-1 loglevel=4 {probe} {self.extra_args}".strip()
+
+    def xl_config(self) -> str:
+        lines = [
+            f'name = "{self.name}"',
+            f'type = "{self.type}"',
+            f"memory = {self.memory_mb}",
+            f"maxmem = {self.memory_mb}",
+            f"vcpus = {self.vcpus}",
+            f'kernel = "{self.kernel}"',
+            f'ramdisk = "{self.ramdisk}"',
+            f'cmdline = "{self.cmdline()}"',
+            'on_poweroff = "destroy"',
+            'on_reboot = "destroy"',
+            'on_crash = "preserve"',
+        ]
+        if self.type == "hvm":
+            lines += [
+                f'serial = "file:{self.console_log}"',
+                'vga = "none"',
+                "vnc = 0",
+                "sdl = 0",
+                'boot = "c"',
+            ]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ProbePageInfo:
+    """One probe page as the harness knows it: frame numbers and content hash."""
+
+    index: int
+    pfn: int
+    sha256: str
+    mfn: int | None = None
+
+    @property
+    def gfn(self) -> int:
+        """The frame a mapping call takes: MFN for PV, guest pfn for PVH/HVM."""
+        return self.mfn if self.mfn is not None else self.pfn
+
+
+@dataclass
+class Guest:
+    """A created L2 guest on one host."""
+
+    spec: GuestSpec
+    xl: Xl
+    domid: int = -1
+    report: ProbeReport | None = None
+    pages: list[ProbePageInfo] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+    @property
+    def remote(self):
+        return self.xl.remote
+
+    def create(self) -> None:
+        cfg = f"{REMOTE_PAYLOAD_DIR}/guests/{self.name}.cfg"
+        self.remote.put_text(self.spec.xl_config(), cfg)
+        self.remote.run_expect(f"mkdir -p {CONSOLE_DIR} && rm -f {shlex.quote(self.spec.console_log)}",
+                               timeout=30)
+        started = time.monotonic()
+        try:
+            self.xl.create(cfg)
+        except XlError as exc:
+            raise GuestError(f"xl create of {self.name} ({self.type}) was refused:\n"
+                             f"{exc.result.stderr.strip() or exc.result.stdout.strip()}") from None
+        self.timings["create"] = round(time.monotonic() - started, 2)
+        self._created_at = started
+        self.domid = self.xl.domid(self.name)
+
+    def console(self) -> str:
+        path = shlex.quote(self.spec.console_log)
+        return self.remote.run(f"cat {path} 2>/dev/null", timeout=60).stdout
+
+    def console_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.console().splitlines()[-lines:]) or "(console is empty)"
+
+    def wait_ready(self, timeout: float) -> ProbeReport:
+        """Wait for the probe's complete report; fail fast on a crash or vanished domain."""
+        started = getattr(self, "_created_at", time.monotonic())
+        deadline = time.monotonic() + timeout
+        while True:
+            state = parse_probe_log(self.console())
+            if state.error:
+                raise GuestError(f"{self.name}: probe reported an error: {state.error}\n"
+                                 f"{self.console_tail()}")
+            if state.report is not None:
+                self.report = state.report
+                self.timings["ready"] = round(time.monotonic() - started, 2)
+                self.pages = [ProbePageInfo(p.index, p.pfn, p.sha256) for p in state.report.pages]
+                return state.report
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"{self.name} ({self.type}): the probe did not report within "
+                                   f"{timeout:.0f} s; last console lines:\n{self.console_tail()}")
+            time.sleep(1.0)
+
+    def _check_alive(self) -> None:
+        dom = self.xl.domain(self.name)
+        if dom is None:
+            raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list`; "
+                               f"last console lines:\n{self.console_tail()}")
+        if dom.crashed:
+            raise GuestCrashed(f"{self.name} ({self.type}) crashed (state {dom.state}); "
+                               f"last console lines:\n{self.console_tail()}")
+
+    def resolve_mfns(self, p2m: Callable[[int, list[int]], dict[int, int]]) -> None:
+        """For PV guests, look up each probe page's MFN in the guest's p2m."""
+        if self.type != "pv":
+            return
+        table = p2m(self.domid, [p.pfn for p in self.pages])
+        for page in self.pages:
+            page.mfn = table[page.pfn]
+
+    def destroy(self) -> None:
+        """Destroy the domain if it exists. Idempotent."""
+        try:
+            if self.xl.domain(self.name) is not None:
+                self.xl.destroy(self.name)
+        except XlError as exc:
+            log.warning("destroying %s: %s", self.name, exc)
+
+
+def start_guest(xl: Xl, spec: GuestSpec, timeout: float) -> Guest:
+    """Create a guest and wait for its probe; destroy it if it never gets ready."""
+    guest = Guest(spec, xl)
+    guest.create()
+    try:
+        guest.wait_ready(timeout)
+    except BaseException:
+        guest.destroy()
+        raise
+    log.info("%s (%s) ready in %.1f s after xl create", guest.name, guest.type, guest.timings["ready"])
+    return guest
+
+
+# ---------------------------------------------------------------------- payload
+
+
+def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], object]:
+    """A function building (and caching) the guest payload for an image."""
+    from .guest_payload import build_guest_initramfs, compile_probe
+    from .provision import GuestPayload
+
+    def build(image: HostImage) -> GuestPayload:
+        h = hashlib.sha256()
+        for path in (PROBE_SOURCE, Path(__file__).with_name("guest_payload.py"), image.busybox):
+            h.update(path.read_bytes())
+        h.update(str(PAYLOAD_VERSION).encode())
+        out = cfg.resolved_cache_dir() / "guests" / f"{image.name}-{image.key}-{h.hexdigest()[:12]}"
+        initramfs = out / "initramfs.gz"
+        if not initramfs.exists():
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            probe = compile_probe(PROBE_SOURCE, tmp / "probe")
+            build_guest_initramfs(image.busybox, probe, tmp / "initramfs.gz")
+            tmp.rename(out)
+        return GuestPayload(kernel=image.kernel, initramfs=initramfs)
+
+    return build
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def guest_type(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
+          nx_config: RunConfig) -> Iterator[Guest]:
+    """A running guest of ``guest_type`` with its probe ready (PV: MFNs resolved)."""
+    module = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:20]
+    spec = GuestSpec(type=guest_type, name=f"nx-{guest_type}-{module}")
+    guest = start_guest(xen_host.xl, spec, nx_config.timeouts.guest_ready)
+    try:
+        guest.resolve_mfns(agent.p2m)
+        yield guest
+    finally:
+        dest = artifacts_dir / "hosts" / xen_host.name / "guests"
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            (dest / f"{guest.name}.console.log").write_text(guest.console())
+        finally:
+            guest.destroy()

@@ -1,0 +1,245 @@
+"""From a run config to a ready Xen host: image, machine, boot or restore, prepare.
+
+A cold boot prepares dom0 (agent and guest payload copied in) and, unless
+snapshots are off, saves an L1 snapshot: QEMU's memory stream plus the frozen
+disk overlay it belongs to. Later hosts restore it in seconds. Snapshots are
+keyed by everything that shapes them; one that cannot be restored is
+discarded with a warning and the host boots cold instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from .accel import AccelChoice, choose_accel
+from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
+from .config import HostRecipe, RunConfig, load_recipe
+from .host import XenHost, machine_spec
+from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
+from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
+from .machines.qemu import QemuMachine, Registry, qemu_version
+from .remote import RemoteError
+
+log = logging.getLogger(__name__)
+
+# Bump when prepare() changes what it puts into dom0.
+PREPARE_VERSION = 1
+RESTORE_SSH_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class GuestPayload:
+    """Guest kernel and initramfs as they sit on the harness host."""
+
+    kernel: Path
+    initramfs: Path
+
+
+def _file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class SnapshotStore:
+    """L1 snapshots beside the images: <cache>/snapshots/<key>/{memory,disk.qcow2,meta.json}."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def lookup(self, key: str) -> SnapshotFiles | None:
+        d = self.path(key)
+        if (d / "meta.json").exists() and (d / "memory").exists() and (d / "disk.qcow2").exists():
+            return SnapshotFiles(d / "memory", d / "disk.qcow2")
+        return None
+
+    def discard(self, key: str, why: str) -> None:
+        log.warning("discarding L1 snapshot %s: %s", key, why)
+        shutil.rmtree(self.path(key), ignore_errors=True)
+
+    def drop_all(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def save(self, key: str, host: XenHost, meta: dict) -> Path | None:
+        """Snapshot ``host`` under ``key`` unless another run already did."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path(key)) + ".lock"):
+            if self.lookup(key):
+                return None
+            self._reap_temps()
+            tmp = self.root / f".tmp-{key}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                started = time.monotonic()
+                files = host.machine.snapshot(tmp)  # type: ignore[attr-defined]
+                meta = dict(meta, saved_seconds=round(time.monotonic() - started, 2),
+                            memory_bytes=files.memory.stat().st_size,
+                            disk_bytes=files.disk.stat().st_size)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+                os.rename(tmp, self.path(key))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.path(key)
+
+    def _reap_temps(self) -> None:
+        for tmp in self.root.glob(".tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Provisioner:
+    """Builds images and hands out ready Xen hosts (cold-booted or restored)."""
+
+    def __init__(self, cfg: RunConfig, progress: Callable[[str], None] | None = None,
+                 guest_payload: Callable[[HostImage], GuestPayload] | None = None) -> None:
+        self.cfg = cfg
+        self.progress = progress or (lambda line: log.info("%s", line))
+        self.cache = cfg.resolved_cache_dir()
+        self.accel: AccelChoice = choose_accel(cfg.accel)
+        self.builder = ImageBuilder(self.cache, cfg.mirror, self.progress)
+        self.registry = Registry(self.cache / "run")
+        self.snapshots = SnapshotStore(self.cache / "snapshots")
+        self.guest_payload = guest_payload
+        self._images: dict[str, tuple[HostRecipe, HostImage]] = {}
+        if cfg.rebuild:
+            self.snapshots.drop_all()
+
+    def recipe(self, name: str) -> HostRecipe:
+        recipe = load_recipe(name)
+        if self.cfg.dom0 and self.cfg.dom0 != recipe.dom0:
+            import dataclasses
+
+            recipe = dataclasses.replace(recipe, dom0=self.cfg.dom0)
+        return recipe
+
+    def image(self, name: str) -> tuple[HostRecipe, HostImage]:
+        if name not in self._images:
+            recipe = self.recipe(name)
+            self._images[name] = (recipe, self.builder.get(recipe, rebuild=self.cfg.rebuild))
+        return self._images[name]
+
+    # ------------------------------------------------------------------ hosts
+    def host(self, image_name: str, label: str, run_dir: Path,
+             links: tuple[str, ...] = (), snapshot: str | None = None) -> XenHost:
+        """A ready host: restored from a snapshot when one fits, else booted cold."""
+        recipe, image = self.image(image_name)
+        spec = machine_spec(label, recipe, image, self.cfg, self.accel, run_dir, links)
+        mode = snapshot or self.cfg.snapshot
+        payload = self.guest_payload(image) if self.guest_payload else None
+        key = self.snapshot_key(image, spec, payload)
+        if mode == "refresh":
+            self.snapshots.discard(key, "snapshot=refresh")
+        if mode != "off":
+            restored = self._try_restore(key, label, spec, recipe, image)
+            if restored:
+                return restored
+        host = self._cold(label, spec, recipe, image, payload)
+        if mode != "off":
+            self._save(key, host, image, spec)
+        return host
+
+    def _new_host(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage) -> XenHost:
+        machine = QemuMachine(spec, self.registry)
+        return XenHost.create(label, machine, image, recipe, self.cfg.timeouts)
+
+    def _cold(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage,
+              payload: GuestPayload | None) -> XenHost:
+        host = self._new_host(label, spec, recipe, image)
+        self.progress(f"[{label}] cold boot of {image.name} ({self.accel.accel})")
+        try:
+            host.boot(self.cfg.timeouts)
+            started = time.monotonic()
+            prepare(host, payload)
+            host.timings["prepare"] = round(time.monotonic() - started, 2)
+        except BaseException:
+            host.stop()
+            raise
+        host.timings["path"] = "cold"  # type: ignore[assignment]
+        self.progress(f"[{label}] cold boot: dom0 ready in {host.timings['boot_total']:.1f} s, "
+                      f"prepared in {host.timings['prepare']:.1f} s")
+        return host
+
+    def _try_restore(self, key: str, label: str, spec: MachineSpec, recipe: HostRecipe,
+                     image: HostImage) -> XenHost | None:
+        files = self.snapshots.lookup(key)
+        if files is None:
+            return None
+        host = self._new_host(label, spec, recipe, image)
+        started = time.monotonic()
+        try:
+            host.machine.start(incoming=files)
+            host.remote.port = host.machine.ssh_address[1]
+            host.machine.wait_incoming()  # type: ignore[attr-defined]
+            host.machine.wait_ready([Stage("dom0-ssh", RESTORE_SSH_TIMEOUT,
+                                           "restored dom0 did not answer over SSH",
+                                           probe=lambda: host.remote.try_connect(3.0),
+                                           interval=0.05)])
+            host.sync_clock()
+        except (MachineError, RemoteError, OSError) as exc:
+            host.stop()
+            self.snapshots.discard(key, f"restore failed ({str(exc).splitlines()[0]}); booting cold")
+            return None
+        except BaseException:
+            host.stop()
+            raise
+        host.timings["restore"] = round(time.monotonic() - started, 2)
+        host.timings["path"] = "restored"  # type: ignore[assignment]
+        self.progress(f"[{label}] restored L1 snapshot {key}: dom0 answered in "
+                      f"{host.timings['restore']:.2f} s")
+        return host
+
+    def _save(self, key: str, host: XenHost, image: HostImage, spec: MachineSpec) -> None:
+        meta = {"key": key, "image": image.name, "image_key": image.key,
+                "qemu": qemu_version(spec.qemu_binary), "accel": spec.accel.accel,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            path = self.snapshots.save(key, host, meta)
+        except (MachineError, OSError) as exc:
+            log.warning("could not save an L1 snapshot (%s); runs will boot cold", exc)
+            return
+        if path:
+            saved = json.loads((path / "meta.json").read_text())
+            self.progress(f"[{host.name}] saved L1 snapshot {key} in {saved['saved_seconds']:.1f} s "
+                          f"({saved['memory_bytes'] / 2**20:.0f} MiB memory)")
+
+    def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
+        """Everything that shapes a snapshot; a change to any of it makes a new one."""
+        prep = [AGENT_PATH, Path(__file__)]
+        if payload:
+            prep += [payload.kernel, payload.initramfs]
+        material = {
+            "image": image.key,
+            "qemu": qemu_version(spec.qemu_binary),
+            "append": spec.append,
+            "modules": [m.args for m in spec.modules],
+            "memory": spec.memory_mb,
+            "cpus": spec.cpus,
+            "accel": [spec.accel.accel, spec.accel.cpu],
+            "prepare": [PREPARE_VERSION, _file_digest(prep)],
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(host: XenHost, payload: GuestPayload | None) -> None:
+    """Put what checks need into dom0: the agent and the guest payload."""
+    host.remote.put(AGENT_PATH, REMOTE_AGENT_PATH, mode=0o755)
+    if payload:
+        host.remote.put(payload.kernel, f"{REMOTE_PAYLOAD_DIR}/guest/vmlinuz")
+        host.remote.put(payload.initramfs, f"{REMOTE_PAYLOAD_DIR}/guest/initramfs.gz")
+    host.remote.run_expect("sync", timeout=60)

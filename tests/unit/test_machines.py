@@ -1,0 +1,376 @@
+"""Unit tests for harness.machines: readiness stages, the QEMU command line, the registry.
+
+No VM is booted: wait_ready runs against a fake Machine with an in-memory
+console, and QemuMachine is only asked for its command line (or started with
+a QEMU binary that does not exist).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.accel import AccelChoice
+from harness.machines.base import (
+    Machine,
+    MachineCrashed,
+    MachineExited,
+    MachineSpec,
+    MachineStartError,
+    Module,
+    SnapshotFiles,
+    Stage,
+    StageTimeout,
+)
+from harness.machines.qemu import NAME_PREFIX, QemuMachine, Registry, free_port
+
+FAST = 0.005
+
+
+class FakeMachine(Machine):
+    """A machine whose console is a list of chunks revealed one per read."""
+
+    def __init__(self, tmp_path: Path, chunks: list[str], statuses: list[str | None] | None = None):
+        self.chunks = list(chunks)
+        self.shown = 0
+        self.statuses = list(statuses or [])
+        self.alive_calls = 0
+        self.log_path = tmp_path / "serial.log"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.log_path
+
+    @property
+    def ssh_address(self) -> tuple[str, int]:
+        return ("127.0.0.1", 2222)
+
+    def read_serial(self) -> str:
+        self.shown = min(self.shown + 1, len(self.chunks))
+        return "".join(self.chunks[: self.shown])
+
+    def alive(self) -> str | None:
+        self.alive_calls += 1
+        return self.statuses.pop(0) if self.statuses else None
+
+    def start(self, incoming: SnapshotFiles | None = None) -> None:
+        raise NotImplementedError
+
+    def snapshot(self, dest_dir: Path) -> SnapshotFiles:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+
+def stage(name: str, pattern: str | None = None, timeout: float = 2.0, **kw: object) -> Stage:
+    return Stage(name, timeout, f"hint for {name}", pattern=pattern, interval=FAST, **kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ wait_ready
+
+
+def test_stages_found_as_console_grows(tmp_path: Path) -> None:
+    m = FakeMachine(tmp_path, ["SeaBIOS\n", "", "(XEN) Xen version 4.17.5 (Debian)\n", "",
+                               "[    0.000000] Linux version 6.1.0-28-amd64\n", "login:\n"])
+    times = m.wait_ready([stage("xen", r"Xen version \d+\.\d+"), stage("dom0", r"Linux version \d+")])
+    assert list(times) == ["xen", "dom0"]
+    assert all(isinstance(v, float) and v >= 0 for v in times.values())
+    assert m.shown >= 5  # it had to keep reading until the kernel line appeared
+
+
+def test_stages_must_appear_in_order(tmp_path: Path) -> None:
+    # "second" appears before "first": once "first" is found, the earlier "second"
+    # does not count, and the wait for it times out.
+    m = FakeMachine(tmp_path, ["second\nfirst\n"])
+    with pytest.raises(StageTimeout) as info:
+        m.wait_ready([stage("one", "first"), stage("two", "second", timeout=0.05)])
+    assert info.value.stage == "two"
+
+
+def test_same_pattern_twice_needs_two_occurrences(tmp_path: Path) -> None:
+    m = FakeMachine(tmp_path, ["tick\n", "tock\n", "tick\n"])
+    assert list(m.wait_ready([stage("a", "tick"), stage("b", "tick")])) == ["a", "b"]
+    assert m.shown == 3
+
+
+def test_stage_timeout_message(tmp_path: Path) -> None:
+    lines = [f"line {i}\n" for i in range(50)]
+    m = FakeMachine(tmp_path, ["".join(lines)])
+    started = time.monotonic()
+    with pytest.raises(StageTimeout) as info:
+        m.wait_ready([Stage("xen", 0.1, "Xen did not boot", pattern="Xen version", interval=FAST)])
+    assert time.monotonic() - started < 2
+    msg = str(info.value)
+    assert msg.startswith("Xen did not boot (stage 'xen' not reached within 0 s)")
+    assert str(m.serial_log) in msg
+    assert "line 49" in msg and "line 20" in msg  # the last 30 lines
+    assert "line 19\n" not in msg
+    assert info.value.log_path == m.serial_log
+    assert info.value.tail.splitlines()[-1] == "line 49"
+
+
+def test_machine_exited(tmp_path: Path) -> None:
+    m = FakeMachine(tmp_path, ["qemu-system-x86_64: -accel kvm: failed to initialize kvm\n"],
+                    statuses=[None, None, "exit status 1"])
+    with pytest.raises(MachineExited) as info:
+        m.wait_ready([stage("xen", "Xen version", timeout=5)])
+    msg = str(info.value)
+    assert "QEMU exited (exit status 1) while waiting for stage 'xen'" in msg
+    assert "failed to initialize kvm" in msg
+    assert m.alive_calls == 3
+
+
+@pytest.mark.parametrize("panic", ["Kernel panic - not syncing: VFS: Unable to mount root fs",
+                                   "(XEN) Panic on CPU 1:"])
+def test_machine_crashed(tmp_path: Path, panic: str) -> None:
+    m = FakeMachine(tmp_path, ["(XEN) Xen version 4.17.5\n", f"{panic}\n"])
+    with pytest.raises(MachineCrashed) as info:
+        m.wait_ready([stage("xen", "Xen version"), stage("dom0", "Linux version", timeout=5)])
+    assert info.value.stage == "dom0"
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("crash on the console while waiting for stage 'dom0': ")
+    assert ("Kernel panic - not syncing" in first) or ("Panic on CPU 1" in first)
+
+
+def test_crash_beats_pattern_in_the_same_read(tmp_path: Path) -> None:
+    m = FakeMachine(tmp_path, ["Kernel panic - not syncing: x\nLinux version 6.1\n"])
+    with pytest.raises(MachineCrashed):
+        m.wait_ready([stage("dom0", "Linux version")])
+
+
+def test_probe_stage(tmp_path: Path) -> None:
+    answers = iter([False, False, True])
+    calls: list[int] = []
+
+    def probe() -> bool:
+        calls.append(1)
+        return next(answers)
+
+    m = FakeMachine(tmp_path, ["(XEN) Xen version 4.17\n", "more\n"])
+    times = m.wait_ready([stage("xen", "Xen version"), stage("ssh", probe=probe)])
+    assert list(times) == ["xen", "ssh"]
+    assert len(calls) == 3
+
+
+def test_probe_stage_timeout(tmp_path: Path) -> None:
+    m = FakeMachine(tmp_path, ["booted\n"])
+    with pytest.raises(StageTimeout, match="hint for ssh \\(stage 'ssh'"):
+        m.wait_ready([stage("ssh", probe=lambda: False, timeout=0.05)])
+
+
+def test_read_serial_of_missing_file(tmp_path: Path) -> None:
+    class FileMachine(FakeMachine):
+        read_serial = Machine.read_serial
+
+    m = FileMachine(tmp_path, [])
+    assert m.read_serial() == "" and m.serial_tail() == ""
+    m.serial_log.write_text("a\nb\nc\n")
+    assert m.serial_tail(2) == "b\nc"
+
+
+# ------------------------------------------------------------------ QEMU command line
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> MachineSpec:
+    files = tmp_path / "image"
+    files.mkdir()
+    for name in ("xen", "vmlinuz", "initrd.img", "rootfs.ext4"):
+        (files / name).write_bytes(b"\0" * 4096)
+    return MachineSpec(
+        name="h1",
+        kernel=files / "xen",
+        append="console=com1 dom0_mem=1024M,max:1024M",
+        modules=(Module(files / "vmlinuz", "root=/dev/vda console=hvc0"), Module(files / "initrd.img")),
+        disk=files / "rootfs.ext4",
+        memory_mb=3072,
+        cpus=2,
+        accel=AccelChoice("tcg", "qemu64,+svm,+npt", "test"),
+        run_dir=tmp_path / "run",
+    )
+
+
+def arg_after(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_command_line(spec: MachineSpec) -> None:
+    m = QemuMachine(spec)
+    m.port = 40022
+    cmd = m.command_line()
+    assert cmd[0] == "qemu-system-x86_64"
+    assert "-no-reboot" in cmd
+    assert "-daemonize" not in cmd
+    assert "-incoming" not in cmd
+    net = arg_after(cmd, "-netdev")
+    assert "restrict=on" in net.split(",")
+    assert "hostfwd=tcp:127.0.0.1:40022-:22" in net
+    assert arg_after(cmd, "-kernel") == str(spec.kernel)
+    assert arg_after(cmd, "-append") == spec.append
+    image = spec.kernel.parent
+    assert arg_after(cmd, "-initrd") == (
+        f"{image / 'vmlinuz'} root=/dev/vda console=hvc0,{image / 'initrd.img'}"
+    )
+    assert arg_after(cmd, "-cpu") == "qemu64,+svm,+npt"
+    assert arg_after(cmd, "-accel") == "tcg,thread=multi"
+    assert arg_after(cmd, "-m") == "3072" and arg_after(cmd, "-smp") == "2"
+    assert arg_after(cmd, "-name").startswith(f"{NAME_PREFIX}h1,")
+    assert f"file={spec.run_dir / 'disk.qcow2'}," in arg_after(cmd, "-drive")
+    assert arg_after(cmd, "-chardev") == f"file,id=ser0,path={spec.run_dir / 'serial.log'}"
+    assert arg_after(cmd, "-qmp").startswith("unix:/tmp/")
+
+
+def test_command_line_incoming(spec: MachineSpec, tmp_path: Path) -> None:
+    files = SnapshotFiles(memory=tmp_path / "snap/memory", disk=tmp_path / "snap/disk.qcow2")
+    cmd = QemuMachine(spec).command_line(incoming=files)
+    assert arg_after(cmd, "-incoming") == f"exec:cat {files.memory}"
+
+
+def test_command_line_links(spec: MachineSpec) -> None:
+    linked = dataclasses.replace(spec, links=("socket,listen=127.0.0.1:5555",))
+    cmd = QemuMachine(linked).command_line()
+    netdevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-netdev"]
+    assert netdevs[1] == "socket,listen=127.0.0.1:5555,id=link1"
+    devices = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]
+    assert any("netdev=link1" in d for d in devices)
+
+
+@pytest.mark.parametrize("where", ["path", "args"])
+def test_module_with_comma_is_refused(spec: MachineSpec, tmp_path: Path, where: str) -> None:
+    if where == "path":
+        bad = Module(tmp_path / "odd,name" / "vmlinuz", "root=/dev/vda")
+    else:
+        bad = Module(spec.modules[0].path, "dom0_mem=1G,max:1G")
+    cmd_spec = dataclasses.replace(spec, modules=(bad, spec.modules[1]))
+    with pytest.raises(MachineStartError, match="contain a comma"):
+        QemuMachine(cmd_spec).command_line()
+
+
+def test_start_with_missing_qemu_binary(spec: MachineSpec, tmp_path: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img is not installed (the overlay is made before QEMU runs)")
+    missing = dataclasses.replace(spec, qemu_binary=str(tmp_path / "no-such-qemu"))
+    registry = Registry(tmp_path / "registry")
+    m = QemuMachine(missing, registry)
+    with pytest.raises(MachineStartError) as info:
+        m.start()
+    msg = str(info.value)
+    assert "apt-get install" in msg and "no-such-qemu" in msg
+    assert m.overlay.exists()  # qemu-img made the overlay; QEMU itself was missing
+    assert m.alive() == "not started"
+    assert list(registry.dir.glob("*.json")) == []
+    m.stop()
+    assert not m.overlay.exists()
+
+
+def test_alive_and_stop_without_start(spec: MachineSpec) -> None:
+    m = QemuMachine(spec)
+    assert m.alive() == "not started"
+    m.stop()  # idempotent, nothing to do
+    assert m.ssh_address == ("127.0.0.1", 0)
+
+
+# ------------------------------------------------------------------ free_port
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    assert 1024 <= port <= 65535
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+# ------------------------------------------------------------------ Registry.reap
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def sleeper():
+    """Start `python3 -c sleep ARGS...`; kill whatever is still running at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def write_entry(registry: Registry, name: str, qemu_pid: int, owner_pid: int) -> Path:
+    registry.dir.mkdir(parents=True, exist_ok=True)
+    path = registry.dir / f"{name}.json"
+    path.write_text(json.dumps({"qemu_pid": qemu_pid, "owner_pid": owner_pid, "name": name}))
+    return path
+
+
+def test_reap_kills_orphan_of_dead_owner(tmp_path: Path, sleeper) -> None:
+    proc = sleeper("nested-xen-fake")
+    registry = Registry(tmp_path / "run")
+    entry = write_entry(registry, "nested-xen-fake", proc.pid, dead_pid())
+    assert registry.reap() == ["nested-xen-fake"]
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+    assert not entry.exists()
+
+
+def test_reap_keeps_entry_of_live_owner(tmp_path: Path, sleeper) -> None:
+    proc = sleeper("nested-xen-mine")
+    registry = Registry(tmp_path / "run")
+    entry = registry.add("nested-xen-mine", proc.pid)
+    assert json.loads(entry.read_text())["owner_pid"] == os.getpid()
+    assert registry.reap() == []
+    assert entry.exists()
+    assert proc.poll() is None
+
+
+def test_reap_spares_unrelated_process(tmp_path: Path, sleeper) -> None:
+    # The pid was reused by something that is not our VM: never kill it.
+    proc = sleeper("something-else")
+    registry = Registry(tmp_path / "run")
+    entry = write_entry(registry, "nested-xen-fake", proc.pid, dead_pid())
+    assert registry.reap() == []
+    assert proc.poll() is None
+    assert not entry.exists()
+
+
+def test_reap_drops_entries_of_gone_vms_and_garbage(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "run")
+    gone = write_entry(registry, "nested-xen-gone", dead_pid(), dead_pid())
+    garbage = registry.dir / "broken.json"
+    garbage.write_text("{not json")
+    assert registry.reap() == []
+    assert not gone.exists() and not garbage.exists()
+
+
+def test_reap_of_missing_directory(tmp_path: Path) -> None:
+    assert Registry(tmp_path / "nothing").reap() == []
+
+
+@pytest.mark.xfail(strict=True, reason="harness bug: _is_our_qemu wants an argv element equal to the "
+                   "name, but QEMU's argv holds 'nested-xen-NAME,debug-threads=on'")
+def test_reap_recognises_real_qemu_argv(tmp_path: Path, sleeper) -> None:
+    # The argv QemuMachine really gives QEMU: "-name nested-xen-h1,debug-threads=on".
+    proc = sleeper("-name", f"{NAME_PREFIX}h1,debug-threads=on")
+    registry = Registry(tmp_path / "run")
+    write_entry(registry, f"{NAME_PREFIX}h1", proc.pid, dead_pid())
+    assert registry.reap() == [f"{NAME_PREFIX}h1"]
