@@ -273,7 +273,8 @@ def test_recipe_unknown_key(tmp_path: Path) -> None:
 
 def test_recipe_unknown_boot_key(tmp_path: Path) -> None:
     write(tmp_path, RECIPE.format(name="x") + "boot:\n  hypervisor: boot/xen.gz\n", "x.yaml")
-    with pytest.raises(ConfigError, match="boot: unknown key\\(s\\) hypervisor; valid keys: initrd, kernel, xen"):
+    expected = "boot: unknown key\\(s\\) hypervisor; valid keys: initrd, kernel, xen"
+    with pytest.raises(ConfigError, match=expected):
         load_recipe("x", recipe_dir=tmp_path)
 
 
