@@ -100,10 +100,9 @@ def resolve_mirror(override: str | None, recipe: HostRecipe) -> str:
 def _host_apt_mirror() -> str | None:
     """The first Debian (not security) URI in the host's apt sources, if any."""
     sources = Path("/etc/apt/sources.list.d")
-    texts = [p.read_text() for p in sorted(sources.glob("*.sources")) if p.is_file()]
-    legacy = Path("/etc/apt/sources.list")
-    if legacy.is_file():
-        texts.append(legacy.read_text())
+    paths = [*sorted(sources.glob("*.sources")), Path("/etc/apt/sources.list"),
+             *sorted(sources.glob("*.list"))]
+    texts = [p.read_text() for p in paths if p.is_file()]
     for text in texts:
         for uri in re.findall(r"(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.M):
             if uri.rstrip("/").endswith("/debian"):
@@ -289,7 +288,8 @@ def _run_streaming(cmd: list[str], progress: Callable[[str], None]) -> None:
     log.debug("run: %s", " ".join(cmd))
     try:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            encoding="utf-8", errors="replace", bufsize=1,
         )
     except FileNotFoundError:
         raise ImageError(
@@ -369,6 +369,7 @@ class ImageBuilder:
         try:
             self._build_into(recipe, mirror, work)
             manifest = self._finish(recipe, key, mirror, work, time.monotonic() - started)
+            shutil.rmtree(final, ignore_errors=True)  # an interrupted --rebuild's remains
             os.rename(work / "out", final)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -91,6 +91,7 @@ class SnapshotStore:
                             memory_bytes=files.memory.stat().st_size,
                             disk_bytes=files.disk.stat().st_size)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+                shutil.rmtree(self.path(key), ignore_errors=True)  # incomplete leftover
                 os.rename(tmp, self.path(key))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

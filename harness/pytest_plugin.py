@@ -80,6 +80,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{name}: derived by nested-xen from fixtures")
     config.addinivalue_line("markers", f"{MARKER}(spec): a nested-xen plugin check (use @check)")
     config.addinivalue_line("markers", "image(name): derived host image marker")
+    # testinfra's paramiko backend warns about every per-image host key; the image's
+    # own SSH key is the trust anchor here, so the warning is noise.
+    config.addinivalue_line("filterwarnings", "ignore:Unknown ssh-ed25519 host key:UserWarning")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -150,10 +150,10 @@ class Remote:
                 if chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
                     continue
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
                 data = chan.recv(65536)
-                if not data and chan.exit_status_ready():
+                if not data:  # EOF: all of stdout has arrived; drain what stderr holds
+                    while chan.recv_stderr_ready():
+                        err += chan.recv_stderr(65536)
                     break
                 out += data
             except TimeoutError:

@@ -31,7 +31,7 @@ class StageTimeout(MachineError):
     def __init__(self, stage: str, seconds: float, hint: str, tail: str, log_path: Path) -> None:
         self.stage, self.tail, self.log_path = stage, tail, log_path
         super().__init__(
-            f"{hint} (stage {stage!r} not reached within {seconds:.0f} s).\n"
+            f"{hint} (stage {stage!r} not reached within {seconds:g} s).\n"
             f"Full serial log: {log_path}\nLast serial lines:\n{tail}"
         )
 

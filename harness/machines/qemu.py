@@ -18,6 +18,7 @@ import ctypes
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -121,7 +122,8 @@ def _is_our_qemu(pid: int, name: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return name.encode() in cmdline
+    want = name.encode()
+    return any(arg == want or arg.startswith(want + b",") for arg in cmdline)
 
 
 class QemuMachine(Machine):
@@ -186,7 +188,7 @@ class QemuMachine(Machine):
                     "-device", f"virtio-net-pci,netdev=link{i},addr={0x5 + i:#x},"
                     f"mac=52:54:00:12:35:{i:02x}"]
         if incoming:
-            cmd += ["-incoming", f"exec:cat {incoming.memory}"]
+            cmd += ["-incoming", f"exec:cat {shlex.quote(str(incoming.memory))}"]
         return cmd
 
     def start(self, incoming: SnapshotFiles | None = None) -> None:
@@ -303,7 +305,7 @@ class QemuMachine(Machine):
             self.qmp_cmd("blockdev-snapshot-sync", device="disk0",
                          **{"snapshot-file": str(fresh), "format": "qcow2"})
             self.overlay = fresh
-            self.qmp_cmd("migrate", uri=f"exec:cat > {memory}")
+            self.qmp_cmd("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
             self._wait_migration()
         finally:
             self.qmp_cmd("cont")

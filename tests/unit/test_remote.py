@@ -58,9 +58,8 @@ class FakeSSHServer:
     and close (`ssh -vvv` shows "rtype exit-status" before "rcvd eof").
     """
 
-    def __init__(self, client_key: paramiko.PKey) -> None:
-        self.client_key = client_key
-        self.host_key = paramiko.Ed25519Key.from_private_key_file(str(_host_key_path()))
+    def __init__(self, host_key: paramiko.PKey, client_key: paramiko.PKey) -> None:
+        self.host_key, self.client_key = host_key, client_key
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -116,7 +115,7 @@ class FakeSSHServer:
             try:
                 for data in iter(lambda: stream.read1(65536), b""):
                     send(data)
-            except (OSError, EOFError):
+            except (OSError, EOFError, paramiko.SSHException):
                 pass
 
         threads = [
@@ -129,7 +128,7 @@ class FakeSSHServer:
         try:
             if self.openssh_order:
                 # Like sshd: exit-status as soon as the command exits, output and EOF after.
-                chan.send_exit_status(proc.wait())
+                chan.send_exit_status(_status(proc.wait()))
                 threads[1].join()
                 threads[2].join()
                 chan.shutdown_write()
@@ -140,35 +139,33 @@ class FakeSSHServer:
                 rc = proc.wait()
                 chan.shutdown_write()
                 time.sleep(0.05)
-                chan.send_exit_status(rc)
+                chan.send_exit_status(_status(rc))
             chan.close()
-        except (OSError, EOFError):
-            pass
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # the client went away (e.g. after its timeout)
 
     def close(self) -> None:
         self.sock.close()
         with self.lock:
             for proc in self.procs:
-                # Each command is a process group leader: take its children (sleep) too.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                # Each command leads its own process group: take its children (sleep) too.
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             for transport in self.transports:
                 transport.close()
 
 
-_HOST_KEY: list[Path] = []
-
-
-def _host_key_path() -> Path:
-    return _HOST_KEY[0]
+def _status(rc: int) -> int:
+    """Popen's -N (killed by signal N) as a shell would report it."""
+    return rc if rc >= 0 else 128 - rc
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("keys")
     generate_ssh_key(d / "host_key")
-    _HOST_KEY[:] = [d / "host_key"]
     generate_ssh_key(d / "id_ed25519")
     generate_ssh_key(d / "stranger")
     return d
@@ -176,7 +173,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(keys: Path) -> Iterator[FakeSSHServer]:
-    srv = FakeSSHServer(paramiko.Ed25519Key.from_private_key_file(str(keys / "id_ed25519")))
+    srv = FakeSSHServer(paramiko.Ed25519Key.from_private_key_file(str(keys / "host_key")),
+                        paramiko.Ed25519Key.from_private_key_file(str(keys / "id_ed25519")))
     yield srv
     srv.close()
 
@@ -320,17 +318,13 @@ def test_openssh_order_plain_command(remote: Remote, openssh_order: None) -> Non
     assert (result.rc, result.stdout) == (5, "out\n")
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: Remote._collect stops at stdout EOF once the exit "
-                   "status is in, leaving stderr that arrived meanwhile unread")
 def test_openssh_order_late_stderr_is_kept(remote: Remote, openssh_order: None) -> None:
-    # What a failing `xl create` looks like: a little stdout, then the error on stderr.
+    # A little stdout, a pause, then the error on stderr (like a slow, failing `xl create`).
     result = remote.run("echo Parsing config; sleep 0.3; echo 'libxl: error: boom' >&2; exit 3")
     assert result.rc == 3
     assert result.stderr == "libxl: error: boom\n"
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: Remote._collect stops as soon as the exit status "
-                   "is in and its buffers are momentarily empty, before the channel's EOF")
 def test_openssh_order_output_after_exit_status_is_kept(remote: Remote, openssh_order: None) -> None:
     # The shell exits at once; output that follows on the channel (after a pause longer
     # than the client's 1 s poll) must not be cut off.

@@ -156,6 +156,17 @@ def test_save_reaps_temps_of_dead_runs(store: SnapshotStore) -> None:
     assert not stale.exists()
 
 
+def test_save_replaces_incomplete_leftover(store: SnapshotStore) -> None:
+    # E.g. a discard (rmtree) interrupted after meta.json was removed.
+    leftover = store.path(KEY)
+    leftover.mkdir(parents=True)
+    (leftover / "disk.qcow2").write_text("stale")
+    assert store.lookup(KEY) is None
+    path = store.save(KEY, fake_host(FakeMachine()), {"fresh": True})  # type: ignore[arg-type]
+    assert path is not None and store.lookup(KEY) is not None
+    assert json.loads((path / "meta.json").read_text())["fresh"] is True
+
+
 # ------------------------------------------------------------------ discard
 
 
