@@ -56,6 +56,8 @@ class RunConfig:
     snapshot: str = "auto"
     qemu_binary: str = "qemu-system-x86_64"
     libvirt_uri: str = "qemu:///system"
+    # Shared guests created before the L1 snapshot is saved, so restores bring them up ready.
+    snapshot_guests: tuple[str, ...] = ("pv", "pvh", "hvm")
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: str = "<defaults>"
 
@@ -160,6 +162,12 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
             value = [value]
         items = _typed(source, key, value, list)
         return tuple(_typed(source, f"{key}[{i}]", v, str) for i, v in enumerate(items))
+    if key == "snapshot_guests":
+        items = _typed(source, key, value, list)
+        bad = [v for v in items if v not in ("pv", "pvh", "hvm")]
+        if bad:
+            raise ConfigError(f"{source}: snapshot_guests: {bad} invalid; choose from pv, pvh, hvm")
+        return tuple(items)
     if key == "timeouts":
         items = _typed(source, key, value, dict)
         allowed = {f.name for f in dataclasses.fields(Timeouts)}

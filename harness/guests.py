@@ -257,20 +257,105 @@ def guest_type(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+class GuestPool:
+    """One shared, probe-ready guest per type on one host, for checks that only read.
+
+    A guest that is gone or crashed is replaced on the next request. Checks that
+    change a guest (save/restore, migration, destroy) use ``own_guest`` instead.
+    """
+
+    def __init__(self, xl: Xl, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float) -> None:
+        self.xl, self.p2m, self.timeout = xl, p2m, timeout
+        self.guests: dict[str, Guest] = {}
+
+    def get(self, guest_type: str) -> Guest:
+        guest = self.guests.get(guest_type)
+        if guest is not None:
+            dom = self.xl.domain(guest.name)
+            if dom is not None and not dom.crashed and dom.domid == guest.domid:
+                return guest
+            log.warning("shared %s guest is gone or crashed; creating another", guest_type)
+            guest.destroy()
+        spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
+        guest = start_guest(self.xl, spec, self.timeout)
+        guest.resolve_mfns(self.p2m)
+        self.guests[guest_type] = guest
+        return guest
+
+    def adopt_or_create(self, types: tuple[str, ...], create: bool = True) -> None:
+        """Take over shared guests that already run (a restored snapshot has them);
+        with ``create``, create the missing ones all at once; then wait for each probe."""
+        pending = []
+        for guest_type in types:
+            spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
+            dom = self.xl.domain(spec.name)
+            guest = Guest(spec, self.xl)
+            if dom is not None and not dom.crashed:
+                guest.domid = dom.domid
+                guest._created_at = time.monotonic()
+            elif create:
+                if dom is not None:
+                    guest.destroy()
+                guest.create()
+            else:
+                continue
+            pending.append(guest)
+        for guest in pending:
+            guest.wait_ready(self.timeout)
+            guest.resolve_mfns(self.p2m)
+            self.guests[guest.type] = guest
+
+    def destroy_all(self) -> None:
+        for guest in self.guests.values():
+            guest.destroy()
+        self.guests.clear()
+
+
+def attach_pool(host, cfg: RunConfig, create: bool) -> GuestPool:
+    """Give ``host`` its shared-guest pool, adopting the shared guests already running
+    (restored from a snapshot) and, with ``create``, creating the configured ones."""
+    from .agent.client import Agent
+
+    if host.guest_pool is None:
+        agent = Agent(host.remote.as_runner())
+        host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready)
+        if cfg.snapshot_guests:
+            started = time.monotonic()
+            host.guest_pool.adopt_or_create(cfg.snapshot_guests, create=create)
+            log.info("%s: shared guests %s ready in %.1f s", host.name,
+                     ", ".join(host.guest_pool.guests), time.monotonic() - started)
+    return host.guest_pool
+
+
+def save_console(guest: Guest, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"{guest.name}.console.log").write_text(guest.console())
+
+
 @pytest.fixture(scope="module")
-def guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
-          nx_config: RunConfig) -> Iterator[Guest]:
-    """A running guest of ``guest_type`` with its probe ready (PV: MFNs resolved)."""
+def guest(xen_host, guest_type: str, artifacts_dir: Path) -> Iterator[Guest]:
+    """A shared running guest of ``guest_type`` with its probe ready (PV: MFNs resolved).
+
+    Read-only checks share it across modules; do not destroy or save it.
+    """
+    pool: GuestPool = xen_host.guest_pool
+    shared = pool.get(guest_type)
+    yield shared
+    save_console(shared, artifacts_dir / "hosts" / xen_host.name / "guests")
+
+
+@pytest.fixture(scope="module")
+def own_guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
+              nx_config: RunConfig) -> Iterator[Guest]:
+    """A guest of ``guest_type`` for this module alone, destroyed at its end."""
     module = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:20]
     spec = GuestSpec(type=guest_type, name=f"nx-{guest_type}-{module}")
-    guest = start_guest(xen_host.xl, spec, nx_config.timeouts.guest_ready)
+    own = start_guest(xen_host.xl, spec, nx_config.timeouts.guest_ready)
     try:
-        guest.resolve_mfns(agent.p2m)
-        yield guest
+        own.resolve_mfns(agent.p2m)
+        yield own
     finally:
-        dest = artifacts_dir / "hosts" / xen_host.name / "guests"
-        dest.mkdir(parents=True, exist_ok=True)
         try:
-            (dest / f"{guest.name}.console.log").write_text(guest.console())
+            save_console(own, artifacts_dir / "hosts" / xen_host.name / "guests")
         finally:
-            guest.destroy()
+            own.destroy()

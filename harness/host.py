@@ -89,6 +89,7 @@ class XenHost:
     recipe: HostRecipe
     timings: dict[str, float] = field(default_factory=dict)
     _facts: HostFacts | None = None
+    guest_pool: object = None  # harness.guests.GuestPool, attached by the pytest plugin
 
     @property
     def xl(self) -> Xl:
@@ -133,5 +134,6 @@ class XenHost:
         self.remote.run_expect(f"date -u -s @{time.time():.3f} >/dev/null", timeout=30)
 
     def stop(self) -> None:
+        self.guest_pool = None
         self.remote.close()
         self.machine.stop()

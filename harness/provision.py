@@ -108,7 +108,8 @@ class Provisioner:
     """Builds images and hands out ready Xen hosts (cold-booted or restored)."""
 
     def __init__(self, cfg: RunConfig, progress: Callable[[str], None] | None = None,
-                 guest_payload: Callable[[HostImage], GuestPayload] | None = None) -> None:
+                 guest_payload: Callable[[HostImage], GuestPayload] | None = None,
+                 setup_guests: Callable[[XenHost], None] | None = None) -> None:
         self.cfg = cfg
         self.progress = progress or (lambda line: log.info("%s", line))
         self.cache = cfg.resolved_cache_dir()
@@ -117,6 +118,7 @@ class Provisioner:
         self.registry = Registry(self.cache / "run")
         self.snapshots = SnapshotStore(self.cache / "snapshots")
         self.guest_payload = guest_payload
+        self.setup_guests = setup_guests
         self._images: dict[str, tuple[HostRecipe, HostImage]] = {}
         if cfg.rebuild:
             self.snapshots.drop_all()
@@ -168,12 +170,18 @@ class Provisioner:
             started = time.monotonic()
             prepare(host, payload)
             host.timings["prepare"] = round(time.monotonic() - started, 2)
+            if self.setup_guests:
+                started = time.monotonic()
+                self.setup_guests(host)
+                host.timings["guests"] = round(time.monotonic() - started, 2)
         except BaseException:
             host.stop()
             raise
         host.timings["path"] = "cold"  # type: ignore[assignment]
         self.progress(f"[{label}] cold boot: dom0 ready in {host.timings['boot_total']:.1f} s, "
-                      f"prepared in {host.timings['prepare']:.1f} s")
+                      f"prepared in {host.timings['prepare']:.1f} s"
+                      + (f", shared guests ready in {host.timings['guests']:.1f} s"
+                         if "guests" in host.timings else ""))
         return host
 
     def _try_restore(self, key: str, label: str, spec: MachineSpec, recipe: HostRecipe,
@@ -222,6 +230,8 @@ class Provisioner:
     def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
         """Everything that shapes a snapshot; a change to any of it makes a new one."""
         prep = [AGENT_PATH, Path(__file__)]
+        if self.setup_guests:
+            prep.append(Path(__file__).with_name("guests.py"))
         if payload:
             prep += [payload.kernel, payload.initramfs]
         material = {
@@ -233,6 +243,7 @@ class Provisioner:
             "cpus": spec.cpus,
             "accel": [spec.accel.accel, spec.accel.cpu],
             "prepare": [PREPARE_VERSION, _file_digest(prep)],
+            "guests": list(self.cfg.snapshot_guests) if self.setup_guests else [],
         }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 

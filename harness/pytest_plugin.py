@@ -33,7 +33,7 @@ from .provision import Provisioner
 log = logging.getLogger("nested_xen")
 
 OUTCOME_KEY = pytest.StashKey[dict]()
-HOST_FIXTURES = {"xen_host", "dom0", "xl", "agent", "guest", "host_facts"}
+HOST_FIXTURES = {"xen_host", "dom0", "xl", "agent", "guest", "own_guest", "host_facts"}
 
 
 # ---------------------------------------------------------------------- options
@@ -179,12 +179,13 @@ def _worker() -> str:
 
 @pytest.fixture(scope="session")
 def provisioner(nx_config: RunConfig) -> Provisioner:
-    from .guests import guest_payload_for
+    from .guests import attach_pool, guest_payload_for
 
     def progress(line: str) -> None:
         log.info("%s", line)
 
-    return Provisioner(nx_config, progress=progress, guest_payload=guest_payload_for(nx_config))
+    return Provisioner(nx_config, progress=progress, guest_payload=guest_payload_for(nx_config),
+                       setup_guests=lambda host: attach_pool(host, nx_config, create=True))
 
 
 @pytest.fixture(scope="session")
@@ -219,7 +220,8 @@ def _host_lease(provisioner: Provisioner, host_image_name: str, artifacts_dir: P
 
     def make() -> XenHost:
         label = f"{host_image_name}-{_worker()}-{next(counter)}"
-        return provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label)
+        return _with_pool(provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label),
+                          provisioner)
 
     lease = HostLease(make)
     try:
@@ -235,7 +237,8 @@ def xen_host(request: pytest.FixtureRequest, _host_lease: HostLease, provisioner
     fresh = any(spec_of(item).fresh_host for item in _module_items(request))
     if fresh:
         label = f"{host_image_name}-{_worker()}-{request.module.__name__.rsplit('.', 1)[-1]}"
-        host = provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label)
+        host = _with_pool(provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label),
+                          provisioner)
         try:
             yield host
         finally:
@@ -247,6 +250,13 @@ def xen_host(request: pytest.FixtureRequest, _host_lease: HostLease, provisioner
         log.warning("%s is unhealthy after %s; the next module gets a fresh host",
                     host.name, request.module.__name__)
         _host_lease.replace()
+
+
+def _with_pool(host: XenHost, provisioner: Provisioner) -> XenHost:
+    from .guests import attach_pool
+
+    attach_pool(host, provisioner.cfg, create=False)
+    return host
 
 
 def _module_items(request: pytest.FixtureRequest) -> list[pytest.Item]:
@@ -282,13 +292,7 @@ def agent(xen_host: XenHost):
     """The dom0 agent (privcmd calls) on this host."""
     from .agent.client import Agent
 
-    remote = xen_host.remote
-
-    def run(cmd: str, stdin: str, timeout: float) -> tuple[int, str, str]:
-        result = remote.run(cmd, stdin=stdin, timeout=timeout)
-        return result.rc, result.stdout, result.stderr
-
-    return Agent(run)
+    return Agent(xen_host.remote.as_runner())
 
 
 @pytest.fixture(autouse=True)
@@ -335,4 +339,4 @@ def _safe(nodeid: str) -> str:
 
 
 # Guest fixtures live in harness/guests.py and are registered here.
-from .guests import guest, guest_type  # noqa: E402,F401
+from .guests import guest, guest_type, own_guest  # noqa: E402,F401

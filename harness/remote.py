@@ -169,6 +169,15 @@ class Remote:
     def check_output(self, command: str, **kwargs: object) -> str:
         return self.run_expect(command, (0,), **kwargs).stdout
 
+    def as_runner(self):
+        """``run(cmd, stdin, timeout) -> (rc, stdout, stderr)``, the shape the dom0 agent client takes."""
+
+        def run(cmd: str, stdin: str, timeout: float) -> tuple[int, str, str]:
+            result = self.run(cmd, stdin=stdin, timeout=timeout)
+            return result.rc, result.stdout, result.stderr
+
+        return run
+
     # ------------------------------------------------------------ files
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:
         log.debug("[%s] put %s -> %s", self.label, local, remote)

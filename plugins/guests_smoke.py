@@ -51,6 +51,7 @@ def test_xl_list_shows_it_running(guest, xl):
 
 
 @check()
-def test_destroyed_cleanly(guest, xl):
-    guest.destroy()
-    assert xl.domain(guest.name) is None
+def test_own_guest_boots_and_is_destroyed_cleanly(own_guest, xl):
+    assert own_guest.report is not None
+    own_guest.destroy()
+    assert xl.domain(own_guest.name) is None

@@ -8,7 +8,8 @@ the harness, a fake in unit tests).
 Single calls raise :class:`AgentError` when the agent exits non-zero, prints
 something that is not JSON, or answers ``"ok": false`` (no privcmd device, mmap
 refused...). A crash (SIGBUS while reading a page) or a timeout is *not* an
-error: it is reported in :attr:`MapResult.crashed` / :attr:`MapResult.timed_out`.
+error: it is reported in :attr:`MapResult.crashed` / :attr:`MapResult.timed_out`
+(and likewise :attr:`M2PResult.crashed` / :attr:`M2PResult.timed_out`).
 :meth:`Agent.batch` never raises for one failing call: each result carries its
 own ``ok``/``error``.
 """
@@ -30,6 +31,7 @@ MAP_CALLS = ("mmapbatch_v2", "mmapbatch", "mmap")
 #: Answers of these calls are parsed into MapResult.
 MAP_ANSWERS = (*MAP_CALLS, "restrict_then_map")
 DEFAULT_TIMEOUT_S = 60.0
+M2P_TIMEOUT_S = 120.0
 
 Runner = Callable[[str, str, float], tuple[int, str, str]]
 PutFile = Callable[[Path, str], None]
@@ -126,6 +128,89 @@ class MapResult:
         return self.raw.get("restrict")
 
 
+def _int_keys(mapping: dict[str, Any] | None) -> dict[int, list[int]]:
+    return {int(k): [int(m) for m in v] for k, v in (mapping or {}).items()}
+
+
+@dataclass
+class M2PResult:
+    """The answer of m2p: which MFNs' machine-to-phys entries hold each requested gfn.
+
+    The M2P does not say which domain owns an MFN, so a gfn has one candidate per
+    domain (dom0 included) that uses that pfn/gfn.  An empty list is only
+    meaningful when :attr:`complete` is true (the whole table was read).
+    """
+
+    candidates: dict[int, list[int]]
+    hypercall_rc: int | None
+    max_mfn: int | None
+    nr_extents: int | None
+    map_errors: int | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> M2PResult:
+        hcall = d.get("hypercall") or {}
+        mapping = d.get("map") or {}
+        return cls(
+            candidates=_int_keys(d.get("candidates")),
+            hypercall_rc=hcall.get("rc"),
+            max_mfn=d.get("max_mfn"),
+            nr_extents=d.get("nr_extents"),
+            map_errors=mapping.get("errors_nonzero"),
+            raw=d,
+        )
+
+    @property
+    def ok(self) -> bool:
+        """False when the call could not run at all (see :attr:`error`)."""
+        return self.raw.get("ok") is True
+
+    @property
+    def error(self) -> str | None:
+        return self.raw.get("error")
+
+    @property
+    def hypercall_errno_name(self) -> str | None:
+        return (self.raw.get("hypercall") or {}).get("errno_name")
+
+    @property
+    def map_rc(self) -> int | None:
+        """rc of the MMAPBATCH_V2 of the M2P frames from DOMID_XEN (None: not tried)."""
+        return (self.raw.get("map") or {}).get("rc")
+
+    @property
+    def map_frames(self) -> int | None:
+        return (self.raw.get("map") or {}).get("frames")
+
+    @property
+    def mapped(self) -> bool:
+        """True when every M2P frame mapped: the positive control of the DOMID_XEN path."""
+        return self.map_rc == 0 and self.map_errors == 0 and bool(self.map_frames)
+
+    @property
+    def extents(self) -> list[int]:
+        """The first few extent MFNs (2 MiB chunks of the table) Xen reported."""
+        return [int(m) for m in self.raw.get("extents") or []]
+
+    @property
+    def truncated(self) -> list[int]:
+        """gfns with more than max_candidates matches (their lists are cut short)."""
+        return [int(g) for g in self.raw.get("truncated") or []]
+
+    @property
+    def complete(self) -> bool:
+        return self.raw.get("complete") is True
+
+    @property
+    def crashed(self) -> dict[str, Any] | None:
+        return self.raw.get("crashed")
+
+    @property
+    def timed_out(self) -> bool:
+        return bool(self.raw.get("timed_out", False))
+
+
 def map_request(
     domid: int,
     frames: Sequence[int],
@@ -181,6 +266,20 @@ def devmem_request(
         "length": length,
         "want": want,
         "method": method,
+        "timeout_s": timeout_s,
+    }
+
+
+def m2p_request(
+    gfns: Sequence[int],
+    *,
+    max_candidates: int = 64,
+    timeout_s: float = M2P_TIMEOUT_S,
+) -> dict[str, Any]:
+    return {
+        "command": "m2p",
+        "gfns": [int(g) for g in gfns],
+        "max_candidates": max_candidates,
         "timeout_s": timeout_s,
     }
 
@@ -353,10 +452,24 @@ class Agent:
             )
         return {int(pfn): int(mfn) for pfn, mfn in answer["p2m"].items()}
 
-    def batch(self, calls: list[dict[str, Any]]) -> list[MapResult | dict[str, Any]]:
+    def m2p(
+        self, gfns: Sequence[int], max_candidates: int = 64, timeout_s: float = M2P_TIMEOUT_S
+    ) -> M2PResult:
+        """Search Xen's machine-to-phys table for gfns (candidate MFNs per gfn).
+
+        Raises AgentError when the agent could not run the call (no privcmd...);
+        a failed hypercall or mapping is reported in the result (hypercall_rc,
+        map_errors, complete), as are a crash or a timeout.
+        """
+        req = m2p_request(gfns, max_candidates=max_candidates, timeout_s=timeout_s)
+        command = req.pop("command")
+        return M2PResult.from_json(self._checked(command, req, timeout_s))
+
+    def batch(self, calls: list[dict[str, Any]]) -> list[MapResult | M2PResult | dict[str, Any]]:
         """Run several request objects (each with a "command") in one agent start.
 
-        Mapping answers become MapResult (check .ok/.error), the others stay dicts.
+        Mapping answers become MapResult and m2p answers M2PResult (check
+        .ok/.error), the others stay dicts.
         """
         total = sum(float(c.get("timeout_s", DEFAULT_TIMEOUT_S)) for c in calls)
         answer = self._checked("batch", {"calls": calls}, total)
@@ -366,6 +479,13 @@ class Agent:
                 f"nxagent batch: expected {len(calls)} results, got {results!r:.200}",
                 answer=answer,
             )
-        return [
-            MapResult.from_json(r) if r.get("call") in MAP_ANSWERS else r for r in results
-        ]
+        return [_parse_result(r) for r in results]
+
+
+def _parse_result(answer: dict[str, Any]) -> MapResult | M2PResult | dict[str, Any]:
+    call = answer.get("call")
+    if call in MAP_ANSWERS:
+        return MapResult.from_json(answer)
+    if call == "m2p":
+        return M2PResult.from_json(answer)
+    return answer

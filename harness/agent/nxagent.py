@@ -13,7 +13,7 @@ invalid ({"ok": false, "error": ...}); 1 an internal error (a JSON answer is
 still printed).
 
 Commands: info, mmapbatch_v2, mmapbatch, mmap, restrict_then_map, devmem, p2m,
-batch.  Every call that maps or reads memory runs in a forked child, so a SIGBUS
+m2p, batch.  Every call that maps or reads memory runs in a forked child, so a SIGBUS
 or SIGSEGV while touching a page becomes {"crashed": {...}} instead of a lost
 agent, and a hung call is killed after "timeout_s" seconds ({"timed_out": true}).
 
@@ -30,6 +30,16 @@ EFAULT) means it failed as a whole and err[] says nothing.  MMAPBATCH (v1) ORs
 stops at the first failing entry and returns its error.  Touching a page of the
 VMA that was not mapped raises SIGBUS (privcmd_fault), so only pages whose
 per-frame error is 0 after a successful call are read.
+
+m2p searches Xen's machine-to-phys table (one 8-byte entry per MFN holding the
+pfn/gfn its owner uses for it) for given gfns.  It asks Xen where the table
+lives with IOCTL_PRIVCMD_HYPERCALL (memory_op XENMEM_machphys_mfn_list: one MFN
+per 2 MiB chunk, i.e. 512 consecutive frames), maps those frames read-only with
+MMAPBATCH_V2 from DOMID_XEN (Xen shares them read-only with privileged domains,
+x86_64/mm.c subarch_init_memory) and scans entries below XENMEM_maximum_ram_page
+(Xen's max_page, one past the highest MFN).  On a PV dom0 Xen reads and writes
+the hypercall's buffers at the process's virtual addresses, so they live in an
+anonymous mapping created, written and mlock()ed in the child before the call.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import faulthandler
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -141,6 +152,16 @@ class PrivcmdDmOp(ctypes.Structure):
     _fields_ = [("dom", c_domid_t), ("num", ctypes.c_uint16), ("ubufs", ctypes.c_void_p)]
 
 
+class XenMachphysMfnList(ctypes.Structure):
+    """struct xen_machphys_mfn_list (memory.h; XEN_GUEST_HANDLE is a pointer on x86_64)."""
+
+    _fields_ = [
+        ("max_extents", ctypes.c_uint),
+        ("extent_start", ctypes.c_uint64),  # xen_pfn_t *: filled with one MFN per 2 MiB chunk
+        ("nr_extents", ctypes.c_uint),
+    ]
+
+
 class PrivcmdMmapResource(ctypes.Structure):
     _fields_ = [
         ("dom", c_domid_t),
@@ -174,6 +195,32 @@ MAP_CALLS = ("mmapbatch_v2", "mmapbatch", "mmap")
 WANTS = ("sha256", "bytes", "none")
 PROTS = ("r", "rw")
 DEVMEM_METHODS = ("pread", "mmap")
+
+# ---------------------------------------------------------------------------
+# Xen public interface (xen/include/public, the same in 4.17 and 4.20; x86_64)
+# ---------------------------------------------------------------------------
+HYPERVISOR_MEMORY_OP = 12  # xen.h: __HYPERVISOR_memory_op
+XENMEM_MAXIMUM_RAM_PAGE = 2  # memory.h: arg NULL; returns max_page, never an error
+XENMEM_MACHPHYS_MFN_LIST = 5  # memory.h: arg = struct xen_machphys_mfn_list *
+DOMID_XEN = 0x7FF2  # xen.h: the page owner of Xen's own (shared) frames
+M2P_CHUNK_BYTES = 1 << 21  # one extent of XENMEM_machphys_mfn_list: an L2 superpage
+M2P_CHUNK_FRAMES = M2P_CHUNK_BYTES // XEN_PAGE_SIZE  # 512
+M2P_ENTRY_BYTES = 8  # unsigned long on x86_64
+M2P_ENTRIES_PER_CHUNK = M2P_CHUNK_BYTES // M2P_ENTRY_BYTES  # 262144 MFNs per extent
+M2P_ENTRIES_PER_PAGE = XEN_PAGE_SIZE // M2P_ENTRY_BYTES  # 512
+INVALID_M2P_ENTRY = U64_MAX  # asm/mm.h: ~0UL
+SHARED_M2P_ENTRY = U64_MAX - 1  # asm/mm.h: ~0UL - 1UL
+# An entry with bit 63 set is never a valid gfn (asm/mm.h VALID_M2P()).
+MAX_GFN = (1 << 63) - 1
+M2P_MIN_EXTENTS = 4096  # 8 GiB of table, 1 Gi MFNs (4 TiB of RAM)
+M2P_MAX_EXTENTS = 1 << 20
+M2P_REPORTED_EXTENTS = 16
+DEFAULT_MAX_CANDIDATES = 64
+MAX_CANDIDATES_LIMIT = 1 << 16
+M2P_DEFAULT_TIMEOUT_S = 120.0
+# Distinct (gfn >> 8) groups up to which m2p searches with bytes.find (one pass
+# per group); more than that and one pass over all entries against a set wins.
+M2P_FIND_GROUPS_MAX = 6
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +281,8 @@ def libc():
         ]
         lib.munmap.restype = ctypes.c_int
         lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mlock.restype = ctypes.c_int
+        lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc = lib
     return _libc
 
@@ -249,6 +298,13 @@ def mmap_raw(length: int, prot: int, flags: int, fd: int, offset: int = 0) -> in
 
 def munmap_raw(addr: int, length: int) -> None:
     libc().munmap(addr, length)
+
+
+def mlock_raw(addr: int, length: int) -> int:
+    """mlock(2); returns 0 or the errno."""
+    if libc().mlock(addr, length) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def prot_bits(prot: str) -> int:
@@ -680,6 +736,268 @@ def body_devmem(req: dict, chan: Channel) -> None:
 
 
 # ---------------------------------------------------------------------------
+# m2p: search Xen's machine-to-phys table for gfns (run in the child)
+# ---------------------------------------------------------------------------
+def hypercall(fd: int, op: int, *args: int) -> tuple[int, int]:
+    """IOCTL_PRIVCMD_HYPERCALL: (the hypercall's return value, 0) or (-1, errno)."""
+    call = PrivcmdHypercall(op=op)
+    for i, value in enumerate(args):
+        call.arg[i] = value
+    return privcmd_ioctl(fd, IOCTL["HYPERCALL"], call)
+
+
+def _call_fields(rc: int, err: int) -> dict:
+    return {"rc": rc, "errno": err or None, "errno_name": errno_name(err)}
+
+
+def alloc_hypercall_buffer(length: int) -> tuple[int, int, int]:
+    """Anonymous memory Xen can read and write at once: (addr, length, mlock errno).
+
+    Every page is written first (present and writable: Xen does not fault pages
+    in) and then locked; a failed mlock is reported, not fatal.
+    """
+    length = -(-length // XEN_PAGE_SIZE) * XEN_PAGE_SIZE
+    try:
+        addr = mmap_raw(length, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
+    except OSError as exc:
+        raise EnvironmentProblem(
+            "buffer", f"mmap of a {length}-byte hypercall buffer failed: {exc.strerror}", exc.errno
+        ) from None
+    ctypes.memset(addr, 0, length)
+    return addr, length, mlock_raw(addr, length)
+
+
+def m2p_max_extents(max_page: int | None) -> int:
+    """max_extents for XENMEM_machphys_mfn_list: generous, and enough for max_page MFNs."""
+    needed = -(-(max_page or 0) // M2P_ENTRIES_PER_CHUNK)
+    return min(max(M2P_MIN_EXTENTS, needed), M2P_MAX_EXTENTS)
+
+
+def machphys_mfn_list(fd: int, max_extents: int) -> tuple[dict, list]:
+    """memory_op(XENMEM_machphys_mfn_list): answer fields and the extent MFNs."""
+    addr, length, mlock_err = alloc_hypercall_buffer(XEN_PAGE_SIZE + max_extents * 8)
+    try:
+        xmml = XenMachphysMfnList.from_address(addr)
+        array_addr = addr + XEN_PAGE_SIZE
+        slots = (c_xen_pfn_t * max_extents).from_address(array_addr)
+        ctypes.memset(array_addr, 0xFF, max_extents * 8)  # a slot Xen left alone reads ~0
+        xmml.max_extents = max_extents
+        xmml.extent_start = array_addr
+        xmml.nr_extents = 0
+        rc, err = hypercall(fd, HYPERVISOR_MEMORY_OP, XENMEM_MACHPHYS_MFN_LIST, addr)
+        nr = xmml.nr_extents
+        extents = list(slots[:min(nr, max_extents)]) if rc == 0 else []
+    finally:
+        munmap_raw(addr, length)
+    fields = {
+        "hypercall": dict(_call_fields(rc, err), cmd="XENMEM_machphys_mfn_list"),
+        "buffer": {"bytes": length, "mlock_errno": mlock_err or None,
+                   "mlock_errno_name": errno_name(mlock_err)},
+        "max_extents": max_extents,
+        "nr_extents": nr if rc == 0 else None,
+        "extents": extents[:M2P_REPORTED_EXTENTS],
+    }
+    return fields, extents
+
+
+def plan_m2p_extents(extents: list) -> list:
+    """(index, mfn) of the extents worth mapping: the first occurrence of each MFN.
+
+    For a 2 MiB stretch of the table with no memory behind it Xen repeats the
+    previous extent's MFN (x86_64/mm.c: mfn = last_mfn); memory.h describes such
+    gaps as MFN 0.  Either way the chunk holds other MFNs' entries, so skip it.
+    """
+    seen = set()
+    plan = []
+    for index, mfn in enumerate(extents):
+        if mfn == 0 or mfn in seen:
+            continue
+        seen.add(mfn)
+        plan.append((index, mfn))
+    return plan
+
+
+def read_memory(addr: int, length: int) -> bytes:
+    """Copy mapped memory (an unmapped privcmd page would SIGBUS here)."""
+    return ctypes.string_at(addr, length)
+
+
+def m2p_segments(addr: int, plan: list, mapped: list, limit: int, chan: Channel | None = None):
+    """(first MFN, bytes) for every run of mapped table pages, entries below `limit`.
+
+    Extent plan[k] sits at VMA pages k*512 .. k*512+511 and holds the entries of
+    MFNs index*262144 onwards.
+    """
+    for slot, (index, mfn) in enumerate(plan):
+        base = index * M2P_ENTRIES_PER_CHUNK
+        if base >= limit:
+            break
+        pages = min(M2P_CHUNK_FRAMES, -(-(limit - base) // M2P_ENTRIES_PER_PAGE))
+        if chan is not None:
+            chan.stage("scan", extent=index, mfn=mfn)
+        first_page = slot * M2P_CHUNK_FRAMES
+        page = 0
+        while page < pages:
+            if not mapped[first_page + page]:
+                page += 1
+                continue
+            end = page
+            while end < pages and mapped[first_page + end]:
+                end += 1
+            start_entry = base + page * M2P_ENTRIES_PER_PAGE
+            stop_entry = min(base + end * M2P_ENTRIES_PER_PAGE, limit)
+            data = read_memory(addr + (first_page + page) * XEN_PAGE_SIZE,
+                               (stop_entry - start_entry) * M2P_ENTRY_BYTES)
+            yield start_entry, data
+            page = end
+
+
+def _find_scan(data: bytes, first_mfn: int, groups: dict, hits: dict, cap: int) -> None:
+    """One bytes.find pass per gfn >> 8 group: its 7 high bytes at entry offset 1."""
+    for high, lows in groups.items():
+        needle = (high << 8).to_bytes(8, "little")[1:]
+        pos = data.find(needle, 1)
+        while pos >= 0:
+            if pos % M2P_ENTRY_BYTES == 1:  # aligned: the entry starts at pos - 1
+                low = data[pos - 1]
+                if low in lows:
+                    found = hits[(high << 8) | low]
+                    if len(found) < cap:
+                        found.append(first_mfn + (pos >> 3))
+                pos = data.find(needle, pos + M2P_ENTRY_BYTES)
+            else:
+                pos = data.find(needle, pos + 1)
+
+
+def _set_scan(data: bytes, first_mfn: int, wanted: frozenset, hits: dict, cap: int) -> None:
+    """One pass over every entry (as native u64: x86_64 is little-endian) against a set."""
+    table = memoryview(data).cast("Q")
+    for i in itertools.compress(range(len(table)), map(wanted.__contains__, table)):
+        found = hits[table[i]]
+        if len(found) < cap:
+            found.append(first_mfn + i)
+
+
+def scan_m2p(segments, gfns: list, max_candidates: int, method: str | None = None):
+    """Search M2P entries for gfns; segments yields (first MFN, little-endian u64 bytes).
+
+    Returns (candidates, truncated, info): gfn -> ascending MFNs whose entry is
+    that gfn (at most max_candidates), the gfns that had more, and
+    {"method", "segments", "entries"}.  INVALID/SHARED entries have bit 63 set and
+    never equal a valid gfn.
+    """
+    groups: dict = {}
+    for gfn in gfns:
+        groups.setdefault(gfn >> 8, set()).add(gfn & 0xFF)
+    if method is None:
+        method = "find" if len(groups) <= M2P_FIND_GROUPS_MAX else "set"
+    wanted = frozenset(gfns)
+    hits: dict = {gfn: [] for gfn in gfns}
+    cap = max_candidates + 1  # one more than reported tells "truncated"
+    nsegments = entries = 0
+    for first_mfn, data in segments:
+        nsegments += 1
+        entries += len(data) // M2P_ENTRY_BYTES
+        if not gfns:
+            continue
+        if method == "find":
+            _find_scan(data, first_mfn, groups, hits, cap)
+        else:
+            _set_scan(data, first_mfn, wanted, hits, cap)
+    truncated = [gfn for gfn in gfns if len(hits[gfn]) > max_candidates]
+    candidates = {gfn: sorted(found)[:max_candidates] for gfn, found in hits.items()}
+    return candidates, truncated, {"method": method, "segments": nsegments, "entries": entries}
+
+
+def _m2p_map_summary(fields: dict, frames: list, mapped: list) -> dict:
+    errors = fields["errors"]
+    counts: dict = {}
+    first_error = None
+    for i, error in enumerate(errors):
+        if error != 0:
+            name = errno_name(error) or str(error)
+            counts[name] = counts.get(name, 0) + 1
+            if first_error is None:
+                first_error = {"index": i, "frame": frames[i], "error": error}
+    valid = fields["per_frame_valid"]
+    return {
+        "call": "mmapbatch_v2",
+        "domid": DOMID_XEN,
+        "rc": fields["rc"],
+        "errno": fields["errno"] or None,
+        "errno_name": fields["errno_name"],
+        "per_frame_valid": valid,
+        "frames": len(frames),
+        "mapped": sum(mapped),
+        "errors_nonzero": sum(1 for e in errors if e != 0) if valid else None,
+        "error_counts": counts if valid else None,
+        "first_error": first_error if valid else None,
+    }
+
+
+def body_m2p(req: dict, chan: Channel) -> None:
+    chan.stage("open", path=PRIVCMD_PATH)
+    fd = open_privcmd()
+    try:
+        chan.stage("hypercall", cmd="XENMEM_maximum_ram_page")
+        rc, err = hypercall(fd, HYPERVISOR_MEMORY_OP, XENMEM_MAXIMUM_RAM_PAGE, 0)
+        max_page = rc if rc > 0 else None  # one past the highest MFN
+        chan.update(maximum_ram_page=_call_fields(rc, err), max_page=max_page,
+                    max_mfn=max_page - 1 if max_page else None)
+
+        max_extents = m2p_max_extents(max_page)
+        chan.stage("hypercall", cmd="XENMEM_machphys_mfn_list", max_extents=max_extents)
+        started = time.monotonic()
+        fields, extents = machphys_mfn_list(fd, max_extents)
+        plan = plan_m2p_extents(extents)
+        fields["extent_holes"] = len(extents) - len(plan)
+        fields["seconds"] = {"hypercall": round(time.monotonic() - started, 3)}
+        chan.update(**fields)
+        if fields["hypercall"]["rc"] != 0 or not plan:
+            return
+
+        limit = len(extents) * M2P_ENTRIES_PER_CHUNK
+        if max_page is not None:
+            limit = min(limit, max_page)
+        plan = [(index, mfn) for index, mfn in plan if index * M2P_ENTRIES_PER_CHUNK < limit]
+        expected = sum(min(M2P_ENTRIES_PER_CHUNK, limit - index * M2P_ENTRIES_PER_CHUNK)
+                       for index, _ in plan)
+        frames = [mfn + k for _, mfn in plan for k in range(M2P_CHUNK_FRAMES)]
+        if len(frames) > MAX_FRAMES:
+            raise EnvironmentProblem(
+                "map", f"the M2P table spans {len(frames)} frames, more than {MAX_FRAMES}"
+            )
+        chan.stage("mmap", npages=len(frames))
+        addr = map_vma(fd, len(frames), "r")
+        try:
+            chan.stage("ioctl", ioctl="mmapbatch_v2", domid=DOMID_XEN, frames=len(frames))
+            started = time.monotonic()
+            map_fields, mapped = ioctl_mmapbatch_v2(fd, DOMID_XEN, addr, frames)
+            fields["seconds"]["map"] = round(time.monotonic() - started, 3)
+            chan.update(map=_m2p_map_summary(map_fields, frames, mapped),
+                        seconds=fields["seconds"])
+
+            started = time.monotonic()
+            segments = m2p_segments(addr, plan, mapped, limit, chan)
+            candidates, truncated, info = scan_m2p(segments, req["gfns"], req["max_candidates"])
+            fields["seconds"]["scan"] = round(time.monotonic() - started, 3)
+            info.update(limit=limit, expected_entries=expected)
+            chan.update(
+                candidates={str(gfn): mfns for gfn, mfns in candidates.items()},
+                truncated=truncated,
+                complete=info["entries"] == expected,
+                scan=info,
+                seconds=fields["seconds"],
+            )
+        finally:
+            chan.stage("munmap")
+            unmap_vma(addr, len(frames))
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
 # Request validation
 # ---------------------------------------------------------------------------
 _MISSING = object()
@@ -719,8 +1037,8 @@ def _get_choice(req: dict, key: str, where: str, choices: tuple, default: str) -
     return value
 
 
-def _get_timeout(req: dict, where: str) -> float:
-    value = req.get("timeout_s", DEFAULT_TIMEOUT_S)
+def _get_timeout(req: dict, where: str, default: float = DEFAULT_TIMEOUT_S) -> float:
+    value = req.get("timeout_s", default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{where}.timeout_s: expected a number of seconds, got {value!r}")
     if not 0 < value <= MAX_TIMEOUT_S:
@@ -802,6 +1120,18 @@ def validate_p2m(req: dict, where: str) -> dict:
         "pfns": _get_int_list(req, "pfns", where, U64_MAX, required=False),
         "tool": tool,
         "timeout_s": _get_timeout(req, where),
+    }
+
+
+def validate_m2p(req: dict, where: str) -> dict:
+    _check_keys(req, ("gfns", "max_candidates", "timeout_s"), where)
+    gfns = _get_int_list(req, "gfns", where, MAX_GFN)
+    return {
+        "gfns": list(dict.fromkeys(gfns)),  # duplicates dropped, order kept
+        "max_candidates": _get_int(
+            req, "max_candidates", where, 1, MAX_CANDIDATES_LIMIT, DEFAULT_MAX_CANDIDATES
+        ),
+        "timeout_s": _get_timeout(req, where, M2P_DEFAULT_TIMEOUT_S),
     }
 
 
@@ -890,6 +1220,31 @@ def run_devmem(req: dict) -> dict:
     return run_isolated(body_devmem, req, base)
 
 
+def run_m2p(req: dict) -> dict:
+    base = {
+        "ok": True,
+        "call": "m2p",
+        "gfns": req["gfns"],
+        "max_candidates": req["max_candidates"],
+        "maximum_ram_page": None,
+        "max_page": None,
+        "max_mfn": None,
+        "hypercall": None,
+        "buffer": None,
+        "max_extents": None,
+        "nr_extents": None,
+        "extents": [],
+        "extent_holes": None,
+        "map": None,
+        "candidates": {},
+        "truncated": [],
+        "complete": False,
+        "scan": None,
+        "seconds": {},
+    }
+    return run_isolated(body_m2p, req, base)
+
+
 def _read_text(path: str) -> str | None:
     try:
         with open(path) as handle:
@@ -956,6 +1311,7 @@ def run_info(req: dict) -> dict:
         "xen_mfndump": find_mfndump(None),
         "ioctls": {name: hex(number) for name, number in IOCTL.items()},
         "struct_sizes": {name: ctypes.sizeof(t) for name, _, t in IOCTL_TABLE},
+        "xen_struct_sizes": {"xen_machphys_mfn_list": ctypes.sizeof(XenMachphysMfnList)},
         "commands": sorted(COMMANDS),
     }
 
@@ -1078,6 +1434,7 @@ COMMANDS = {
     "restrict_then_map": (validate_restrict_then_map, run_restrict_then_map),
     "devmem": (validate_devmem, run_devmem),
     "p2m": (validate_p2m, run_p2m),
+    "m2p": (validate_m2p, run_m2p),
     "batch": (validate_batch, run_batch),
 }
 

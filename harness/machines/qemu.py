@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -211,9 +212,12 @@ class QemuMachine(Machine):
         log.info("starting %s: %s", self.spec.name, " ".join(cmd))
         stderr = open(self.run_dir / "qemu.log", "w")  # noqa: SIM115 - owned by the child
         try:
+            # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so only a
+            # QEMU started from the main thread gets it; others rely on the registry.
+            on_main = threading.current_thread() is threading.main_thread()
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_die_with_parent if on_main else None,
             )
         except FileNotFoundError:
             raise MachineStartError(
@@ -269,7 +273,13 @@ class QemuMachine(Machine):
     def qmp_cmd(self, name: str, **args: object) -> object:
         if self.qmp is None:
             raise MachineError("QMP is not connected")
-        return self.qmp.cmd(name, **args)
+        try:
+            return self.qmp.cmd(name, **args)
+        except Exception as exc:  # noqa: BLE001 - qemu.qmp raises several unrelated types
+            status = self.alive() or "still running"
+            log_tail = (self.run_dir / "qemu.log").read_text(errors="replace")[-1500:].strip()
+            raise MachineError(f"QMP {name} failed ({type(exc).__name__}: {exc}); QEMU {status}"
+                               + (f"; qemu.log: {log_tail}" if log_tail else "")) from exc
 
     def wait_incoming(self, timeout: float = 120.0) -> float:
         """After start(incoming=...): wait until the VM runs; return seconds."""

@@ -57,7 +57,7 @@ def test_crashed_guest_is_detected_not_waited_on(host):
 
 
 def test_bad_probe_option_is_reported_as_probe_error(host):
-    spec = GuestSpec(type="pv", name="nx-fault-badopt", extra_args="nxprobe.pages=bogus")
+    spec = GuestSpec(type="pv", name="nx-fault-badopt", extra_args="nxprobe.bogus=1")
     with pytest.raises(GuestError, match="probe reported an error"):
         start_guest(host.xl, spec, timeout=120)
     assert _gone(host, spec.name)

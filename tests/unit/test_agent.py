@@ -28,7 +28,7 @@ import pytest
 
 from harness.agent import client as agent_client
 from harness.agent import nxagent
-from harness.agent.client import Agent, AgentError, FrameResult, MapResult
+from harness.agent.client import Agent, AgentError, FrameResult, M2PResult, MapResult
 
 AGENT_FILE = Path(nxagent.__file__)
 PAGE = nxagent.XEN_PAGE_SIZE
@@ -86,6 +86,13 @@ def _layout(struct_type) -> dict[str, int]:
             nxagent.PrivcmdMmapResource,
             32,
             {"dom": 0, "type": 4, "id": 8, "idx": 12, "num": 16, "addr": 24},
+        ),
+        # offsetof/sizeof printed by gcc from xen/include/public/memory.h of Xen
+        # RELEASE-4.17.3 and RELEASE-4.20.0 (x86_64, __XEN_TOOLS__).
+        (
+            nxagent.XenMachphysMfnList,
+            24,
+            {"max_extents": 0, "extent_start": 8, "nr_extents": 16},
         ),
     ],
 )
@@ -153,6 +160,15 @@ def test_fcntl_ioctl_reads_and_writes_a_ctypes_struct():
         ("devmem", {"address": -5, "length": 1}, "request.address"),
         ("devmem", {"address": 0, "length": 1, "method": "read"}, "request.method"),
         ("p2m", {"domid": 1, "pfns": [1, None]}, "request.pfns[1]"),
+        ("m2p", {}, "request.gfns: required"),
+        ("m2p", {"gfns": 3}, "request.gfns: expected a list"),
+        ("m2p", {"gfns": [1, -1]}, "request.gfns[1]: -1"),
+        ("m2p", {"gfns": [1 << 63]}, "request.gfns[0]"),  # bit 63 set: never a valid entry
+        ("m2p", {"gfns": [True]}, "request.gfns[0]: True"),
+        ("m2p", {"gfns": [1], "max_candidates": 0}, "request.max_candidates: 0 is outside"),
+        ("m2p", {"gfns": [1], "max_candidates": "64"}, "request.max_candidates: expected"),
+        ("m2p", {"gfns": [1], "domid": 0}, "unknown key(s) domid"),
+        ("m2p", {"gfns": [1], "timeout_s": -1}, "request.timeout_s"),
         ("batch", {"calls": {}}, "request.calls: required"),
         ("batch", {"calls": [{"command": "batch", "calls": []}]}, "do not nest"),
         ("batch", {"calls": [{"command": "nope"}]}, "request.calls[0].command: 'nope'"),

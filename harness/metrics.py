@@ -1,0 +1,123 @@
+"""Timings and measurements -> JSON.
+
+One record per measured operation (a migration, a save/restore, a boot), with
+the versions the booted host reported, so runs on different Xen or kernel
+releases can be compared (harness/report.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TICK = re.compile(r"NXTICK (\d+) (\d+) (\d+)")
+
+
+@dataclass
+class Record:
+    kind: str  # localhost_migrate | save_restore | two_host_migrate | boot
+    guest_type: str = ""
+    memory_mb: int = 0
+    workload: str = "idle"
+    image: str = ""
+    xen_version: str = ""
+    kernel_release: str = ""
+    dom0_mode: str = ""
+    accel: str = ""
+    repeat: int = 0
+    total_s: float | None = None
+    downtime_s: float | None = None
+    downtime_toolstack_s: float | None = None
+    iterations: int | None = None
+    pages_per_iteration: list[int] = field(default_factory=list)
+    bytes_sent: int | None = None
+    memory_intact: bool | None = None
+    ok: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MetricsSink:
+    """Collects records during a run and writes them as one JSON document."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[Record] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: Record) -> Record:
+        with self._lock:
+            self.records.append(record)
+            self.write()
+        return record
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"version": 1, "records": [dataclasses.asdict(r) for r in self.records]}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def load(path: Path) -> list[Record]:
+    data = json.loads(Path(path).read_text())
+    names = {f.name for f in dataclasses.fields(Record)}
+    return [Record(**{k: v for k, v in r.items() if k in names}) for r in data["records"]]
+
+
+def tick_arrivals(watch_log: str) -> list[tuple[int, int]]:
+    """(arrival ns at dom0, tick seq) for every NXTICK line in an nxwatch log."""
+    out = []
+    for line in watch_log.splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            continue
+        match = TICK.search(parts[2])
+        if match and parts[0].isdigit():
+            out.append((int(parts[0]), int(match.group(1))))
+    return out
+
+
+def largest_gap_s(arrivals: list[tuple[int, int]], start_ns: int, end_ns: int) -> float | None:
+    """The largest gap between consecutive tick arrivals that overlaps [start, end]."""
+    times = sorted(t for t, _ in arrivals)
+    best = None
+    for a, b in zip(times, times[1:], strict=False):
+        if b >= start_ns and a <= end_ns:
+            gap = (b - a) / 1e9
+            best = gap if best is None else max(best, gap)
+    return best
+
+
+def parse_toolstack(log: str) -> dict[str, Any]:
+    """Iterations, pages per iteration, bytes, and the suspend->resume interval from a
+    timestamped `xl -vvv migrate|save` log (``<epoch s> <line>`` per line)."""
+    pages: list[int] = []
+    suspended = started = None
+    bytes_sent = None
+    for line in log.splitlines():
+        stamp, _, text = line.partition(" ")
+        try:
+            when = float(stamp)
+        except ValueError:
+            continue
+        match = re.search(r"(?:Iteration|iteration) (\d+).*?(\d+) pages", text)
+        if match:
+            pages.append(int(match.group(2)))
+        match = re.search(r"[Ss]ent (\d+) pages", text)
+        if match and not re.search(r"[Ii]teration", text):
+            pages.append(int(match.group(1)))
+        if suspended is None and re.search(r"[Dd]omain.*suspended|suspending domain", text):
+            suspended = when
+        if re.search(r"[Dd]omain (?:has been )?(?:started|resumed)|unpaus", text):
+            started = when
+        match = re.search(r"(\d+) bytes", text)
+        if match:
+            bytes_sent = max(bytes_sent or 0, int(match.group(1)))
+    downtime = round(started - suspended, 3) if suspended and started and started > suspended else None
+    return {"pages_per_iteration": pages, "iterations": len(pages) or None,
+            "downtime_toolstack_s": downtime, "bytes_sent": bytes_sent}

@@ -1,0 +1,145 @@
+"""The one source of truth for what IOCTL_PRIVCMD_MMAPBATCH_V2 answers, per frame.
+
+A row says: for this dom0 mode and guest type, frames of this class give this
+per-frame result (0 = mapped, or a negative errno) with the ioctl itself
+returning ``rc``. Frames are computed from the live guest (its probe pages,
+its memory size, its p2m), never hard-coded addresses of one run.
+
+Sources (line numbers as read in Linux 6.1.192 / Xen 4.17.0; the functions
+are the same in Linux 6.12 and Xen 4.20):
+- L: linux drivers/xen/privcmd.c   X: xen/arch/x86/mm.c   T: tools/libs/guest/xg_dom_x86.c
+- L privcmd_ioctl_mmap_batch() 457-593: per-frame errors are written back as -errno (v2,
+  mmap_return_error 382-412); the ioctl returns 0 unless every error is -ENOENT (583-584).
+- L 494-495: ``if (m.num <= 0) return -EINVAL`` -> an empty batch fails the whole ioctl.
+- X get_pg_owner() (4.17 ~4029): unknown domid -> -ESRCH for every frame (the domain lookup
+  happens per mmu_update batch); DOMID_COW and dom0's own id are refused the same way.
+- X mod_l1_entry() 2163-2195: for a translated (HVM/PVH) guest the frame is a gfn looked up
+  with get_page_from_gfn(); no RAM page there (beyond memory, MMIO like the VGA hole, an
+  unpopulated special page) -> -EINVAL.
+- X get_page_from_l1e() 882-905: for a PV guest the frame is an MFN; a frame that is not
+  RAM takes the MMIO path and the guest has no iomem permission -> -EPERM.
+- X get_page_from_l1e() 976-992 + could_not_pin 1039-1046: RAM owned by another domain
+  (or free) cannot be pinned for this one -> -EBUSY. DOMID_IO/DOMID_XEN as the owner of
+  a guest's RAM frame fail the same way.
+- T: HVM/PVH special pages end at 0xff000: 8 special pages (console, xenstore, paging,
+  access, sharing, ident PT, bufioreq, ioreq) at 0xfeff8-0xfefff, and below them 8 ioreq
+  server pages 0xfeff0-0xfeff7 that are populated only when the guest has a device model
+  (HVM), so a PVH guest answers -EINVAL there.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+EINVAL, EPERM, EBUSY, ESRCH = -errno.EINVAL, -errno.EPERM, -errno.EBUSY, -errno.ESRCH
+
+NONEXISTENT_DOMID = 0x7FEF  # below DOMID_FIRST_RESERVED, never handed out by these runs
+DOMID_IO, DOMID_XEN, DOMID_COW = 0x7FF1, 0x7FF2, 0x7FF3
+VGA_HOLE = (0xA0, 0xBF)
+SPECIAL_END = 0xFF000
+IOREQ_SERVER_PAGES = range(SPECIAL_END - 16, SPECIAL_END - 8)
+SPECIAL_PAGES = range(SPECIAL_END - 8, SPECIAL_END)
+LARGE_BATCH = 16384
+
+
+@dataclass(frozen=True)
+class Frames:
+    """What a class asks: a domid (None = the guest's) and the frames."""
+
+    frames: list[int]
+    domid: int | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    cls: str
+    guests: tuple[str, ...]
+    frames: Callable[..., Frames]
+    expect: int | list[int] | Callable[..., list[int]]
+    rc: int = 0
+    why: str = ""
+    dom0: tuple[str, ...] = ("pv",)
+
+    def expected(self, guest, asked: Frames) -> list[int]:
+        if callable(self.expect):
+            return self.expect(guest, asked)
+        if isinstance(self.expect, list):
+            return list(self.expect)
+        return [self.expect] * len(asked.frames)
+
+
+def _pages(guest) -> int:
+    return guest.spec.memory_mb * 256
+
+
+def _foreign_ram(guest, p2m_all: dict[int, int]) -> list[int]:
+    """Two RAM MFNs the PV guest does not own (dom0's or free), near its own frames."""
+    own = set(p2m_all.values())
+    start = min(own)
+    picks = [m for m in range(start - 4096, start) if m > 0x1000 and m not in own][-2:]
+    return picks
+
+
+def _large_translated(guest, asked: Frames) -> list[int]:
+    lo, hi = VGA_HOLE
+    if guest.type == "hvm":
+        return [EINVAL if lo <= f <= hi else 0 for f in asked.frames]
+    return [0] * len(asked.frames)
+
+
+T = ("pvh", "hvm")
+
+ROWS: list[Row] = [
+    # ------------------------------------------------------- translated guests: frames are gfns
+    Row("valid", T, lambda g, ctx: Frames([g.pages[0].gfn]), 0, why="a probe page"),
+    Row("first", T, lambda g, ctx: Frames([0]), 0, why="gfn 0 is RAM"),
+    Row("last", T, lambda g, ctx: Frames([_pages(g) - 1]), 0, why="last gfn of guest memory"),
+    Row("one_past_end", T, lambda g, ctx: Frames([_pages(g)]), EINVAL, why="X mod_l1_entry: no page"),
+    Row("far_beyond", T, lambda g, ctx: Frames([0x10000000]), EINVAL, why="X mod_l1_entry: no page"),
+    Row("vga_hole", ("hvm",), lambda g, ctx: Frames(list(range(VGA_HOLE[0], VGA_HOLE[1] + 1))),
+        EINVAL, why="X mod_l1_entry: MMIO (device model), not RAM"),
+    Row("vga_range_ram", ("pvh",), lambda g, ctx: Frames([VGA_HOLE[0], VGA_HOLE[1]]), 0,
+        why="PVH has no VGA hole: RAM"),
+    Row("ioreq_server_pages", ("hvm",), lambda g, ctx: Frames(list(IOREQ_SERVER_PAGES)), 0,
+        why="T: populated when there is a device model"),
+    Row("ioreq_server_pages", ("pvh",), lambda g, ctx: Frames(list(IOREQ_SERVER_PAGES)), EINVAL,
+        why="T: no device model, never populated"),
+    Row("special_pages", T, lambda g, ctx: Frames(list(SPECIAL_PAGES)), 0,
+        why="T: console, xenstore, ... pages are populated RAM"),
+    Row("mixed", T, lambda g, ctx: Frames([g.pages[0].gfn, _pages(g), g.pages[1].gfn]),
+        [0, EINVAL, 0], why="valid frames still map beside a bad one"),
+    Row("large_batch", T, lambda g, ctx: Frames(list(range(LARGE_BATCH))), _large_translated,
+        why="every RAM gfn below 64 MiB maps; HVM's VGA hole does not"),
+    # ------------------------------------------------------- PV guests: frames are MFNs
+    Row("valid", ("pv",), lambda g, ctx: Frames([g.pages[0].mfn]), 0, why="a probe page's MFN"),
+    Row("first", ("pv",), lambda g, ctx: Frames([ctx["p2m"][0]]), 0, why="MFN of pfn 0"),
+    Row("last", ("pv",), lambda g, ctx: Frames([ctx["p2m"][_pages(g) - 1]]), 0,
+        why="MFN of the last pfn"),
+    Row("non_ram_low", ("pv",), lambda g, ctx: Frames([0, VGA_HOLE[0], 0xF0]), EPERM,
+        why="X get_page_from_l1e: not RAM -> MMIO path, no iomem permission"),
+    Row("beyond_host_ram", ("pv",), lambda g, ctx: Frames([0x10000000]), EPERM,
+        why="X get_page_from_l1e: no such MFN -> MMIO path, no iomem permission"),
+    Row("foreign_ram", ("pv",), lambda g, ctx: Frames(_foreign_ram(g, ctx["p2m"])), EBUSY,
+        why="X could_not_pin: RAM owned by another domain"),
+    Row("mixed", ("pv",), lambda g, ctx: Frames([g.pages[0].mfn, _foreign_ram(g, ctx["p2m"])[0],
+                                                 g.pages[1].mfn]),
+        [0, EBUSY, 0], why="valid frames still map beside a bad one"),
+    Row("large_batch", ("pv",),
+        lambda g, ctx: Frames([ctx["p2m"][p] for p in range(LARGE_BATCH)]), 0,
+        why="the guest's own MFNs for pfns below 64 MiB all map"),
+    # ------------------------------------------------------- every guest type
+    Row("nonexistent_domid", ("pv", *T), lambda g, ctx: Frames([g.pages[0].gfn], NONEXISTENT_DOMID),
+        ESRCH, why="X get_pg_owner: no such domain"),
+    Row("dom_cow", ("pv", *T), lambda g, ctx: Frames([g.pages[0].gfn], DOMID_COW), ESRCH,
+        why="X get_pg_owner: DOMID_COW is not a page owner for mapping"),
+    Row("dom0_itself", ("pv", *T), lambda g, ctx: Frames([g.pages[0].gfn], 0), ESRCH,
+        why="X get_pg_owner: 'Cannot specify itself'"),
+    Row("empty_batch", ("pv", *T), lambda g, ctx: Frames([]), [], rc=-errno.EINVAL,
+        why="L 494-495: num <= 0"),
+]
+
+
+def rows_for(guest_type: str, dom0_mode: str) -> list[Row]:
+    return [r for r in ROWS if guest_type in r.guests and dom0_mode in r.dom0]
