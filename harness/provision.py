@@ -23,6 +23,9 @@ from filelock import FileLock
 
 from .accel import AccelChoice, choose_accel
 from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
+
+WATCH_PATH = AGENT_PATH.with_name("nxwatch.py")
+REMOTE_WATCH_PATH = REMOTE_AGENT_PATH.rsplit("/", 1)[0] + "/nxwatch.py"
 from .config import HostRecipe, RunConfig, load_recipe
 from .host import XenHost, machine_spec
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
@@ -229,7 +232,7 @@ class Provisioner:
 
     def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
         """Everything that shapes a snapshot; a change to any of it makes a new one."""
-        prep = [AGENT_PATH, Path(__file__)]
+        prep = [AGENT_PATH, WATCH_PATH, Path(__file__)]
         if self.setup_guests:
             prep.append(Path(__file__).with_name("guests.py"))
         if payload:
@@ -249,8 +252,9 @@ class Provisioner:
 
 
 def prepare(host: XenHost, payload: GuestPayload | None) -> None:
-    """Put what checks need into dom0: the agent and the guest payload."""
+    """Put what checks need into dom0: the agent, the watcher and the guest payload."""
     host.remote.put(AGENT_PATH, REMOTE_AGENT_PATH, mode=0o755)
+    host.remote.put(WATCH_PATH, REMOTE_WATCH_PATH, mode=0o755)
     if payload:
         host.remote.put(payload.kernel, f"{REMOTE_PAYLOAD_DIR}/guest/vmlinuz")
         host.remote.put(payload.initramfs, f"{REMOTE_PAYLOAD_DIR}/guest/initramfs.gz")

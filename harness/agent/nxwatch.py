@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-POLL_S = 0.002
+POLL_S = 0.005
 RESCAN_S = 0.2
 
 

@@ -534,6 +534,342 @@ def test_p2m_through_a_fake_mfndump(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# m2p: XENMEM_machphys_mfn_list + MMAPBATCH_V2 from DOMID_XEN + table scan
+# --------------------------------------------------------------------------
+CHUNK = nxagent.M2P_ENTRIES_PER_CHUNK  # M2P entries (MFNs) per 2 MiB extent
+INVALID = (1 << 64) - 1
+SHARED = (1 << 64) - 2
+
+
+def test_xen_interface_numbers():
+    # xen/include/public/xen.h, memory.h and arch/x86/include/asm/mm.h (4.17 and 4.20)
+    assert nxagent.HYPERVISOR_MEMORY_OP == 12
+    assert nxagent.XENMEM_MAXIMUM_RAM_PAGE == 2
+    assert nxagent.XENMEM_MACHPHYS_MFN_LIST == 5
+    assert nxagent.DOMID_XEN == 0x7FF2
+    assert nxagent.INVALID_M2P_ENTRY == INVALID and nxagent.SHARED_M2P_ENTRY == SHARED
+    # One extent is an L2 superpage of the table: 512 frames, 2**18 entries of 8 bytes.
+    assert nxagent.M2P_CHUNK_FRAMES == 512 and CHUNK == 1 << 18
+    assert nxagent.MAX_GFN == (1 << 63) - 1
+
+
+def test_hypercall_packs_privcmd_hypercall(monkeypatch):
+    seen = []
+
+    def ioctl(fd, request, arg):
+        seen.append((request, bytes(arg)))
+        return 4242, 0
+
+    monkeypatch.setattr(nxagent, "privcmd_ioctl", ioctl)
+    assert nxagent.hypercall(9, 12, 5, 0x7F00DEAD000) == (4242, 0)
+    assert seen == [(0x305000, struct.pack("<6Q", 12, 5, 0x7F00DEAD000, 0, 0, 0))]
+
+
+def test_hypercall_buffer_is_resident_page_aligned_memory():
+    addr, length, mlock_errno = nxagent.alloc_hypercall_buffer(PAGE + 3)
+    try:
+        assert addr % PAGE == 0 and length == 2 * PAGE
+        assert ctypes.string_at(addr, length) == bytes(length)
+        # root (the agent in dom0) may always lock; a test user may hit RLIMIT_MEMLOCK
+        assert mlock_errno in (0, errno.EPERM, errno.ENOMEM, errno.EAGAIN)
+    finally:
+        nxagent.munmap_raw(addr, length)
+
+
+@pytest.mark.parametrize(
+    ("max_page", "expected"),
+    [(None, 4096), (1, 4096), (4096 * CHUNK, 4096), (4096 * CHUNK + 1, 4097), (1 << 40, 1 << 20)],
+)
+def test_m2p_max_extents(max_page, expected):
+    assert nxagent.m2p_max_extents(max_page) == expected
+
+
+def test_plan_m2p_extents_skips_holes():
+    # Xen repeats the previous MFN over a stretch without memory; memory.h says 0.
+    extents = [0x1000, 0x1000, 0x2000, 0, 0x2000, 0x3000]
+    assert nxagent.plan_m2p_extents(extents) == [(0, 0x1000), (2, 0x2000), (5, 0x3000)]
+
+
+def _table(entries: dict[int, int], size: int) -> bytes:
+    values = [INVALID] * size
+    for index, value in entries.items():
+        values[index] = value
+    return struct.pack(f"<{size}Q", *values)
+
+
+SCAN_ENTRIES = {
+    3: 0, 9: 0,  # gfn 0: dom0's pfn 0 and a guest's
+    5: 0x1234, 700: 0x1234, 1500: 0x1234,
+    6: 0x1235,  # same >> 8 group as 0x1234
+    8: SHARED,
+    11: 0x1_0000_0012,  # needs all 8 bytes to tell apart
+    12: 0x12,
+    20: 7, 21: 7, 22: 7, 23: 7, 24: 7,
+}
+
+
+def _misaligned_decoy() -> bytes:
+    # 0x1234's bytes straddling two entries, at offsets 3 and 1 (neither is 0x1234)
+    return b"\xaa" * 3 + struct.pack("<Q", 0x1234) + b"\xbb" * 5 + b"\x34\x12" + b"\xcc" * 14
+
+
+@pytest.mark.parametrize("method", ["find", "set", None])
+def test_scan_m2p_synthetic_table(method):
+    segments = [(0, _table(SCAN_ENTRIES, 2048)), (5000, _misaligned_decoy()),
+                (9000, _table({1: 0x1234, 2: INVALID}, 4))]
+    gfns = [0x1234, 0, 0x12, 0x1_0000_0012, 7, 0xDEAD, 0x1235]
+    candidates, truncated, info = nxagent.scan_m2p(iter(segments), gfns, 3, method=method)
+    assert candidates == {
+        0x1234: [5, 700, 1500],  # 9001 is a fourth match: cut at max_candidates
+        0: [3, 9],
+        0x12: [12],
+        0x1_0000_0012: [11],
+        7: [20, 21, 22],
+        0xDEAD: [],
+        0x1235: [6],
+    }
+    assert list(candidates) == gfns  # request order
+    assert truncated == [0x1234, 7]
+    assert info["segments"] == 3 and info["entries"] == 2048 + 4 + 4
+    assert info["method"] == (method or "find")  # 4 gfn >> 8 groups
+
+
+def test_scan_m2p_never_matches_invalid_or_shared():
+    data = _table({0: INVALID, 1: SHARED, 2: 1 << 62}, 4)
+    candidates, _, _ = nxagent.scan_m2p([(0, data)], [1 << 62, 0, (1 << 63) - 1], 8)
+    assert candidates == {1 << 62: [2], 0: [], (1 << 63) - 1: []}
+
+
+def test_scan_m2p_picks_the_linear_scan_for_many_groups():
+    gfns = [g << 8 for g in range(nxagent.M2P_FIND_GROUPS_MAX + 1)]
+    data = _table({i: g for i, g in enumerate(gfns)}, 64)
+    candidates, truncated, info = nxagent.scan_m2p([(100, data)], gfns, 1)
+    assert info["method"] == "set"
+    assert candidates == {g: [100 + i] for i, g in enumerate(gfns)}
+    assert truncated == []
+    _, _, none = nxagent.scan_m2p([(0, data)], [], 1)
+    assert none == {"method": "find", "segments": 1, "entries": 64}
+
+
+def test_scan_m2p_random_table_both_methods_agree():
+    import random
+
+    rng = random.Random(7)
+    values = [rng.choice([INVALID, INVALID, SHARED, rng.randrange(4096)]) for _ in range(20000)]
+    data = struct.pack(f"<{len(values)}Q", *values)
+    gfns = rng.sample(range(4096), 40)
+    by_find = nxagent.scan_m2p([(64, data)], gfns, 1000, method="find")
+    by_set = nxagent.scan_m2p([(64, data)], gfns, 1000, method="set")
+    assert by_find[0] == by_set[0]
+    expected = {g: [64 + i for i, v in enumerate(values) if v == g] for g in gfns}
+    assert by_find[0] == expected
+
+
+PROT_NONE = 0
+_libc_test = ctypes.CDLL(None, use_errno=True)
+_libc_test.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class FakeXen(FakePrivcmd):
+    """privcmd on a host whose M2P is `table` (a dict MFN -> entry, the rest INVALID).
+
+    Extent i of the table lives at MFN extents[i]; a repeated MFN is a hole (Xen
+    repeats the previous extent's MFN). A frame that fails to map is left
+    PROT_NONE in the VMA, so reading it kills the child as SIGBUS would.
+    """
+
+    def __init__(self, table, extents, max_page, frame_errors=None, hypercall_errno=None,
+                 map_rc_errno=None):
+        super().__init__(frame_errors=frame_errors, rc_errno=map_rc_errno)
+        self.table = table
+        self.extents = extents
+        self.max_page = max_page
+        self.hypercall_errno = hypercall_errno
+
+    @staticmethod
+    def map_vma(fd, npages, prot):
+        assert prot == "r"
+        return nxagent.mmap_raw(
+            npages * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1,
+        )
+
+    def frame_page(self, frame: int) -> bytes:
+        for index, base in enumerate(self.extents):
+            if base <= frame < base + 512 and base not in self.extents[:index]:
+                first = index * CHUNK + (frame - base) * 512
+                return struct.pack(
+                    "<512Q", *(self.table.get(first + i, INVALID) for i in range(512))
+                )
+        raise AssertionError(f"frame {frame:#x} is not part of the M2P")
+
+    def ioctl(self, fd, request, arg):
+        if request == nxagent.IOCTL["HYPERCALL"]:
+            assert arg.op == 12
+            cmd = arg.arg[0]
+            if self.hypercall_errno and cmd == 5:
+                return -1, self.hypercall_errno
+            if cmd == 2:
+                assert arg.arg[1] == 0
+                return self.max_page, 0
+            assert cmd == 5
+            xmml = nxagent.XenMachphysMfnList.from_address(arg.arg[1])
+            assert xmml.max_extents >= 4096
+            count = min(len(self.extents), xmml.max_extents)
+            out = (ctypes.c_uint64 * count).from_address(xmml.extent_start)
+            out[:] = self.extents[:count]
+            xmml.nr_extents = count
+            return 0, 0
+        if request == nxagent.IOCTL["MMAPBATCH_V2"]:
+            assert arg.dom == 0x7FF2
+            frames = (ctypes.c_uint64 * arg.num).from_address(arg.arr)
+            errs = (ctypes.c_int * arg.num).from_address(arg.err)
+            failed_as_a_whole = self.rc_errno not in (None, errno.ENOENT)
+            for i, frame in enumerate(frames):
+                va = arg.addr + i * PAGE
+                err = self.frame_errors.get(frame, 0)
+                if not failed_as_a_whole:  # then the kernel never writes err[]
+                    errs[i] = err
+                if err or failed_as_a_whole:
+                    assert _libc_test.mprotect(va, PAGE, PROT_NONE) == 0
+                else:
+                    ctypes.memmove(va, self.frame_page(frame), PAGE)
+            if self.rc_errno:
+                return -1, self.rc_errno
+            return 0, 0
+        return -1, errno.ENOTTY
+
+
+# Three extents: a hole (repeat of extent 0) in the middle, the last one only
+# partly below max_page.
+M2P_EXTENTS = [0x40000, 0x40000, 0x80200]
+M2P_MAX_PAGE = 2 * CHUNK + 1000
+M2P_TABLE = {
+    0: 0, 17: 0x1234, 513: 0x1234, 600: 7,
+    2 * CHUNK + 3: 0x1234, 2 * CHUNK + 999: 0,
+    2 * CHUNK + 1000: 0x1234,  # at max_page: beyond the RAM, must not be read
+    2 * CHUNK + 520: 0x99,
+}
+
+
+def test_m2p_pipeline(monkeypatch):
+    FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE).install(monkeypatch)
+    answer = nxagent.run_command("m2p", {"gfns": [0x1234, 0, 0x1234, 0x77, 0x99]})
+    assert answer["ok"] is True and answer["call"] == "m2p"
+    assert answer["crashed"] is None and answer["timed_out"] is False
+    assert answer["maximum_ram_page"] == {"rc": M2P_MAX_PAGE, "errno": None, "errno_name": None}
+    assert answer["max_page"] == M2P_MAX_PAGE and answer["max_mfn"] == M2P_MAX_PAGE - 1
+    assert answer["hypercall"] == {
+        "rc": 0, "errno": None, "errno_name": None, "cmd": "XENMEM_machphys_mfn_list"
+    }
+    assert answer["max_extents"] == 4096
+    assert answer["nr_extents"] == 3 and answer["extents"] == M2P_EXTENTS
+    assert answer["extent_holes"] == 1
+    assert answer["buffer"]["bytes"] == PAGE + 4096 * 8
+    assert answer["map"] == {
+        "call": "mmapbatch_v2", "domid": 0x7FF2, "rc": 0, "errno": None, "errno_name": None,
+        "per_frame_valid": True, "frames": 1024, "mapped": 1024, "errors_nonzero": 0,
+        "error_counts": {}, "first_error": None,
+    }
+    assert answer["gfns"] == [0x1234, 0, 0x77, 0x99]
+    assert answer["candidates"] == {
+        str(0x1234): [17, 513, 2 * CHUNK + 3],
+        "0": [0, 2 * CHUNK + 999],
+        str(0x77): [],
+        str(0x99): [2 * CHUNK + 520],
+    }
+    assert answer["truncated"] == []
+    assert answer["complete"] is True
+    assert answer["scan"]["entries"] == CHUNK + 1000 == answer["scan"]["expected_entries"]
+    assert answer["scan"]["limit"] == M2P_MAX_PAGE and answer["scan"]["segments"] == 2
+    assert set(answer["seconds"]) == {"hypercall", "map", "scan"}
+
+
+def test_m2p_max_page_sizes_max_extents(monkeypatch):
+    # XENMEM_maximum_ram_page runs first: a table needing 5000 extents asks for 5000.
+    FakeXen(M2P_TABLE, M2P_EXTENTS, 5000 * CHUNK).install(monkeypatch)
+    answer = nxagent.run_command("m2p", {"gfns": [0x99]})
+    assert answer["max_extents"] == 5000
+    assert answer["scan"]["limit"] == 3 * CHUNK  # only 3 extents came back
+    assert answer["candidates"] == {str(0x99): [2 * CHUNK + 520]}
+    assert answer["complete"] is True
+
+
+def test_m2p_many_gfns_and_truncation(monkeypatch):
+    table = {i: 5 for i in range(0, 100, 10)}
+    table.update({CHUNK * 2 + i: i << 8 for i in range(1, 20)})
+    FakeXen(table, M2P_EXTENTS, M2P_MAX_PAGE).install(monkeypatch)
+    gfns = [5] + [i << 8 for i in range(1, 20)]
+    answer = nxagent.run_command("m2p", {"gfns": gfns, "max_candidates": 4})
+    assert answer["scan"]["method"] == "set"
+    assert answer["candidates"]["5"] == [0, 10, 20, 30]
+    assert answer["truncated"] == [5]
+    assert answer["candidates"][str(3 << 8)] == [CHUNK * 2 + 3]
+
+
+def test_m2p_skips_frames_that_did_not_map(monkeypatch):
+    # The second page of extent 2 fails: its entries (2*CHUNK+512..1023) are not read
+    # (reading it would crash the child: the fake leaves it PROT_NONE).
+    FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE,
+            frame_errors={0x80201: -errno.EPERM}).install(monkeypatch)
+    answer = nxagent.run_command("m2p", {"gfns": [0x99, 0x1234]})
+    assert answer["crashed"] is None
+    assert answer["map"]["errors_nonzero"] == 1 and answer["map"]["mapped"] == 1023
+    assert answer["map"]["error_counts"] == {"EPERM": 1}
+    assert answer["map"]["first_error"] == {"index": 513, "frame": 0x80201, "error": -errno.EPERM}
+    assert answer["candidates"][str(0x99)] == []
+    assert answer["candidates"][str(0x1234)] == [17, 513, 2 * CHUNK + 3]
+    assert answer["complete"] is False
+    assert answer["scan"]["entries"] == CHUNK + 512
+
+
+def test_m2p_whole_map_failure(monkeypatch):
+    FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE, map_rc_errno=errno.EINVAL).install(monkeypatch)
+    answer = nxagent.run_command("m2p", {"gfns": [0x1234]})
+    assert answer["ok"] is True and answer["crashed"] is None
+    assert answer["map"]["rc"] == -1 and answer["map"]["errno_name"] == "EINVAL"
+    assert answer["map"]["errors_nonzero"] is None and answer["map"]["mapped"] == 0
+    assert answer["candidates"] == {str(0x1234): []} and answer["complete"] is False
+
+
+def test_m2p_hypercall_failure(monkeypatch):
+    fake = FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE, hypercall_errno=errno.EPERM)
+    fake.install(monkeypatch)
+    answer = nxagent.run_command("m2p", {"gfns": [1]})
+    assert answer["ok"] is True
+    assert answer["hypercall"]["rc"] == -1 and answer["hypercall"]["errno_name"] == "EPERM"
+    assert answer["nr_extents"] is None and answer["extents"] == []
+    assert answer["map"] is None and answer["candidates"] == {} and answer["complete"] is False
+
+
+def test_m2p_crash_while_scanning_is_reported(monkeypatch):
+    FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE).install(monkeypatch)
+
+    def sigbus(addr, length):
+        os.kill(os.getpid(), signal.SIGBUS)
+
+    monkeypatch.setattr(nxagent, "read_memory", sigbus)
+    answer = nxagent.run_command("m2p", {"gfns": [1]})
+    assert answer["crashed"]["name"] == "SIGBUS"
+    assert answer["crashed"]["stage"] == {"name": "scan", "extent": 0, "mfn": 0x40000}
+    assert answer["map"]["errors_nonzero"] == 0  # reported before the scan began
+
+
+def test_m2p_validation_defaults():
+    req = nxagent.validate("m2p", {"gfns": [5, 0, 5]})
+    assert req == {"command": "m2p", "gfns": [5, 0], "max_candidates": 64, "timeout_s": 120.0}
+
+
+@pytest.mark.skipif(os.path.exists("/dev/xen/privcmd"), reason="this machine has privcmd")
+def test_program_m2p_without_privcmd():
+    proc = _agent("m2p", json.dumps({"gfns": [1]}))
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["ok"] is False and answer["call"] == "m2p"
+    assert answer["error_stage"] == "open" and "/dev/xen/privcmd" in answer["error"]
+
+
+# --------------------------------------------------------------------------
 # The agent as a program
 # --------------------------------------------------------------------------
 def _agent(command: str, stdin: str) -> subprocess.CompletedProcess:
@@ -737,3 +1073,73 @@ def test_client_devmem_decodes_bytes():
     run = FakeRun({"ok": True, "call": "devmem", "rc": 3, "errno": 0, "bytes_b64": "AAEC"})
     answer = Agent(run).devmem(0xF0000, 3, want="bytes")
     assert answer["data"] == b"\x00\x01\x02"
+
+
+M2P_ANSWER = {
+    "ok": True, "call": "m2p", "gfns": [4660, 0, 119], "max_candidates": 2,
+    "maximum_ram_page": {"rc": 525288, "errno": None, "errno_name": None},
+    "max_page": 525288, "max_mfn": 525287,
+    "hypercall": {"rc": 0, "errno": None, "errno_name": None, "cmd": "XENMEM_machphys_mfn_list"},
+    "nr_extents": 3, "extents": [262144, 262144, 524800], "extent_holes": 1,
+    "map": {"call": "mmapbatch_v2", "domid": 32754, "rc": 0, "errno": None, "errno_name": None,
+            "per_frame_valid": True, "frames": 1024, "mapped": 1024, "errors_nonzero": 0,
+            "error_counts": {}, "first_error": None},
+    "candidates": {"4660": [17, 513], "0": [0], "119": []},
+    "truncated": [4660], "complete": True,
+    "crashed": None, "timed_out": False, "stage": None,
+}
+
+
+def test_client_m2p():
+    run = FakeRun(M2P_ANSWER)
+    result = Agent(run).m2p([0x1234, 0, 0x77], max_candidates=2)
+    cmd, stdin, timeout = run.calls[0]
+    assert cmd == "python3 /usr/local/lib/nested-xen/nxagent.py m2p"
+    sent = json.loads(stdin)
+    assert sent == {"gfns": [0x1234, 0, 0x77], "max_candidates": 2, "timeout_s": 120}
+    nxagent.validate("m2p", sent)
+    assert timeout > 120
+    assert isinstance(result, M2PResult)
+    assert result.candidates == {0x1234: [17, 513], 0: [0], 0x77: []}
+    assert (result.hypercall_rc, result.max_mfn, result.nr_extents) == (0, 525287, 3)
+    assert result.map_errors == 0 and result.map_rc == 0 and result.map_frames == 1024
+    assert result.mapped and result.complete and result.ok
+    assert result.truncated == [0x1234]
+    assert result.extents == [262144, 262144, 524800]
+    assert result.crashed is None and result.timed_out is False
+    assert result.hypercall_errno_name is None and result.error is None
+
+
+def test_client_m2p_failures():
+    failed = {"ok": False, "call": "m2p", "error": "cannot open /dev/xen/privcmd: No such file",
+              "error_stage": "open"}
+    with pytest.raises(AgentError, match="nxagent m2p: cannot open /dev/xen/privcmd") as info:
+        Agent(FakeRun(failed)).m2p([1])
+    assert info.value.answer["error_stage"] == "open"
+
+    refused = dict(M2P_ANSWER, hypercall={"rc": -1, "errno": 1, "errno_name": "EPERM"},
+                   nr_extents=None, extents=[], map=None, candidates={}, truncated=[],
+                   complete=False)
+    result = Agent(FakeRun(refused)).m2p([1])  # ran, but Xen said no: reported, not raised
+    assert result.hypercall_rc == -1 and result.hypercall_errno_name == "EPERM"
+    assert result.map_errors is None and result.map_rc is None and not result.mapped
+    assert result.candidates == {} and not result.complete
+
+    partial = dict(M2P_ANSWER, map=dict(M2P_ANSWER["map"], errors_nonzero=3, mapped=1021),
+                   crashed={"signal": 7, "name": "SIGBUS", "stage": {"name": "scan"}},
+                   complete=False)
+    result = Agent(FakeRun(partial)).m2p([1])
+    assert result.map_errors == 3 and not result.mapped
+    assert result.crashed["name"] == "SIGBUS"
+
+
+def test_client_batch_parses_m2p():
+    failed = {"ok": False, "call": "m2p", "error": "cannot open /dev/xen/privcmd"}
+    run = FakeRun({"ok": True, "call": "batch", "results": [M2P_ANSWER, failed]})
+    calls = [agent_client.m2p_request([0x1234]), agent_client.m2p_request([1], timeout_s=5)]
+    results = Agent(run).batch(calls)
+    assert isinstance(results[0], M2PResult) and results[0].candidates[0] == [0]
+    assert isinstance(results[1], M2PResult) and not results[1].ok
+    assert results[1].error == "cannot open /dev/xen/privcmd"
+    for call in json.loads(run.calls[0][1])["calls"]:
+        nxagent.validate(call["command"], call)
