@@ -23,9 +23,6 @@ from filelock import FileLock
 
 from .accel import AccelChoice, choose_accel
 from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
-
-WATCH_PATH = AGENT_PATH.with_name("nxwatch.py")
-REMOTE_WATCH_PATH = REMOTE_AGENT_PATH.rsplit("/", 1)[0] + "/nxwatch.py"
 from .config import HostRecipe, RunConfig, load_recipe
 from .host import XenHost, machine_spec
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
@@ -34,6 +31,9 @@ from .machines.qemu import QemuMachine, Registry, qemu_version
 from .remote import RemoteError
 
 log = logging.getLogger(__name__)
+
+WATCH_PATH = AGENT_PATH.with_name("nxwatch.py")
+REMOTE_WATCH_PATH = REMOTE_AGENT_PATH.rsplit("/", 1)[0] + "/nxwatch.py"
 
 # Bump when prepare() changes what it puts into dom0.
 PREPARE_VERSION = 1
