@@ -149,6 +149,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Summarize a metrics file; with --baseline, flag regressions against an older run."""
+    from .metrics import load
+    from .report import compare, plots, summary_table
+
+    new = load(Path(args.metrics))
+    print(summary_table(new))
+    if args.plots:
+        for path in plots(new, Path(args.plots)):
+            print(f"plot: {path}")
+    if args.baseline:
+        regressions = compare(load(Path(args.baseline)), new, args.threshold)
+        for line in regressions:
+            print(f"REGRESSION {line}")
+        print(f"{len(regressions)} regression(s) beyond {args.threshold:.0%}")
+        return 1 if regressions else 0
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the plugin checks (pytest plugins/ with these options)."""
     cmd = [sys.executable, "-m", "pytest", "plugins", "-v", "-rA"]
@@ -191,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("report", help="summarize metrics.json; compare with a baseline")
+    p.add_argument("metrics", help="metrics.json of the run to report")
+    p.add_argument("--baseline", metavar="OLD.json", help="an older run's metrics.json")
+    p.add_argument("--threshold", type=float, default=0.2, help="regression threshold (0.2 = +20%%)")
+    p.add_argument("--plots", metavar="DIR", help="also write PNG plots here")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     common(p)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)

@@ -40,6 +40,19 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    """What the migration plugin measures, and the budgets that fail it."""
+
+    guest_types: tuple[str, ...] = ("pv", "pvh")
+    memory_mb: tuple[int, ...] = (256,)
+    workloads: tuple[str, ...] = ("idle",)  # idle | dirty:<percent of 64 MiB per second>
+    repeats: int = 2
+    tick_ms: int = 20
+    max_total_s: float | None = None
+    max_downtime_s: float | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, after merging YAML and command-line options."""
 
@@ -58,6 +71,7 @@ class RunConfig:
     libvirt_uri: str = "qemu:///system"
     # Shared guests created before the L1 snapshot is saved, so restores bring them up ready.
     snapshot_guests: tuple[str, ...] = ("pv", "pvh", "hvm")
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: str = "<defaults>"
 
@@ -168,6 +182,8 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
         if bad:
             raise ConfigError(f"{source}: snapshot_guests: {bad} invalid; choose from pv, pvh, hvm")
         return tuple(items)
+    if key == "migration":
+        return _migration(source, _typed(source, key, value, dict))
     if key == "timeouts":
         items = _typed(source, key, value, dict)
         allowed = {f.name for f in dataclasses.fields(Timeouts)}
@@ -180,6 +196,29 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
     if key == "rebuild":
         return _typed(source, key, value, bool)
     return _typed(source, key, value, str)
+
+
+def _migration(source: str, items: dict[str, Any]) -> MigrationConfig:
+    allowed = {f.name for f in dataclasses.fields(MigrationConfig)}
+    _check_keys(source, items, allowed, where="migration: ")
+    kwargs: dict[str, Any] = {}
+    for key, value in items.items():
+        where = f"migration.{key}"
+        if key in ("guest_types", "workloads", "memory_mb"):
+            typ = int if key == "memory_mb" else str
+            kwargs[key] = tuple(_typed(source, where, v, typ) for v in _typed(source, where, value, list))
+        elif key in ("repeats", "tick_ms"):
+            kwargs[key] = _typed(source, where, value, int)
+        else:
+            kwargs[key] = None if value is None else _typed(source, where, value, float)
+    cfg = MigrationConfig(**kwargs)
+    bad = [t for t in cfg.guest_types if t not in ("pv", "pvh", "hvm")]
+    if bad:
+        raise ConfigError(f"{source}: migration.guest_types: {bad} invalid; choose from pv, pvh, hvm")
+    for w in cfg.workloads:
+        if w != "idle" and not (w.startswith("dirty:") and w[6:].isdigit()):
+            raise ConfigError(f"{source}: migration.workloads: {w!r}; use idle or dirty:<percent>")
+    return cfg
 
 
 # --------------------------------------------------------------------------- recipes

@@ -93,31 +93,30 @@ def largest_gap_s(arrivals: list[tuple[int, int]], start_ns: int, end_ns: int) -
     return best
 
 
+SUSPENDED = re.compile(r"suspend request|guest has suspended")
+STARTED = re.compile(r"Domain started succes+fully|libxl_domain_unpause: Domain \d+:ao \S+: create")
+PROGRESS = re.compile(r"[Ii]teration (\d+).*?(\d+) pages|Frames iteration (\d+) of \d+: (\d+)/")
+
+
 def parse_toolstack(log: str) -> dict[str, Any]:
-    """Iterations, pages per iteration, bytes, and the suspend->resume interval from a
-    timestamped `xl -vvv migrate|save` log (``<epoch s> <line>`` per line)."""
+    """From a timestamped `xl -vvv migrate|save|restore` log (``<epoch s> <line>`` per
+    line): the suspend -> start interval the toolstack saw, and pre-copy iterations
+    with their page counts where libxc reports them (Xen 4.17's xl -vvv does not)."""
     pages: list[int] = []
     suspended = started = None
-    bytes_sent = None
     for line in log.splitlines():
         stamp, _, text = line.partition(" ")
         try:
             when = float(stamp)
         except ValueError:
             continue
-        match = re.search(r"(?:Iteration|iteration) (\d+).*?(\d+) pages", text)
+        match = PROGRESS.search(text)
         if match:
-            pages.append(int(match.group(2)))
-        match = re.search(r"[Ss]ent (\d+) pages", text)
-        if match and not re.search(r"[Ii]teration", text):
-            pages.append(int(match.group(1)))
-        if suspended is None and re.search(r"[Dd]omain.*suspended|suspending domain", text):
+            pages.append(int(match.group(2) or match.group(4)))
+        if suspended is None and SUSPENDED.search(text):
             suspended = when
-        if re.search(r"[Dd]omain (?:has been )?(?:started|resumed)|unpaus", text):
+        if suspended is not None and started is None and STARTED.search(text):
             started = when
-        match = re.search(r"(\d+) bytes", text)
-        if match:
-            bytes_sent = max(bytes_sent or 0, int(match.group(1)))
-    downtime = round(started - suspended, 3) if suspended and started and started > suspended else None
+    downtime = round(started - suspended, 3) if suspended and started else None
     return {"pages_per_iteration": pages, "iterations": len(pages) or None,
-            "downtime_toolstack_s": downtime, "bytes_sent": bytes_sent}
+            "downtime_toolstack_s": downtime, "bytes_sent": None}

@@ -27,6 +27,7 @@ import pytest
 
 from .config import ConfigError, RunConfig, load_run_config
 from .host import XenHost
+from .metrics import MetricsSink
 from .plugins import GUEST_TYPES, MARKER, PluginError, spec_of
 from .provision import Provisioner
 
@@ -175,6 +176,37 @@ def artifacts_dir(nx_config: RunConfig) -> Path:
 
 def _worker() -> str:
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+_METRICS_KEY = pytest.StashKey[MetricsSink]()
+
+
+@pytest.fixture(scope="session")
+def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
+    """The run's metrics sink: ``metrics.add(Record(...))``; written to artifacts/metrics.json."""
+    from .metrics import MetricsSink
+
+    sink = MetricsSink(artifacts_dir / "metrics.json")
+    pytestconfig.stash[_METRICS_KEY] = sink
+    return sink
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    sink = config.stash.get(_METRICS_KEY, None)
+    if sink is None or not sink.records:
+        return
+    from .report import plots, summary_table
+
+    terminalreporter.section("nested-xen measurements")
+    terminalreporter.write_line(summary_table(sink.records))
+    try:
+        written = plots(sink.records, sink.path.parent / "plots")
+    except ImportError:
+        terminalreporter.write_line("plots skipped: install matplotlib (pip install nested-xen[report])")
+        return
+    for path in written:
+        terminalreporter.write_line(f"plot: {path}")
+    terminalreporter.write_line(f"metrics: {sink.path}")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,203 @@
+"""Timed live migration to localhost and save/restore, with downtime and memory checks.
+
+For each guest type, memory size and workload in the run config's
+``migration:`` section, a guest runs the probe with a ticker; dom0 timestamps
+every tick as it arrives (harness/agent/nxwatch.py), so the downtime is the
+largest gap in arrival times on dom0's clock, not the guest's. Each operation is
+repeated (``repeats``), recorded in artifacts/metrics.json with the booted
+versions, and checked: it succeeded, the probe's pages still hash the same,
+and the configured budgets hold. Timings are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import pytest
+
+from harness.guests import GuestSpec, save_console, start_guest
+from harness.imaging import REMOTE_PAYLOAD_DIR
+from harness.metrics import Record, largest_gap_s, parse_toolstack, tick_arrivals
+from harness.plugins import check
+from harness.provision import REMOTE_WATCH_PATH
+
+from .translation import content_mismatches
+
+# Prefix every toolstack line with dom0's clock as it arrives.
+TIMESTAMP = ("""python3 -c 'import sys,time; [print("%.6f %s" % (time.time(), l), end="", flush=True) """
+             """for l in sys.stdin]'""")
+DIRTY_MB = 64
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        mig = metafunc.config.stash[_cfg_key()].migration
+        cases = [(m, w) for m in mig.memory_mb for w in mig.workloads]
+        metafunc.parametrize("case", cases, ids=[f"{m}M-{w.replace(':', '')}" for m, w in cases],
+                             scope="module")
+
+
+def _cfg_key():
+    from harness.pytest_plugin import _CFG_KEY
+
+    return _CFG_KEY
+
+
+@pytest.fixture(scope="module")
+def mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
+    mig = nx_config.migration
+    if guest_type not in mig.guest_types:
+        pytest.skip(f"{guest_type} is not in migration.guest_types {list(mig.guest_types)} (run config)")
+    memory, workload = case
+    dirty = int(workload.split(":")[1]) if workload.startswith("dirty:") else 0
+    spec = GuestSpec(type=guest_type, name=f"nx-mig-{guest_type}-{memory}", memory_mb=memory,
+                     tick_ms=mig.tick_ms, dirty_mb=DIRTY_MB if dirty else 0, dirty_pct=dirty)
+    guest = start_guest(xen_host.xl, spec, nx_config.timeouts.guest_ready)
+    guest.resolve_mfns(agent.p2m)
+    guest.workload = workload
+    try:
+        yield guest
+    finally:
+        try:
+            save_console(guest, artifacts_dir / "hosts" / xen_host.name / "guests")
+        finally:
+            guest.destroy()
+
+
+class Watch:
+    """nxwatch in dom0 for one guest's console logs, for the span of one operation."""
+
+    def __init__(self, remote, guest_name: str) -> None:
+        self.remote = remote
+        self.out = f"/tmp/nxwatch-{guest_name}-{time.time_ns()}.log"
+        globs = f"'/var/log/xen/console/*{guest_name}*'"
+        self.pid = remote.check_output(
+            f"nohup python3 {REMOTE_WATCH_PATH} {self.out} {globs} >/dev/null 2>&1 & echo $!",
+            timeout=30).strip()
+
+    def stop(self) -> str:
+        self.remote.run(f"kill {self.pid}", timeout=30)
+        text = self.remote.run(f"cat {self.out}; rm -f {self.out}", timeout=60).stdout
+        return text
+
+
+def timed_xl(remote, args: str, timeout: float):
+    return remote.run(f"set -o pipefail; xl -vvv {args} 2>&1 | {TIMESTAMP}", timeout=timeout)
+
+
+def record_base(kind: str, guest, facts, image: str, repeat: int) -> Record:
+    return Record(kind=kind, guest_type=guest.type, memory_mb=guest.spec.memory_mb,
+                  workload=getattr(guest, "workload", "idle"), image=image,
+                  xen_version=facts.xen_version, kernel_release=facts.kernel_release,
+                  dom0_mode=facts.dom0_mode, accel=facts.accel, repeat=repeat)
+
+
+def memory_intact(guest, agent) -> list[str]:
+    guest.domid = guest.xl.domid(guest.name)
+    guest.resolve_mfns(agent.p2m)
+    return content_mismatches(guest, agent, [p.gfn for p in guest.pages])
+
+
+def check_budgets(rec: Record, mig) -> list[str]:
+    over = []
+    if mig.max_total_s is not None and rec.total_s is not None and rec.total_s > mig.max_total_s:
+        over.append(f"total {rec.total_s:.1f} s > budget {mig.max_total_s} s")
+    if mig.max_downtime_s is not None and rec.downtime_s is not None and rec.downtime_s > mig.max_downtime_s:
+        over.append(f"downtime {rec.downtime_s:.2f} s > budget {mig.max_downtime_s} s")
+    return over
+
+
+def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run) -> Record:
+    """Run one operation under the watcher and turn what it saw into a Record."""
+    remote = xen_host.remote
+    rec = record_base(kind, guest, xen_host.facts(), xen_host.image.name, repeat)
+    watch = Watch(remote, guest.name)
+    time.sleep(1.0)  # a few ticks before the operation
+    start = time.time_ns()
+    try:
+        log, rc, seconds = run()
+    finally:
+        end = time.time_ns()
+        time.sleep(2.0)  # ticks after resume
+        ticks = tick_arrivals(watch.stop())
+    rec.ok = rc == 0
+    rec.total_s = round(seconds, 2)
+    rec.downtime_s = largest_gap_s(ticks, start, end)
+    rec.downtime_s = round(rec.downtime_s, 3) if rec.downtime_s is not None else None
+    rec.extra["ticks_seen"] = len(ticks)
+    parsed = parse_toolstack(log)
+    rec.iterations = parsed["iterations"]
+    rec.pages_per_iteration = parsed["pages_per_iteration"]
+    rec.bytes_sent = parsed["bytes_sent"]
+    rec.downtime_toolstack_s = parsed["downtime_toolstack_s"]
+    if rec.ok:
+        bad = memory_intact(guest, agent)
+        rec.memory_intact = not bad
+        rec.extra["corrupted_pages"] = bad[:10]
+    metrics.add(rec)
+    return rec
+
+
+def _assert_good(rec: Record, log_tail: str, mig) -> None:
+    assert rec.ok, f"{rec.kind} failed:\n{log_tail}"
+    assert rec.memory_intact, "memory corrupted:\n" + "\n".join(rec.extra["corrupted_pages"])
+    assert rec.extra["ticks_seen"] > 0, "no probe ticks reached dom0: downtime cannot be measured"
+    over = check_budgets(rec, mig)
+    assert not over, "; ".join(over)
+
+
+@check()
+def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, record_property):
+    mig = nx_config.migration
+    for repeat in range(mig.repeats):
+        holder = {}
+
+        def run(holder=holder):
+            result = timed_xl(xen_host.remote, f"migrate {shlex.quote(mig_guest.name)} localhost", 1800)
+            holder["log"] = result.stdout
+            return result.stdout, result.rc, result.seconds
+
+        rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
+        record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s,
+                                            "downtime_toolstack_s": rec.downtime_toolstack_s})
+        _assert_good(rec, holder["log"][-3000:], mig)
+
+
+@check()
+def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_property):
+    mig = nx_config.migration
+    path = f"{REMOTE_PAYLOAD_DIR}/save/{mig_guest.name}.chkpt"
+    for repeat in range(mig.repeats):
+        holder = {}
+
+        def run(holder=holder):
+            remote = xen_host.remote
+            remote.run_expect(f"mkdir -p {REMOTE_PAYLOAD_DIR}/save", timeout=30)
+            save = timed_xl(remote, f"save {shlex.quote(mig_guest.name)} {path}", 1800)
+            size = remote.run(f"stat -c %s {path}", timeout=30).stdout.strip()
+            holder["bytes"] = int(size) if size.isdigit() else None
+            restore = timed_xl(remote, f"restore {path}", 1800) if save.rc == 0 else save
+            remote.run(f"rm -f {path}", timeout=60)
+            holder["log"] = save.stdout + restore.stdout
+            rc = save.rc or restore.rc
+            return save.stdout + restore.stdout, rc, save.seconds + (restore.seconds if save.rc == 0 else 0)
+
+        rec = measure("save_restore", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
+        rec.bytes_sent = holder.get("bytes")
+        metrics.write()
+        record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s})
+        _assert_good(rec, holder["log"][-3000:], mig)
+
+
+@check()
+def test_negative_control_corruption_is_detected(mig_guest, agent):
+    """A page whose expected hash is wrong must be reported as corrupted."""
+    page = mig_guest.pages[0]
+    original = page.sha256
+    page.sha256 = "0" * 64
+    try:
+        bad = memory_intact(mig_guest, agent)
+    finally:
+        page.sha256 = original
+    assert len(bad) == 1 and "page   0" in bad[0], bad

@@ -1,0 +1,69 @@
+"""Metrics records, tick gaps, toolstack parsing, the summary table and baseline comparison."""
+
+from __future__ import annotations
+
+import json
+
+from harness.cli import main
+from harness.metrics import MetricsSink, Record, largest_gap_s, load, parse_toolstack, tick_arrivals
+from harness.report import compare, summary_table
+
+WATCH = "\n".join([
+    "1000000000\tguest-a.log\tNXTICK 1 5 6",
+    "1020000000\tguest-a.log\tNXTICK 2 5 6",
+    "garbage line without tabs",
+    "1040000000\tguest-a.log\tkernel noise",
+    "2540000000\tguest-a--incoming.log\tNXTICK 3 5 6",
+    "2560000000\tguest-a--incoming.log\tNXTICK 4 5 6",
+])
+
+XL_LOG = "\n".join([
+    "100.000000 libxl: debug: something",
+    "101.500000 libxl: debug: libxl_dom_suspend.c:203: Domain 1:issuing PV suspend request via XenBus",
+    "101.600000 libxl: debug: guest has suspended",
+    "102.900000 migration target: Domain started successsfully.",
+    "not-a-stamp line",
+])
+
+
+def test_tick_arrivals_and_largest_gap():
+    arrivals = tick_arrivals(WATCH)
+    assert [seq for _, seq in arrivals] == [1, 2, 3, 4]
+    assert largest_gap_s(arrivals, 1_010_000_000, 2_600_000_000) == 1.52
+    assert largest_gap_s(arrivals, 3_000_000_000, 4_000_000_000) is None
+
+
+def test_parse_toolstack_suspend_to_start():
+    parsed = parse_toolstack(XL_LOG)
+    assert parsed["downtime_toolstack_s"] == 1.4
+    assert parsed["iterations"] is None
+
+
+def test_sink_roundtrip_and_table(tmp_path):
+    sink = MetricsSink(tmp_path / "m.json")
+    for i, total in enumerate([50.0, 60.0, 55.0]):
+        sink.add(Record(kind="localhost_migrate", guest_type="pv", memory_mb=256, image="bookworm",
+                        repeat=i, total_s=total, downtime_s=1.0 + i, memory_intact=True))
+    records = load(tmp_path / "m.json")
+    assert len(records) == 3
+    table = summary_table(records)
+    assert "localhost_migrate" in table and "55.00 [50.00-60.00]" in table and "yes" in table
+
+
+def test_compare_flags_regressions_beyond_threshold():
+    old = [Record(kind="save_restore", guest_type="pvh", memory_mb=256, total_s=10.0, downtime_s=2.0)]
+    new = [Record(kind="save_restore", guest_type="pvh", memory_mb=256, total_s=13.0, downtime_s=2.1)]
+    found = compare(old, new, threshold=0.2)
+    assert len(found) == 1 and "total_s 10.00 -> 13.00" in found[0]
+    assert compare(old, old) == []
+
+
+def test_cli_report_baseline_exit_status(tmp_path, capsys):
+    def write(path, total):
+        path.write_text(json.dumps({"version": 1, "records": [
+            {"kind": "save_restore", "guest_type": "pv", "memory_mb": 256, "total_s": total}]}))
+    write(tmp_path / "old.json", 10.0)
+    write(tmp_path / "new.json", 20.0)
+    assert main(["report", str(tmp_path / "new.json"), "--baseline", str(tmp_path / "old.json")]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "old.json"), "--baseline", str(tmp_path / "old.json")]) == 0
