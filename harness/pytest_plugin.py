@@ -231,10 +231,19 @@ class HostLease:
     def __init__(self, make: Callable[[], XenHost]) -> None:
         self._make = make
         self.host: XenHost | None = None
+        self.failure: str | None = None
 
     def get(self) -> XenHost:
+        """The host; a host that failed to come up fails every later user at once."""
+        if self.failure:
+            pytest.fail(f"the host could not be provided earlier in this run: {self.failure}",
+                        pytrace=False)
         if self.host is None:
-            self.host = self._make()
+            try:
+                self.host = self._make()
+            except Exception as exc:
+                self.failure = f"{type(exc).__name__}: {exc}"
+                raise
         return self.host
 
     def replace(self) -> None:
