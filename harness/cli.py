@@ -141,7 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_boot
 
     cfg = _config(args)
-    results = bench_boot(cfg, runs=args.runs, progress=lambda line: print(line, flush=True))
+    results = bench_boot(cfg, runs=args.runs, cold_image=args.cold_image,
+                         progress=lambda line: print(line, flush=True))
     text = json.dumps(results, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["boot"])
     common(p)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--cold-image", action="store_true",
+                   help="also time an image build into an empty cache (~2 min)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="summarize metrics.json; compare with a baseline")

@@ -202,7 +202,9 @@ class Provisioner:
                                            "restored dom0 did not answer over SSH",
                                            probe=lambda: host.remote.try_connect(3.0),
                                            interval=0.05)])
+            host.timings["restore"] = round(time.monotonic() - started, 2)
             host.sync_clock()
+            host.timings["clock_sync"] = round(time.monotonic() - started - host.timings["restore"], 2)
         except (MachineError, RemoteError, OSError) as exc:
             host.stop()
             self.snapshots.discard(key, f"restore failed ({str(exc).splitlines()[0]}); booting cold")
@@ -210,7 +212,6 @@ class Provisioner:
         except BaseException:
             host.stop()
             raise
-        host.timings["restore"] = round(time.monotonic() - started, 2)
         host.timings["path"] = "restored"  # type: ignore[assignment]
         self.progress(f"[{label}] restored L1 snapshot {key}: dom0 answered in "
                       f"{host.timings['restore']:.2f} s")
