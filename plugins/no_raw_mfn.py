@@ -102,7 +102,8 @@ def leaks(agent, domid: int, targets: list[tuple[int, int, str]]) -> tuple[list[
 
 @pytest.fixture(scope="module")
 def m2p(guest, agent):
-    result = agent.m2p([p.gfn for p in guest.pages])
+    # M2P entries hold pfns (PV) or gfns (HVM/PVH): look up the probe pages by pfn.
+    result = agent.m2p([p.pfn for p in guest.pages])
     return result
 
 
