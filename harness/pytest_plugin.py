@@ -27,6 +27,7 @@ import pytest
 
 from .config import ConfigError, RunConfig, load_run_config
 from .host import XenHost
+from .known_issues import load_known_issues, match
 from .metrics import MetricsSink
 from .plugins import GUEST_TYPES, MARKER, PluginError, spec_of
 from .provision import Provisioner
@@ -88,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         config.stash[_CFG_KEY] = _build_config(config)
+        config.stash[_ISSUES_KEY] = load_known_issues()
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     if config.getoption("--print-config"):
@@ -100,6 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 _CFG_KEY = pytest.StashKey[RunConfig]()
+_ISSUES_KEY = pytest.StashKey[list]()
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -347,6 +350,21 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     reason = spec_of(request.node).skip_reason(facts)
     if reason:
         pytest.skip(reason)
+    issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node),
+                  request.node.callspec.params.get("guest_type")
+                  if hasattr(request.node, "callspec") else None, facts)
+    if issue:
+        request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
+
+
+def _check_id(item: pytest.Item) -> str:
+    """``plugins/FILE.py::test_name`` (no parameters), as known_issues.yaml names checks."""
+    path = Path(str(item.path)).resolve()
+    try:
+        rel = path.relative_to(item.config.rootpath.resolve())
+    except ValueError:
+        rel = Path(path.name)
+    return f"{rel.as_posix()}::{item.originalname if hasattr(item, 'originalname') else item.name}"
 
 
 @pytest.fixture

@@ -122,6 +122,11 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
         time.sleep(2.0)  # ticks after resume
         ticks = tick_arrivals(watch.stop())
     rec.ok = rc == 0
+    logs = metrics.path.parent / "migration"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{guest.name}-{kind}-{repeat}.log"
+    log_path.write_text(log)
+    rec.extra["toolstack_log"] = str(log_path)
     rec.total_s = round(seconds, 2)
     rec.downtime_s = largest_gap_s(ticks, start, end)
     rec.downtime_s = round(rec.downtime_s, 3) if rec.downtime_s is not None else None
@@ -131,6 +136,8 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
     rec.pages_per_iteration = parsed["pages_per_iteration"]
     rec.bytes_sent = parsed["bytes_sent"]
     rec.downtime_toolstack_s = parsed["downtime_toolstack_s"]
+    if not rec.ok:
+        rec.extra["dmesg"] = "\n".join(xen_host.xl.dmesg().splitlines()[-25:])
     if rec.ok:
         bad = memory_intact(guest, agent)
         rec.memory_intact = not bad
@@ -140,7 +147,8 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
 
 
 def _assert_good(rec: Record, log_tail: str, mig) -> None:
-    assert rec.ok, f"{rec.kind} failed:\n{log_tail}"
+    assert rec.ok, (f"{rec.kind} failed (full log: {rec.extra['toolstack_log']}):\n{log_tail}"
+                    + (f"\nxl dmesg:\n{rec.extra['dmesg']}" if rec.extra.get("dmesg") else ""))
     assert rec.memory_intact, "memory corrupted:\n" + "\n".join(rec.extra["corrupted_pages"])
     assert rec.extra["ticks_seen"] > 0, "no probe ticks reached dom0: downtime cannot be measured"
     over = check_budgets(rec, mig)
@@ -148,20 +156,16 @@ def _assert_good(rec: Record, log_tail: str, mig) -> None:
 
 
 @check()
-def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, record_property):
-    mig = nx_config.migration
-    for repeat in range(mig.repeats):
-        holder = {}
-
-        def run(holder=holder):
-            result = timed_xl(xen_host.remote, f"migrate {shlex.quote(mig_guest.name)} localhost", 1800)
-            holder["log"] = result.stdout
-            return result.stdout, result.rc, result.seconds
-
-        rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
-        record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s,
-                                            "downtime_toolstack_s": rec.downtime_toolstack_s})
-        _assert_good(rec, holder["log"][-3000:], mig)
+def test_negative_control_corruption_is_detected(mig_guest, agent):
+    """A page whose expected hash is wrong must be reported as corrupted."""
+    page = mig_guest.pages[0]
+    original = page.sha256
+    page.sha256 = "0" * 64
+    try:
+        bad = memory_intact(mig_guest, agent)
+    finally:
+        page.sha256 = original
+    assert len(bad) == 1 and "page   0" in bad[0], bad
 
 
 @check()
@@ -191,13 +195,17 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
 
 
 @check()
-def test_negative_control_corruption_is_detected(mig_guest, agent):
-    """A page whose expected hash is wrong must be reported as corrupted."""
-    page = mig_guest.pages[0]
-    original = page.sha256
-    page.sha256 = "0" * 64
-    try:
-        bad = memory_intact(mig_guest, agent)
-    finally:
-        page.sha256 = original
-    assert len(bad) == 1 and "page   0" in bad[0], bad
+def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, record_property):
+    mig = nx_config.migration
+    for repeat in range(mig.repeats):
+        holder = {}
+
+        def run(holder=holder):
+            result = timed_xl(xen_host.remote, f"migrate {shlex.quote(mig_guest.name)} localhost", 1800)
+            holder["log"] = result.stdout
+            return result.stdout, result.rc, result.seconds
+
+        rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
+        record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s,
+                                            "downtime_toolstack_s": rec.downtime_toolstack_s})
+        _assert_good(rec, holder["log"][-3000:], mig)

@@ -1,0 +1,96 @@
+"""Known issues: one versioned file, each entry a strict expected failure where it applies.
+
+An entry names a check (``plugins/FILE.py::test_name``), optionally the guest
+types, Xen and dom0-kernel version ranges (PEP 440 specifiers against what the
+booted host reports), dom0 modes and accelerators it applies to, with the reason
+and a link. A matching test is marked ``xfail(strict=True)``: while the issue
+stands the run shows it as XFAIL with the reason; once fixed, the XPASS fails
+the run so the entry gets removed instead of hiding a fix. An entry marked
+``flaky: true`` (the fault is intermittent) is a non-strict xfail: its XPASS
+is shown in the summary but does not fail the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from .config import REPO_ROOT, ConfigError
+from .plugins import version_of
+
+KNOWN_ISSUES = REPO_ROOT / "known_issues.yaml"
+KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "reason", "link", "flaky"}
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    check: str
+    reason: str
+    link: str = ""
+    guests: tuple[str, ...] = ()
+    xen: SpecifierSet | None = None
+    kernel: SpecifierSet | None = None
+    dom0: tuple[str, ...] = ()
+    accel: tuple[str, ...] = ()
+    flaky: bool = False  # an intermittent fault cannot be a strict xfail: it would XPASS at random
+
+    def applies(self, check: str, guest_type: str | None, facts: Any) -> bool:
+        if check != self.check:
+            return False
+        if self.guests and guest_type not in self.guests:
+            return False
+        if self.xen is not None and not self.xen.contains(version_of(facts.xen_version), True):
+            return False
+        if self.kernel is not None and not self.kernel.contains(version_of(facts.kernel_release), True):
+            return False
+        if self.dom0 and facts.dom0_mode not in self.dom0:
+            return False
+        return not (self.accel and facts.accel not in self.accel)
+
+    def describe(self) -> str:
+        return f"known issue: {self.reason}" + (f" ({self.link})" if self.link else "")
+
+
+def _tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
+    if not path.exists():
+        return []
+    data = yaml.safe_load(path.read_text()) or []
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list of entries")
+    issues = []
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i + 1}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        unknown = set(entry) - KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(KEYS)}")
+        for key in ("check", "reason"):
+            if not entry.get(key):
+                raise ConfigError(f"{where}: `{key}` is required")
+        try:
+            xen = SpecifierSet(entry["xen"]) if entry.get("xen") else None
+            kernel = SpecifierSet(entry["kernel"]) if entry.get("kernel") else None
+        except InvalidSpecifier as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        issues.append(KnownIssue(
+            check=entry["check"], reason=entry["reason"], link=entry.get("link", ""),
+            guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,
+            dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")),
+            flaky=bool(entry.get("flaky", False)),
+        ))
+    return issues
+
+
+def match(issues: list[KnownIssue], check: str, guest_type: str | None, facts: Any) -> KnownIssue | None:
+    return next((i for i in issues if i.applies(check, guest_type, facts)), None)
