@@ -9,6 +9,7 @@ harness reads those files over SSH and parses them (harness/probe_report.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shlex
@@ -344,13 +345,10 @@ def guest(xen_host, guest_type: str, artifacts_dir: Path) -> Iterator[Guest]:
     save_console(shared, artifacts_dir / "hosts" / xen_host.name / "guests")
 
 
-@pytest.fixture(scope="module")
-def own_guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
-              nx_config: RunConfig) -> Iterator[Guest]:
-    """A guest of ``guest_type`` for this module alone, destroyed at its end."""
-    module = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:20]
-    spec = GuestSpec(type=guest_type, name=f"nx-{guest_type}-{module}")
-    own = start_guest(xen_host.xl, spec, nx_config.timeouts.guest_ready)
+@contextlib.contextmanager
+def owned_guest(xen_host, spec: GuestSpec, agent, artifacts_dir: Path, timeout: float) -> Iterator[Guest]:
+    """A guest that lives for the ``with`` block: created, MFNs resolved, console kept, destroyed."""
+    own = start_guest(xen_host.xl, spec, timeout)
     try:
         own.resolve_mfns(agent.p2m)
         yield own
@@ -359,3 +357,13 @@ def own_guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, 
             save_console(own, artifacts_dir / "hosts" / xen_host.name / "guests")
         finally:
             own.destroy()
+
+
+@pytest.fixture(scope="module")
+def own_guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
+              nx_config: RunConfig) -> Iterator[Guest]:
+    """A guest of ``guest_type`` for this module alone, destroyed at its end."""
+    module = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:20]
+    spec = GuestSpec(type=guest_type, name=f"nx-{guest_type}-{module}")
+    with owned_guest(xen_host, spec, agent, artifacts_dir, nx_config.timeouts.guest_ready) as own:
+        yield own

@@ -27,6 +27,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .config import HostRecipe
+from .procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class ImageBuilder:
     def _reap_stale_builds(self) -> None:
         for stale in self.root.glob(".build-*"):
             pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 log.warning("removing half-built image %s left by a killed run", stale)
                 shutil.rmtree(stale, ignore_errors=True)
 
@@ -443,12 +444,3 @@ class ImageBuilder:
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness.guests import GuestSpec, save_console, start_guest
+from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, parse_toolstack, tick_arrivals
 from harness.plugins import check
@@ -53,16 +53,9 @@ def mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
     dirty = int(workload.split(":")[1]) if workload.startswith("dirty:") else 0
     spec = GuestSpec(type=guest_type, name=f"nx-mig-{guest_type}-{memory}", memory_mb=memory,
                      tick_ms=mig.tick_ms, dirty_mb=DIRTY_MB if dirty else 0, dirty_pct=dirty)
-    guest = start_guest(xen_host.xl, spec, nx_config.timeouts.guest_ready)
-    guest.resolve_mfns(agent.p2m)
-    guest.workload = workload
-    try:
+    with owned_guest(xen_host, spec, agent, artifacts_dir, nx_config.timeouts.guest_ready) as guest:
+        guest.workload = workload
         yield guest
-    finally:
-        try:
-            save_console(guest, artifacts_dir / "hosts" / xen_host.name / "guests")
-        finally:
-            guest.destroy()
 
 
 class Watch:

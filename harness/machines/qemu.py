@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..procs import pid_alive
 from .base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
 
 log = logging.getLogger(__name__)
@@ -106,16 +107,7 @@ class Registry:
         return reaped
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = pid_alive
 
 
 def _is_our_qemu(pid: int, name: str) -> bool:
