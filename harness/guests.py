@@ -189,10 +189,23 @@ class Guest:
         dom = self.xl.domain(self.name)
         if dom is None:
             raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list`; "
-                               f"last console lines:\n{self.console_tail()}")
+                               f"last console lines:\n{self.console_tail()}{self._xen_says()}")
         if dom.crashed:
             raise GuestCrashed(f"{self.name} ({self.type}) crashed (state {dom.state}); "
-                               f"last console lines:\n{self.console_tail()}")
+                               f"last console lines:\n{self.console_tail()}{self._xen_says()}")
+
+    def _xen_says(self) -> str:
+        """What the hypervisor logged about this domain (a triple fault, say)."""
+        try:
+            lines = [line for line in self.xl.dmesg().splitlines()
+                     if f"d{self.domid}v" in line or f"Dom{self.domid} " in line
+                     or f"d{self.domid} " in line]
+        except XlError:
+            return ""
+        if not lines:
+            return ""
+        tail = "\n".join(lines[-12:])
+        return f"\nxl dmesg about d{self.domid}:\n{tail}"
 
     def resolve_mfns(self, p2m: Callable[[int, list[int]], dict[int, int]]) -> None:
         """For PV guests, look up each probe page's MFN in the guest's p2m."""
@@ -302,7 +315,15 @@ class GuestPool:
                 continue
             pending.append(guest)
         for guest in pending:
-            guest.wait_ready(self.timeout)
+            try:
+                guest.wait_ready(self.timeout)
+            except GuestCrashed as exc:
+                # Seen here: a PVH guest created beside others sometimes triple-faults
+                # before its first console line. The shared pool retries once, loudly;
+                # the guests_smoke check's own guests get no retry.
+                log.warning("shared %s guest died while booting; retrying once: %s", guest.type, exc)
+                guest.destroy()
+                guest = start_guest(self.xl, guest.spec, self.timeout)
             guest.resolve_mfns(self.p2m)
             self.guests[guest.type] = guest
 
