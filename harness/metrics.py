@@ -83,8 +83,14 @@ def tick_arrivals(watch_log: str) -> list[tuple[int, int]]:
 
 
 def largest_gap_s(arrivals: list[tuple[int, int]], start_ns: int, end_ns: int) -> float | None:
-    """The largest gap between consecutive tick arrivals that overlaps [start, end]."""
+    """The largest gap between consecutive tick arrivals that overlaps [start, end].
+
+    None unless ticks arrived both before ``start`` and after ``end``: without a
+    tick after the operation, the pause has no measured end.
+    """
     times = sorted(t for t, _ in arrivals)
+    if not times or times[0] > start_ns or times[-1] < end_ns:
+        return None
     best = None
     for a, b in zip(times, times[1:], strict=False):
         if b >= start_ns and a <= end_ns:

@@ -21,21 +21,23 @@ def _spread(values: list[float]) -> str:
 
 
 def summary_table(records: list[Record]) -> str:
-    """One row per (image, kind, guest type, memory, workload): count, median [min-max]."""
+    """One row per (image, kind, guest type, memory, workload): successes, failures, and the
+    median [min-max] of the successful ones (a failed run's timings mean nothing)."""
     groups: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:
         groups[_key(r)].append(r)
-    header = (f"{'image':10} {'kind':18} {'guest':5} {'MiB':>5} {'workload':10} {'n':>2} "
+    header = (f"{'image':10} {'kind':18} {'guest':5} {'MiB':>5} {'workload':10} {'ok':>2} {'failed':>6} "
               f"{'total s med [min-max]':24} {'downtime s med [min-max]':26} {'iters':>5} {'intact':6}")
     lines = [header, "-" * len(header)]
     for key in sorted(groups):
-        rs = groups[key]
+        failed = sum(1 for r in groups[key] if not r.ok)
+        rs = [r for r in groups[key] if r.ok]
         totals = [r.total_s for r in rs if r.total_s is not None]
         downs = [r.downtime_s for r in rs if r.downtime_s is not None]
         iters = [r.iterations for r in rs if r.iterations]
         intact = all(r.memory_intact is not False for r in rs)
         image, kind, guest, mem, workload = key
-        lines.append(f"{image:10} {kind:18} {guest:5} {mem:>5} {workload:10} {len(rs):>2} "
+        lines.append(f"{image:10} {kind:18} {guest:5} {mem:>5} {workload:10} {len(rs):>2} {failed:>6} "
                      f"{_spread(totals):24} {_spread(downs):26} "
                      f"{(str(max(iters)) if iters else '-'):>5} {'yes' if intact else 'NO':6}")
     return "\n".join(lines)
@@ -50,7 +52,7 @@ def plots(records: list[Record], outdir: Path) -> list[Path]:
 
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
-    migr = [r for r in records if r.kind != "boot" and r.total_s is not None]
+    migr = [r for r in records if r.kind != "boot" and r.ok and r.total_s is not None]
     if not migr:
         return written
     for metric, label in (("total_s", "total time (s)"), ("downtime_s", "downtime (s)")):
@@ -98,7 +100,8 @@ def compare(old: list[Record], new: list[Record], threshold: float = 0.2) -> lis
     def medians(records: list[Record]) -> dict[tuple, dict[str, float]]:
         groups: dict[tuple, list[Record]] = defaultdict(list)
         for r in records:
-            groups[(r.kind, r.guest_type, r.memory_mb, r.workload)].append(r)
+            if r.ok:
+                groups[(r.kind, r.guest_type, r.memory_mb, r.workload)].append(r)
         out = {}
         for key, rs in groups.items():
             out[key] = {m: statistics.median(v) for m in ("total_s", "downtime_s")

@@ -1,0 +1,107 @@
+"""GuestSpec -> xl config rendering, and Guest lifecycle against a fake xl/SSH boundary."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.guests import Guest, GuestCrashed, GuestError, GuestSpec, GuestTimeout
+from harness.probe_report import format_probe_line, page_digest
+from harness.remote import CommandResult
+
+
+def parse(cfg: str) -> dict[str, str]:
+    return {k.strip(): v.strip().strip('"') for k, _, v in (line.partition("=") for line in cfg.splitlines())}
+
+
+@pytest.mark.parametrize("kind", ["pv", "pvh", "hvm"])
+def test_xl_config_has_type_memory_kernel_and_probe_args(kind):
+    spec = GuestSpec(type=kind, name=f"g-{kind}", memory_mb=512, vcpus=2, probe_pages=8, tick_ms=20)
+    cfg = parse(spec.xl_config())
+    assert cfg["type"] == kind and cfg["memory"] == "512" and cfg["maxmem"] == "512"
+    assert cfg["vcpus"] == "2" and cfg["on_crash"] == "preserve"
+    assert cfg["kernel"].endswith("/guest/vmlinuz") and cfg["ramdisk"].endswith("/guest/initramfs.gz")
+    assert "nxprobe.pages=8" in cfg["cmdline"] and "nxprobe.tick_ms=20" in cfg["cmdline"]
+    assert "panic=-1" in cfg["cmdline"]
+
+
+def test_hvm_console_is_a_serial_file_and_pv_uses_hvc0():
+    hvm = GuestSpec(type="hvm", name="h")
+    cfg = parse(hvm.xl_config())
+    assert cfg["serial"] == f"file:{hvm.console_log}" and "console=ttyS0" in cfg["cmdline"]
+    assert cfg["vga"] == "none"
+    pv = GuestSpec(type="pv", name="p")
+    assert "console=hvc0" in pv.cmdline() and "serial" not in parse(pv.xl_config())
+    assert pv.console_log.endswith("guest-p.log")
+
+
+def test_unknown_type_is_refused():
+    with pytest.raises(ValueError, match="pv, pvh or hvm"):
+        GuestSpec(type="kvm", name="x")
+
+
+class FakeRemote:
+    def __init__(self, console: str = "", domains: str = "") -> None:
+        self.console, self.domains = console, domains
+
+    def run(self, cmd: str, timeout: float | None = None, **_: object) -> CommandResult:
+        out = self.console if cmd.startswith("cat ") else ""
+        return CommandResult(cmd, 0, out, "", "dom0", 0.0)
+
+
+class FakeXl:
+    def __init__(self, remote: FakeRemote, domain=None, dmesg: str = "") -> None:
+        self.remote, self._domain, self._dmesg = remote, domain, dmesg
+
+    def domain(self, name):
+        return self._domain
+
+    def dmesg(self):
+        return self._dmesg
+
+
+def report_text(pages: int = 2) -> str:
+    from harness.probe_report import ProbePage
+
+    nonce = "ab" * 16
+    lines = [format_probe_line({"ev": "hello", "v": 1, "nonce": nonce, "pages": pages,
+                                "page_size": 4096, "tick_ms": 0})]
+    plist = [ProbePage(i, 100 + i, f"{i:064x}") for i in range(pages)]
+    lines += [format_probe_line({"ev": "page", "i": p.index, "pfn": p.pfn, "sha256": p.sha256})
+              for p in plist]
+    lines.append(format_probe_line({"ev": "ready", "pages": pages, "digest": page_digest(plist)}))
+    return "kernel noise\n" + "\n".join(lines) + "\n"
+
+
+def running():
+    from harness.xen import Domain
+
+    return Domain("g", 5, 256, 1, "-b----")
+
+
+def test_wait_ready_parses_the_report():
+    guest = Guest(GuestSpec(type="pvh", name="g"), FakeXl(FakeRemote(report_text()), running()))
+    report = guest.wait_ready(timeout=5)
+    assert [p.pfn for p in guest.pages] == [100, 101] and report.nonce == "ab" * 16
+
+
+def test_vanished_guest_fails_fast_with_console_and_xen_lines():
+    triple = "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1\n"
+    xl = FakeXl(FakeRemote("booting...\n"), None, dmesg=triple)
+    guest = Guest(GuestSpec(type="pvh", name="g"), xl, domid=7)
+    with pytest.raises(GuestCrashed) as err:
+        guest.wait_ready(timeout=30)
+    assert "gone from `xl list`" in str(err.value) and "booting..." in str(err.value)
+    assert "Triple fault" in str(err.value)
+
+
+def test_probe_error_line_is_reported():
+    text = format_probe_line({"ev": "error", "msg": "mlock failed"}) + "\n"
+    guest = Guest(GuestSpec(type="pv", name="g"), FakeXl(FakeRemote(text), running()))
+    with pytest.raises(GuestError, match="mlock failed"):
+        guest.wait_ready(timeout=5)
+
+
+def test_silent_guest_times_out_with_the_console_tail():
+    guest = Guest(GuestSpec(type="pv", name="g"), FakeXl(FakeRemote("only this\n"), running()))
+    with pytest.raises(GuestTimeout, match="only this"):
+        guest.wait_ready(timeout=0.01)
