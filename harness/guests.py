@@ -224,15 +224,38 @@ class Guest:
             log.warning("destroying %s: %s", self.name, exc)
 
 
-def start_guest(xl: Xl, spec: GuestSpec, timeout: float) -> Guest:
-    """Create a guest and wait for its probe; destroy it if it never gets ready."""
-    guest = Guest(spec, xl)
-    guest.create()
-    try:
-        guest.wait_ready(timeout)
-    except BaseException:
-        guest.destroy()
-        raise
+# Guests that vanished before their first console line and were created again.
+# Seen here: a PVH guest intermittently triple-faults that early under TCG nested
+# SVM (known_issues.yaml). Every such event is logged, counted and reported at the
+# end of the run (pytest terminal summary, artifacts/guest_boot_crashes.json).
+EARLY_BOOT_CRASHES: list[dict] = []
+
+
+def start_guest(xl: Xl, spec: GuestSpec, timeout: float, early_crash_retries: int = 1) -> Guest:
+    """Create a guest and wait for its probe; destroy it if it never gets ready.
+
+    A guest that disappears before printing anything (it died in early boot and
+    ``on_reboot=destroy`` removed it) is created again, at most
+    ``early_crash_retries`` times, and the event is recorded. A guest that crashes
+    later, or prints anything first, is never retried.
+    """
+    for attempt in range(early_crash_retries + 1):
+        guest = Guest(spec, xl)
+        guest.create()
+        try:
+            guest.wait_ready(timeout)
+        except GuestCrashed as exc:
+            guest.destroy()
+            early = "is gone from `xl list`" in str(exc) and "(console is empty)" in str(exc)
+            if not early or attempt == early_crash_retries:
+                raise
+            EARLY_BOOT_CRASHES.append({"guest": spec.name, "type": spec.type, "error": str(exc)})
+            log.warning("%s (%s) died in early boot; creating it again: %s", spec.name, spec.type, exc)
+            continue
+        except BaseException:
+            guest.destroy()
+            raise
+        break
     log.info("%s (%s) ready in %.1f s after xl create", guest.name, guest.type, guest.timings["ready"])
     return guest
 
@@ -318,12 +341,13 @@ class GuestPool:
             try:
                 guest.wait_ready(self.timeout)
             except GuestCrashed as exc:
-                # Seen here: a PVH guest created beside others sometimes triple-faults
-                # before its first console line. The shared pool retries once, loudly;
-                # the guests_smoke check's own guests get no retry.
-                log.warning("shared %s guest died while booting; retrying once: %s", guest.type, exc)
+                # The same early-boot death start_guest retries (see EARLY_BOOT_CRASHES).
+                if "(console is empty)" not in str(exc):
+                    raise
+                EARLY_BOOT_CRASHES.append({"guest": guest.name, "type": guest.type, "error": str(exc)})
+                log.warning("shared %s guest died in early boot; creating it again: %s", guest.type, exc)
                 guest.destroy()
-                guest = start_guest(self.xl, guest.spec, self.timeout)
+                guest = start_guest(self.xl, guest.spec, self.timeout, early_crash_retries=0)
             guest.resolve_mfns(self.p2m)
             self.guests[guest.type] = guest
 

@@ -195,6 +195,19 @@ def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    from .guests import EARLY_BOOT_CRASHES
+
+    if EARLY_BOOT_CRASHES:
+        import json
+
+        terminalreporter.section("guests that died in early boot and were created again")
+        for event in EARLY_BOOT_CRASHES:
+            first = event["error"].splitlines()[0]
+            triple = "triple fault" if "Triple fault" in event["error"] else "no Xen message"
+            terminalreporter.write_line(f"{event['guest']} ({event['type']}): {triple}: {first}")
+        path = config.stash[_CFG_KEY].artifacts_dir / "guest_boot_crashes.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(EARLY_BOOT_CRASHES, indent=2) + "\n")
     sink = config.stash.get(_METRICS_KEY, None)
     if sink is None or not sink.records:
         return

@@ -105,3 +105,50 @@ def test_silent_guest_times_out_with_the_console_tail():
     guest = Guest(GuestSpec(type="pv", name="g"), FakeXl(FakeRemote("only this\n"), running()))
     with pytest.raises(GuestTimeout, match="only this"):
         guest.wait_ready(timeout=0.01)
+
+
+class CreatingRemote(FakeRemote):
+    def put_text(self, text, path, mode=None):
+        self.config = text
+
+    def run_expect(self, cmd, codes=(0,), **_):
+        return self.run(cmd)
+
+
+class CreatingXl(FakeXl):
+    """The first guest vanishes before printing anything; the second boots."""
+
+    def __init__(self, first_console: str) -> None:
+        super().__init__(CreatingRemote(first_console), None)
+        self.created = 0
+
+    def create(self, path):
+        self.created += 1
+        if self.created > 1:
+            self.remote.console, self._domain = report_text(), running()
+
+    def domid(self, name):
+        return 5
+
+    def destroy(self, name):
+        pass
+
+
+def test_early_boot_death_is_retried_once_and_recorded(monkeypatch):
+    from harness import guests
+
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = CreatingXl(first_console="")
+    guest = guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
+    assert xl.created == 2 and guest.report is not None
+    assert [e["type"] for e in guests.EARLY_BOOT_CRASHES] == ["pvh"]
+
+
+def test_a_guest_that_printed_something_is_not_retried(monkeypatch):
+    from harness import guests
+
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = CreatingXl(first_console="Linux version 6.1\n")
+    with pytest.raises(GuestCrashed):
+        guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
+    assert xl.created == 1 and guests.EARLY_BOOT_CRASHES == []
