@@ -81,13 +81,13 @@ def test_unknown_image_on_command_line_lists_recipes(capsys: pytest.CaptureFixtu
 
 def test_overrides_from_the_command_line(tmp_path: Path) -> None:
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("accel: kvm\nmirror: http://a.invalid/debian\n")
+    cfg_file.write_text("accel: kvm\nmirror: http://a.invalid/deb-mirror\n")
     args = cli.build_parser().parse_args(
         ["images", "build", "--config", str(cfg_file), "--accel", "tcg", "--image", "x", "--image", "y"]
     )
     cfg = cli._config(args)
     assert cfg.accel == "tcg" and cfg.host_images == ("x", "y")
-    assert cfg.mirror == "http://a.invalid/debian" and cfg.rebuild is False
+    assert cfg.mirror == "http://a.invalid/deb-mirror" and cfg.rebuild is False
 
 
 def test_doctor_with_empty_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -22,7 +22,7 @@ from harness.config import (
 )
 from harness.imaging import image_key
 
-MIRROR = "http://mirror.invalid/debian"
+MIRROR = "http://mirror.invalid/deb-mirror"
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -53,7 +53,7 @@ cpus: 4
 dom0: pvh
 artifacts_dir: ~/nx-artifacts
 cache_dir: /var/cache/nx
-mirror: http://mirror.invalid/debian
+mirror: http://mirror.invalid/deb-mirror
 rebuild: true
 snapshot: refresh
 timeouts:
@@ -194,9 +194,9 @@ def test_host_images_string_or_list(tmp_path: Path, text: str, expected: tuple[s
 
 
 def test_with_overrides_ignores_none() -> None:
-    base = RunConfig(accel="tcg", mirror="http://a.invalid/debian")
+    base = RunConfig(accel="tcg", mirror="http://a.invalid/deb-mirror")
     cfg = base.with_overrides(accel=None, mirror=None, snapshot="off", host_images=None)
-    assert cfg.accel == "tcg" and cfg.mirror == "http://a.invalid/debian"
+    assert cfg.accel == "tcg" and cfg.mirror == "http://a.invalid/deb-mirror"
     assert cfg.snapshot == "off"
     assert base.snapshot == "auto"  # the original is not changed
 
@@ -353,7 +353,7 @@ def test_disk_shaping_keys_change_image_key(change: dict) -> None:
 
 
 def test_mirror_changes_image_key() -> None:
-    assert image_key(recipe(), MIRROR) != image_key(recipe(), "http://other.invalid/debian")
+    assert image_key(recipe(), MIRROR) != image_key(recipe(), "http://other.invalid/deb-mirror")
 
 
 def test_image_key_is_stable_hex() -> None:

@@ -33,7 +33,7 @@ from harness.imaging import (
     write_overlay,
 )
 
-MIRROR = "http://mirror.invalid/debian"
+MIRROR = "http://mirror.invalid/deb-mirror"
 
 
 @pytest.fixture
@@ -60,26 +60,26 @@ def mirrors(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
 
 
 def test_mirror_override_wins(recipe: HostRecipe, mirrors: dict) -> None:
-    mirrors.update(apt="http://apt.invalid/debian", debootstrap="http://ds.invalid/debian")
-    with_recipe = dataclasses.replace(recipe, mirror="http://recipe.invalid/debian")
-    assert resolve_mirror("http://override.invalid/debian/", with_recipe) == "http://override.invalid/debian"
+    mirrors.update(apt="http://apt.invalid/deb-mirror", debootstrap="http://ds.invalid/deb-mirror")
+    with_recipe = dataclasses.replace(recipe, mirror="http://recipe.invalid/deb-mirror")
+    assert resolve_mirror("http://override.invalid/deb-mirror/", with_recipe) == "http://override.invalid/deb-mirror"
 
 
 def test_mirror_recipe_beats_host(recipe: HostRecipe, mirrors: dict) -> None:
-    mirrors.update(apt="http://apt.invalid/debian", debootstrap="http://ds.invalid/debian")
-    with_recipe = dataclasses.replace(recipe, mirror="http://recipe.invalid/debian")
-    assert resolve_mirror(None, with_recipe) == "http://recipe.invalid/debian"
+    mirrors.update(apt="http://apt.invalid/deb-mirror", debootstrap="http://ds.invalid/deb-mirror")
+    with_recipe = dataclasses.replace(recipe, mirror="http://recipe.invalid/deb-mirror")
+    assert resolve_mirror(None, with_recipe) == "http://recipe.invalid/deb-mirror"
 
 
 def test_mirror_host_apt_beats_debootstrap(recipe: HostRecipe, mirrors: dict) -> None:
-    mirrors.update(apt="http://apt.invalid/debian/", debootstrap="http://ds.invalid/debian")
-    assert resolve_mirror(None, recipe) == "http://apt.invalid/debian"
+    mirrors.update(apt="http://apt.invalid/deb-mirror/", debootstrap="http://ds.invalid/deb-mirror")
+    assert resolve_mirror(None, recipe) == "http://apt.invalid/deb-mirror"
 
 
 def test_mirror_debootstrap_default_last(recipe: HostRecipe, mirrors: dict) -> None:
-    mirrors.update(debootstrap="http://ds.invalid/debian")
-    assert resolve_mirror(None, recipe) == "http://ds.invalid/debian"
-    assert resolve_mirror("", recipe) == "http://ds.invalid/debian"  # empty counts as unset
+    mirrors.update(debootstrap="http://ds.invalid/deb-mirror")
+    assert resolve_mirror(None, recipe) == "http://ds.invalid/deb-mirror"
+    assert resolve_mirror("", recipe) == "http://ds.invalid/deb-mirror"  # empty counts as unset
 
 
 def test_no_mirror_at_all(recipe: HostRecipe, mirrors: dict) -> None:
@@ -128,7 +128,7 @@ def test_host_apt_one_line(apt_dir: Path) -> None:
     (apt_dir / "sources.list").write_text("""\
 # deb http://commented.example.org/debian bookworm main
 deb-src http://src.example.org/debian bookworm main
-deb http://security.debian.org/debian-security bookworm-security main
+deb http://security.example.org/debian-security bookworm-security main
 deb [arch=amd64 signed-by=/usr/share/keyrings/debian.gpg] http://one.example.org/debian bookworm main
 """)
     assert imaging._host_apt_mirror() == "http://one.example.org/debian"
@@ -385,7 +385,7 @@ def test_real_build_without_mmdebstrap_says_apt_get_install(
 
 def test_mirror_is_part_of_the_cache_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                          recipe: HostRecipe) -> None:
-    a = ImageBuilder(tmp_path, mirror="http://a.invalid/debian")
-    b = ImageBuilder(tmp_path, mirror="http://b.invalid/debian")
+    a = ImageBuilder(tmp_path, mirror="http://a.invalid/deb-mirror")
+    b = ImageBuilder(tmp_path, mirror="http://b.invalid/deb-mirror")
     assert a.image_dir(recipe)[1] != b.image_dir(recipe)[1]
     assert a.image_dir(recipe)[1].parent == tmp_path / "images"
