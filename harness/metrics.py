@@ -82,6 +82,23 @@ def tick_arrivals(watch_log: str) -> list[tuple[int, int]]:
     return out
 
 
+def log_span_ns(log: str) -> tuple[int, int] | None:
+    """First and last dom0 timestamps of a timestamped toolstack log (``<epoch s> <line>``).
+
+    Tick arrivals are stamped with dom0's clock too, so the window they are compared
+    with must come from dom0, not from the harness host (the clocks differ)."""
+    stamps = []
+    for line in log.splitlines():
+        head = line.split(" ", 1)[0]
+        try:
+            stamps.append(float(head))
+        except ValueError:
+            continue
+    if not stamps:
+        return None
+    return int(min(stamps) * 1e9), int(max(stamps) * 1e9)
+
+
 def largest_gap_s(arrivals: list[tuple[int, int]], start_ns: int, end_ns: int) -> float | None:
     """The largest gap between consecutive tick arrivals that overlaps [start, end].
 

@@ -18,7 +18,7 @@ import pytest
 
 from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
-from harness.metrics import Record, largest_gap_s, parse_toolstack, tick_arrivals
+from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
 from harness.provision import REMOTE_WATCH_PATH
 
@@ -107,11 +107,9 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
     rec = record_base(kind, guest, xen_host.facts(), xen_host.image.name, repeat)
     watch = Watch(remote, guest.name)
     time.sleep(1.0)  # a few ticks before the operation
-    start = time.time_ns()
     try:
         log, rc, seconds = run()
     finally:
-        end = time.time_ns()
         time.sleep(2.0)  # ticks after resume
         ticks = tick_arrivals(watch.stop())
     rec.ok = rc == 0
@@ -121,7 +119,8 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
     log_path.write_text(log)
     rec.extra["toolstack_log"] = str(log_path)
     rec.total_s = round(seconds, 2)
-    gap = largest_gap_s(ticks, start, end) if rec.ok else None
+    span = log_span_ns(log)  # the operation's window on dom0's clock, like the ticks
+    gap = largest_gap_s(ticks, *span) if rec.ok and span else None
     rec.downtime_s = round(gap, 3) if gap is not None else None
     rec.extra["ticks_seen"] = len(ticks)
     parsed = parse_toolstack(log)

@@ -73,3 +73,10 @@ def test_cli_report_baseline_exit_status(tmp_path, capsys):
     assert main(["report", str(tmp_path / "new.json"), "--baseline", str(tmp_path / "old.json")]) == 1
     assert "REGRESSION" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "old.json"), "--baseline", str(tmp_path / "old.json")]) == 0
+
+
+def test_log_span_uses_the_logs_own_dom0_stamps():
+    from harness.metrics import log_span_ns
+
+    assert log_span_ns(XL_LOG) == (100_000_000_000, 102_900_000_000)
+    assert log_span_ns("no stamps here\n") is None
