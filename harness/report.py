@@ -1,9 +1,10 @@
-"""Summaries of metrics: a terminal table, PNG plots, and a baseline comparison."""
+"""Summaries of metrics: terminal and Markdown tables, PNG plots, and a baseline comparison."""
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .metrics import Record
@@ -20,15 +21,17 @@ def _spread(values: list[float]) -> str:
     return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
-def summary_table(records: list[Record]) -> str:
+SUMMARY_HEADER = ("image", "kind", "guest", "MiB", "workload", "ok", "failed", "total s med [min-max]",
+                  "downtime s med [min-max]", "iters", "intact")
+
+
+def summary_rows(records: list[Record]) -> list[tuple[str, ...]]:
     """One row per (image, kind, guest type, memory, workload): successes, failures, and the
     median [min-max] of the successful ones (a failed run's timings mean nothing)."""
     groups: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:
         groups[_key(r)].append(r)
-    header = (f"{'image':10} {'kind':18} {'guest':5} {'MiB':>5} {'workload':10} {'ok':>2} {'failed':>6} "
-              f"{'total s med [min-max]':24} {'downtime s med [min-max]':26} {'iters':>5} {'intact':6}")
-    lines = [header, "-" * len(header)]
+    rows = []
     for key in sorted(groups):
         failed = sum(1 for r in groups[key] if not r.ok)
         rs = [r for r in groups[key] if r.ok]
@@ -37,10 +40,33 @@ def summary_table(records: list[Record]) -> str:
         iters = [r.iterations for r in rs if r.iterations]
         intact = all(r.memory_intact is not False for r in rs)
         image, kind, guest, mem, workload = key
-        lines.append(f"{image:10} {kind:18} {guest:5} {mem:>5} {workload:10} {len(rs):>2} {failed:>6} "
-                     f"{_spread(totals):24} {_spread(downs):26} "
-                     f"{(str(max(iters)) if iters else '-'):>5} {'yes' if intact else 'NO':6}")
-    return "\n".join(lines)
+        rows.append((image, kind, guest, str(mem), workload, str(len(rs)), str(failed), _spread(totals),
+                     _spread(downs), str(max(iters)) if iters else "-", "yes" if intact else "NO"))
+    return rows
+
+
+def summary_table(records: list[Record]) -> str:
+    """:func:`summary_rows` as a fixed-width table for the terminal."""
+    widths = (10, 18, 5, -5, 10, -2, -6, 24, 26, -5, 6)  # negative: right-aligned
+
+    def line(row: tuple[str, ...]) -> str:
+        return " ".join(v.rjust(-w) if w < 0 else v.ljust(w) for v, w in zip(row, widths, strict=True))
+
+    header = line(SUMMARY_HEADER)
+    return "\n".join([header, "-" * len(header), *map(line, summary_rows(records))])
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table; ``|`` and line breaks in cells are escaped."""
+    def cells(row: Sequence[str]) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+
+    return "\n".join([cells(header), "|" + "---|" * len(header), *map(cells, rows)])
+
+
+def summary_markdown(records: list[Record]) -> str:
+    """:func:`summary_rows` as a Markdown table."""
+    return markdown_table(SUMMARY_HEADER, summary_rows(records))
 
 
 def plots(records: list[Record], outdir: Path) -> list[Path]:
@@ -79,9 +105,10 @@ def plots(records: list[Record], outdir: Path) -> list[Path]:
     for r in migr:
         if r.pages_per_iteration:
             ax.plot(range(len(r.pages_per_iteration)), r.pages_per_iteration, marker="o",
-                    label=f"{r.kind} {r.guest_type} #{r.repeat}")
+                    label=f"{r.kind} {r.guest_type} #{r.repeat}"
+                    + (f" ({r.extra['direction']})" if r.extra.get("direction") else ""))
             drawn = True
-    ax.set_xlabel("pre-copy iteration")
+    ax.set_xlabel("iteration (the last one is sent after the guest is suspended)")
     ax.set_ylabel("pages sent")
     ax.set_yscale("log" if drawn else "linear")
     ax.set_title("pages per iteration" + ("" if drawn else " (none reported)"))
