@@ -137,6 +137,13 @@ class Xl:
     def destroy(self, name: str, timeout: float = 120.0) -> None:
         self._xl(f"destroy {shlex.quote(name)}", timeout=timeout)
 
+    def destroy_all_guests(self, timeout: float = 300.0) -> list[str]:
+        """Destroy every domain but dom0; returns their names."""
+        names = [d.name for d in self.list() if d.domid != 0]
+        for name in names:
+            self.destroy(name, timeout=timeout)
+        return names
+
     def save(self, name: str, path: str, timeout: float = 900.0) -> CommandResult:
         return self._xl(f"-vvv save {shlex.quote(name)} {shlex.quote(path)}", timeout=timeout)
 

@@ -1,4 +1,5 @@
-"""Timed live migration to localhost and save/restore, with downtime and memory checks.
+"""Timed live migration (localhost and between two L1s) and save/restore, with
+downtime and memory checks.
 
 For each guest type, memory size and workload in the run config's
 ``migration:`` section, a guest runs the probe with a ticker; dom0 timestamps
@@ -7,15 +8,23 @@ largest gap in arrival times on dom0's clock, not the guest's. Each operation is
 repeated (``repeats``), recorded in artifacts/metrics.json with the booted
 versions, and checked: it succeeded, the probe's pages still hash the same,
 and the configured budgets hold. Timings are reported, not asserted.
+
+Two-host migration restores a second L1 (``peer_host``) linked to the first by
+a private network and migrates the guest there and back. Each dom0 stamps the
+ticks it sees with its own clock; both clocks are read against the harness's
+just before (NTP-style, best of several round trips), so the arrivals are put on
+one clock, and the record says how uncertain that makes the downtime.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import time
 
 import pytest
 
+from harness.agent.client import AGENT_PATH
 from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
@@ -28,6 +37,8 @@ from .translation import content_mismatches
 TIMESTAMP = ("""python3 -c 'import sys,time; [print("%.6f %s" % (time.time(), l), end="", flush=True) """
              """for l in sys.stdin]'""")
 DIRTY_MB = 64
+STREAM_TOOL = AGENT_PATH.with_name("nxstream.py")
+REMOTE_STREAM_TOOL = f"{REMOTE_PAYLOAD_DIR}/nxstream.py"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -47,12 +58,14 @@ def _cfg_key():
 @pytest.fixture(scope="module")
 def mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
     mig = nx_config.migration
-    if guest_type not in mig.guest_types:
-        pytest.skip(f"{guest_type} is not in migration.guest_types {list(mig.guest_types)} (run config)")
+    if guest_type not in mig.guest_types + mig.two_host_guest_types:
+        pytest.skip(f"{guest_type} is in neither migration.guest_types {list(mig.guest_types)} nor "
+                    f"migration.two_host_guest_types {list(mig.two_host_guest_types)} (run config)")
     memory, workload = case
     dirty = int(workload.split(":")[1]) if workload.startswith("dirty:") else 0
     spec = GuestSpec(type=guest_type, name=f"nx-mig-{guest_type}-{memory}", memory_mb=memory,
                      tick_ms=mig.tick_ms, dirty_mb=DIRTY_MB if dirty else 0, dirty_pct=dirty)
+    install_stream_tool(xen_host)
     with owned_guest(xen_host, spec, agent, artifacts_dir, nx_config.timeouts.guest_ready) as guest:
         guest.workload = workload
         yield guest
@@ -73,6 +86,51 @@ class Watch:
         self.remote.run(f"kill {self.pid}", timeout=30)
         text = self.remote.run(f"cat {self.out}; rm -f {self.out}", timeout=60).stdout
         return text
+
+
+LINK_DEV = "$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/)"  # dom0's private-link NIC
+
+
+def tx_bytes(remote, dev: str) -> int | None:
+    """Bytes sent so far on a dom0 interface: the migration stream's size on the
+    wire (SSH-encrypted) is the difference across the operation."""
+    out = remote.run(f"cat /sys/class/net/{dev}/statistics/tx_bytes", timeout=30).stdout.strip()
+    return int(out) if out.isdigit() else None
+
+
+def install_stream_tool(host) -> None:
+    host.remote.put(STREAM_TOOL, REMOTE_STREAM_TOOL, mode=0o755)
+
+
+def migrate_counted(remote, name: str, target: str, counted: bool, timeout: float = 1800):
+    """`xl migrate`, with the stream relayed through nxstream.py on its way to ssh
+    when ``counted`` (pre-copy iterations and pages per iteration); (result, stats)."""
+    if not counted:
+        return timed_xl(remote, f"migrate {shlex.quote(name)} {target}", timeout), {}
+    out = f"/tmp/nxstream-{time.time_ns()}.json"
+    relay = f"python3 {REMOTE_STREAM_TOOL} relay {out} -- ssh"
+    result = timed_xl(remote, f"migrate -s {shlex.quote(relay)} {shlex.quote(name)} {target}", timeout)
+    return result, _stream_stats(remote, f"cat {out}; rm -f {out}")
+
+
+def _stream_stats(remote, command: str) -> dict:
+    import json
+
+    text = remote.run(command, timeout=300).stdout.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
+
+
+def apply_stream_stats(rec: Record, stats: dict) -> None:
+    """Iterations and pages from the stream itself (Xen 4.17's xl -vvv prints none)."""
+    if not stats:
+        return
+    rec.pages_per_iteration = stats.get("pages_per_iteration") or rec.pages_per_iteration
+    rec.iterations = stats.get("iterations") or rec.iterations
+    rec.bytes_sent = stats.get("stream_bytes")
+    rec.extra["stream_complete"] = stats.get("complete")
 
 
 def timed_xl(remote, args: str, timeout: float):
@@ -162,9 +220,15 @@ def test_negative_control_corruption_is_detected(mig_guest, agent):
     assert len(bad) == 1 and "page   0" in bad[0], bad
 
 
+def _wanted(guest, types: tuple[str, ...], key: str) -> None:
+    if guest.type not in types:
+        pytest.skip(f"{guest.type} is not in migration.{key} {list(types)} (run config)")
+
+
 @check()
 def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_property):
     mig = nx_config.migration
+    _wanted(mig_guest, mig.guest_types, "guest_types")
     path = f"{REMOTE_PAYLOAD_DIR}/save/{mig_guest.name}.chkpt"
     for repeat in range(mig.repeats):
         holder = {}
@@ -173,8 +237,7 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
             remote = xen_host.remote
             remote.run_expect(f"mkdir -p {REMOTE_PAYLOAD_DIR}/save", timeout=30)
             save = timed_xl(remote, f"save {shlex.quote(mig_guest.name)} {path}", 1800)
-            size = remote.run(f"stat -c %s {path}", timeout=30).stdout.strip()
-            holder["bytes"] = int(size) if size.isdigit() else None
+            holder["stream"] = _stream_stats(remote, f"python3 {REMOTE_STREAM_TOOL} file {path}")
             restore = timed_xl(remote, f"restore {path}", 1800) if save.rc == 0 else save
             remote.run(f"rm -f {path}", timeout=60)
             holder["log"] = save.stdout + restore.stdout
@@ -182,7 +245,7 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
             return save.stdout + restore.stdout, rc, save.seconds + (restore.seconds if save.rc == 0 else 0)
 
         rec = measure("save_restore", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
-        rec.bytes_sent = holder.get("bytes")
+        apply_stream_stats(rec, holder.get("stream", {}))
         metrics.write()
         record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s})
         _assert_good(rec, holder["log"][-3000:], mig)
@@ -191,15 +254,113 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
 @check()
 def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, record_property):
     mig = nx_config.migration
+    _wanted(mig_guest, mig.guest_types, "guest_types")
     for repeat in range(mig.repeats):
         holder = {}
 
         def run(holder=holder):
-            result = timed_xl(xen_host.remote, f"migrate {shlex.quote(mig_guest.name)} localhost", 1800)
+            before = tx_bytes(xen_host.remote, "lo")
+            result, holder["stream"] = migrate_counted(xen_host.remote, mig_guest.name, "localhost",
+                                                       mig.stream_stats)
+            after = tx_bytes(xen_host.remote, "lo")
             holder["log"] = result.stdout
+            holder["wire"] = after - before if before is not None and after is not None else None
             return result.stdout, result.rc, result.seconds
 
         rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
+        apply_stream_stats(rec, holder.get("stream", {}))
+        rec.extra["wire_bytes"] = holder.get("wire")  # dom0 lo tx bytes: the SSH-encrypted stream
+        metrics.write()
         record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s,
                                             "downtime_toolstack_s": rec.downtime_toolstack_s})
         _assert_good(rec, holder["log"][-3000:], mig)
+
+
+# ------------------------------------------------------------------ two hosts
+def clock_offset_ns(remote, samples: int = 5) -> tuple[int, int]:
+    """dom0's clock minus the harness's, and the uncertainty (half the best round trip)."""
+    best: tuple[int, int] | None = None
+    for _ in range(samples):
+        before = time.time_ns()
+        stamp = int(remote.check_output("date +%s%N", timeout=30).strip())
+        after = time.time_ns()
+        sample = (stamp - (before + after) // 2, (after - before) // 2)
+        if best is None or sample[1] < best[1]:
+            best = sample
+    assert best is not None
+    return best
+
+
+def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, repeat: int,
+                    counted: bool = True) -> Record:
+    """Migrate ``guest`` from ``src`` to ``dst`` over the private link, timed like the
+    localhost case; the memory check runs on ``dst``, where the guest now lives."""
+    rec = record_base("two_host_migrate", guest, src.facts(), src.image.name, repeat)
+    rec.extra["direction"] = f"{src.name} -> {dst.name}"
+    src_off, src_err = clock_offset_ns(src.remote)
+    dst_off, dst_err = clock_offset_ns(dst.remote)
+    rec.extra["clock_uncertainty_s"] = round((src_err + dst_err) / 1e9, 3)
+    watches = (Watch(src.remote, guest.name), Watch(dst.remote, guest.name))
+    time.sleep(1.0)
+    try:
+        before = tx_bytes(src.remote, LINK_DEV)
+        result, stream = migrate_counted(src.remote, guest.name, dst_address, counted)
+        after = tx_bytes(src.remote, LINK_DEV)
+    finally:
+        time.sleep(2.0)
+        src_ticks = tick_arrivals(watches[0].stop())
+        dst_ticks = tick_arrivals(watches[1].stop())
+    # Put the destination's arrivals on the source's clock, where the window is.
+    shift = src_off - dst_off
+    ticks = src_ticks + [(t + shift, seq) for t, seq in dst_ticks]
+    rec.ok = result.rc == 0
+    logs = metrics.path.parent / "migration"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{guest.name}-two-host-{repeat}-{src.name}.log"
+    log_path.write_text(result.stdout)
+    rec.extra["toolstack_log"] = str(log_path)
+    rec.extra["log_tail"] = result.stdout[-3000:]
+    rec.total_s = round(result.seconds, 2)
+    span = log_span_ns(result.stdout)
+    gap = largest_gap_s(ticks, *span) if rec.ok and span else None
+    rec.downtime_s = round(gap, 3) if gap is not None else None
+    rec.extra["ticks_seen"] = len(ticks)
+    parsed = parse_toolstack(result.stdout)
+    rec.iterations = parsed["iterations"]
+    rec.pages_per_iteration = parsed["pages_per_iteration"]
+    rec.downtime_toolstack_s = parsed["downtime_toolstack_s"]
+    apply_stream_stats(rec, stream)
+    # The source dom0's link NIC tx bytes: the SSH-encrypted stream on the wire.
+    rec.extra["wire_bytes"] = after - before if before is not None and after is not None else None
+    if not rec.ok:
+        rec.extra["dmesg"] = "\n".join(dst.xl.dmesg().splitlines()[-25:])
+    else:
+        moved = dataclasses.replace(guest, xl=dst.xl)
+        bad = memory_intact(moved, agents[dst.name])
+        rec.memory_intact = not bad
+        rec.extra["corrupted_pages"] = bad[:10]
+    metrics.add(rec)
+    metrics.write()
+    return rec
+
+
+@check()
+def test_two_host_migration(mig_guest, xen_host, peer_host, agent, metrics, nx_config, record_property):
+    """Migrate the guest to a second L1 over a private link and back, ``repeats`` times."""
+    from harness.agent.client import Agent
+    from harness.host import LINK_NET
+
+    mig = nx_config.migration
+    _wanted(mig_guest, mig.two_host_guest_types, "two_host_guest_types")
+    agents = {xen_host.name: agent, peer_host.name: Agent(peer_host.remote.as_runner())}
+    install_stream_tool(peer_host)
+    here, there = (xen_host, f"{LINK_NET}.1"), (peer_host, f"{LINK_NET}.2")
+    for repeat in range(mig.repeats):
+        for (src, _), (dst, address) in ((here, there), (there, here)):
+            rec = migrate_between(mig_guest, src, dst, address, agents, metrics, repeat, mig.stream_stats)
+            record_property(f"repeat{repeat}-{src.name}", {
+                "total_s": rec.total_s, "downtime_s": rec.downtime_s,
+                "downtime_toolstack_s": rec.downtime_toolstack_s,
+                "clock_uncertainty_s": rec.extra["clock_uncertainty_s"]})
+            _assert_good(rec, rec.extra.pop("log_tail"), mig)
+    mig_guest.domid = xen_host.xl.domid(mig_guest.name)  # home again for later checks

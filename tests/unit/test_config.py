@@ -155,6 +155,9 @@ def test_bad_choice_lists_choices(tmp_path: Path) -> None:
         ("host_images: []\n", "host_images: list at least one"),
         ("host_images: [bookworm, 7]\n", "host_images\\[1\\]: expected str"),
         ("rebuild: maybe\n", "rebuild: expected bool"),
+        ("migration: {two_host_guest_types: [pv, xen]}\n",
+         "migration.two_host_guest_types: \\['xen'\\] invalid; choose from pv, pvh, hvm"),
+        ("migration: {guest_types: [dom0]}\n", "migration.guest_types: \\['dom0'\\] invalid"),
     ],
 )
 def test_invalid_values(tmp_path: Path, text: str, expected: str) -> None:
@@ -360,3 +363,11 @@ def test_image_key_is_stable_hex() -> None:
     key = image_key(recipe(), MIRROR)
     assert key == image_key(recipe(), MIRROR)
     assert len(key) == 16 and int(key, 16) >= 0
+
+
+def test_two_host_guest_types_are_read(tmp_path: Path) -> None:
+    cfg = load_run_config(write(tmp_path, "migration: {two_host_guest_types: [pv, pvh]}\n"))
+    assert cfg.migration.two_host_guest_types == ("pv", "pvh")
+    assert RunConfig().migration.two_host_guest_types == ("pv",)
+    off = load_run_config(write(tmp_path, "migration: {two_host_guest_types: []}\n", "off.yaml"))
+    assert off.migration.two_host_guest_types == ()

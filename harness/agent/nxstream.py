@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Pre-copy iterations and pages per iteration, read from Xen's own migration
+stream (stdlib only; runs in dom0).
+
+Xen 4.17's ``xl -vvv`` prints no per-iteration figures, but the stream says it
+all: libxc's save loop (tools/libs/guest/xg_sr_save.c, send_dirty_pages) walks
+the dirty bitmap in pfn order, so within one iteration the PAGE_DATA records'
+pfns only grow; a pfn that is not above the previous one starts the next
+iteration. The last iteration is the one sent after the guest was suspended.
+Format: docs/specs/libxc-migration-stream.pandoc (header big-endian, records
+little-endian, bodies padded to 8 octets).
+
+    nxstream.py file PATH                 # a saved image (xl save)
+    nxstream.py relay OUT.json -- CMD...  # xl migrate -s "nxstream.py relay OUT --
+                                          #   ssh": counts the stream on its way
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+MARKER = b"\xff" * 8 + b"XENF"
+IMAGE_HEADER = 24
+DOMAIN_HEADER = 16
+REC_END, REC_PAGE_DATA = 0x0, 0x1
+NO_DATA_TYPES = {0xD, 0xE, 0xF}  # BROKEN, XALLOC, XTAB: a pfn with no page contents
+PFN_MASK = (1 << 52) - 1
+CHUNK = 1 << 20
+
+
+class StreamStats:
+    """Incremental parser: feed() the stream in any pieces, then as_dict()."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.state = "seek"
+        self.skip = 0
+        self.bytes = 0
+        self.iterations: list[int] = []
+        self.last_pfn = -1
+        self.records = 0
+        self.version = None
+        self.domain_type = None
+
+    def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.state == "done":
+            return
+        if self.skip:
+            take = min(self.skip, len(data))
+            self.skip -= take
+            data = data[take:]
+        self.buf += data
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        if self.skip:
+            take = min(self.skip, len(self.buf))
+            self.skip -= take
+            self.buf = self.buf[take:]
+            if self.skip:
+                return False
+        if self.state == "seek":
+            at = self.buf.find(MARKER)
+            if at < 0:
+                self.buf = self.buf[-(len(MARKER) - 1):]
+                return False
+            if len(self.buf) < at + IMAGE_HEADER + DOMAIN_HEADER:
+                self.buf = self.buf[at:]
+                return False
+            self.version = struct.unpack_from(">I", self.buf, at + 12)[0]
+            self.domain_type = struct.unpack_from("<I", self.buf, at + IMAGE_HEADER)[0]
+            self.buf = self.buf[at + IMAGE_HEADER + DOMAIN_HEADER:]
+            self.state = "records"
+            return True
+        if self.state != "records" or len(self.buf) < 8:
+            return False
+        rtype, length = struct.unpack_from("<II", self.buf, 0)
+        padded = (length + 7) & ~7
+        if rtype == REC_PAGE_DATA:
+            if len(self.buf) < 16:
+                return False
+            count = struct.unpack_from("<I", self.buf, 8)[0]
+            if len(self.buf) < 16 + 8 * count:
+                return False
+            self._pages(struct.unpack_from(f"<{count}Q", self.buf, 16))
+        self.records += 1
+        if rtype == REC_END:
+            self.state = "done"
+            self.buf = b""
+            return False
+        self.skip = 8 + padded
+        return True
+
+    def _pages(self, pfns: tuple[int, ...]) -> None:
+        for raw in pfns:
+            pfn, kind = raw & PFN_MASK, raw >> 60
+            if pfn <= self.last_pfn or not self.iterations:
+                self.iterations.append(0)
+            self.last_pfn = pfn
+            if kind not in NO_DATA_TYPES:
+                self.iterations[-1] += 1
+
+    def as_dict(self) -> dict:
+        return {
+            "stream_bytes": self.bytes,
+            "complete": self.state == "done",
+            "format_version": self.version,
+            "domain_type": self.domain_type,
+            "records": self.records,
+            "pages_per_iteration": self.iterations,
+            "iterations": len(self.iterations),
+        }
+
+
+def parse_file(path: str) -> dict:
+    stats = StreamStats()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            stats.feed(chunk)
+    return stats.as_dict()
+
+
+def relay(out_path: str, cmd: list[str]) -> int:
+    """Copy stdin to ``cmd``'s stdin, counting the stream; stdout goes straight through."""
+    stats = StreamStats()
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+    assert child.stdin is not None
+    fd = child.stdin.fileno()
+    try:
+        while chunk := os.read(0, CHUNK):
+            stats.feed(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass
+    finally:
+        child.stdin.close()
+    rc = child.wait()
+    with open(out_path, "w") as f:
+        json.dump(stats.as_dict(), f)
+    return rc
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[1] == "file":
+        print(json.dumps(parse_file(argv[2])))
+        return 0
+    if len(argv) >= 5 and argv[1] == "relay" and argv[3] == "--":
+        return relay(argv[2], argv[4:])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
