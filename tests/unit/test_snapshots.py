@@ -77,9 +77,14 @@ def test_lookup_incomplete_is_none(store: SnapshotStore, present: tuple[str, ...
 def test_lookup_complete(store: SnapshotStore) -> None:
     d = store.path(KEY)
     d.mkdir(parents=True)
-    for name in ("meta.json", "memory", "disk.qcow2"):
+    for name in ("memory", "disk.qcow2"):
         (d / name).write_text("x")
-    assert store.lookup(KEY) == SnapshotFiles(d / "memory", d / "disk.qcow2")
+    (d / "meta.json").write_text("{}")
+    assert store.lookup(KEY) == SnapshotFiles(d / "memory", d / "disk.qcow2", "stream")
+    (d / "meta.json").write_text('{"stream": "mapped-ram"}')
+    assert store.lookup(KEY).stream == "mapped-ram"
+    (d / "meta.json").write_text("{half-written")
+    assert store.lookup(KEY) is None
 
 
 # ------------------------------------------------------------------ save
