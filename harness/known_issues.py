@@ -12,6 +12,7 @@ is shown in the summary but does not fail the run.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ from .config import REPO_ROOT, ConfigError
 from .plugins import version_of
 
 KNOWN_ISSUES = REPO_ROOT / "known_issues.yaml"
-KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "reason", "link", "flaky"}
+KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "reason", "link", "flaky", "console"}
+# The check name of an entry about the host itself not coming up (Xen or dom0 does
+# not boot): it is matched against what the image and the run say (Xen version from
+# the image's Xen file, dom0 mode, accelerator) since the host never reports, and its
+# `console:` pattern must appear in the failure or the serial log. Every check on that
+# host is then an expected failure with the reason; a host that boots fine fails the
+# first check that uses it, so the stale entry gets removed.
+BOOT_CHECK = "boot"
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class KnownIssue:
     dom0: tuple[str, ...] = ()
     accel: tuple[str, ...] = ()
     flaky: bool = False  # an intermittent fault cannot be a strict xfail: it would XPASS at random
+    console: re.Pattern[str] | None = None  # boot entries: what the failure or serial log shows
 
     def applies(self, check: str, guest_type: str | None, facts: Any) -> bool:
         if check != self.check:
@@ -53,6 +62,10 @@ class KnownIssue:
 
     def describe(self) -> str:
         return f"known issue: {self.reason}" + (f" ({self.link})" if self.link else "")
+
+    def seen_in(self, text: str) -> bool:
+        """Does a boot failure's text show this issue (always, without a ``console:`` pattern)?"""
+        return self.console is None or self.console.search(text) is not None
 
 
 def _tuple(value: Any) -> tuple[str, ...]:
@@ -83,14 +96,28 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
             kernel = SpecifierSet(entry["kernel"]) if entry.get("kernel") else None
         except InvalidSpecifier as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        try:
+            console = re.compile(entry["console"]) if entry.get("console") else None
+        except re.error as exc:
+            raise ConfigError(f"{where}: console: not a regular expression: {exc}") from None
         issues.append(KnownIssue(
             check=entry["check"], reason=entry["reason"], link=entry.get("link", ""),
             guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,
             dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")),
-            flaky=bool(entry.get("flaky", False)),
+            flaky=bool(entry.get("flaky", False)), console=console,
         ))
     return issues
 
 
 def match(issues: list[KnownIssue], check: str, guest_type: str | None, facts: Any) -> KnownIssue | None:
     return next((i for i in issues if i.applies(check, guest_type, facts)), None)
+
+
+def boot_issue(issues: list[KnownIssue], facts: Any, failure: str | None = None) -> KnownIssue | None:
+    """The ``check: boot`` entry for a host with these facts; with ``failure`` (the
+    error and serial log of a host that did not come up), only one whose ``console:``
+    pattern it shows."""
+    for issue in issues:
+        if issue.applies(BOOT_CHECK, None, facts) and (failure is None or issue.seen_in(failure)):
+            return issue
+    return None

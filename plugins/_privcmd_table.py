@@ -25,6 +25,28 @@ are the same in Linux 6.12 and Xen 4.20):
   access, sharing, ident PT, bufioreq, ioreq) at 0xfeff8-0xfefff, and below them 8 ioreq
   server pages 0xfeff0-0xfeff7 that are populated only when the guest has a device model
   (HVM), so a PVH guest answers -EINVAL there.
+
+The dom0 mode is a dimension of its own. A PV dom0 maps a foreign frame by building a PTE
+and asking Xen to write it (mmu_update); a PVH dom0 is auto-translated, and privcmd maps
+the frame into its own physmap instead. Sources for a PVH dom0 (read in Linux 6.12 /
+Xen 4.20):
+- L include/xen/xen-ops.h xen_remap_domain_gfn_array(): ``if (xen_feature(
+  XENFEAT_auto_translated_physmap)) return xen_xlate_remap_gfn_array(...)``.
+- L drivers/xen/xlate_mmu.c remap_pte_fn(): one XENMEM_add_to_physmap_range with
+  ``.space = XENMAPSPACE_gmfn_foreign``; each frame goes to Xen as a 64-bit idx
+  (setup_hparams: ``h_idxs[..] = *info->fgfn``) and its error is Xen's ``errs[i]``.
+- X xen/arch/x86/mm/p2m.c p2m_add_foreign() (called from xenmem_add_to_physmap_one for
+  XENMAPSPACE_gmfn_foreign): ``rcu_lock_remote_domain_by_id()`` -> -ESRCH for no such
+  domain (DOMID_COW is none) and -EPERM for the caller itself (xen/common/domain.c:
+  ``if ( *d == current->domain ) ... return -EPERM``); then
+  ``page = get_page_from_gfn(fdom, fgfn, ...); if ( !page ) rc = -EINVAL``.
+- X xen/arch/x86/include/asm/p2m.h get_page_from_gfn(): for a PV (non-translated) guest
+  the frame is an MFN and ``return mfn_valid(..) && get_page(page, d) ? page : NULL``:
+  a frame that is not RAM the guest owns (MMIO, beyond host RAM, another domain's RAM)
+  is -EINVAL, where a PV dom0 gets -EPERM or -EBUSY from get_page_from_l1e.
+Observed on Xen 4.20.4 + Linux 6.12.117 (trixie) with PV and PVH guests: every row below
+held under both dom0 modes; the HVM rows under a PVH dom0 follow the same source but have
+not been run yet.
 """
 
 from __future__ import annotations
@@ -60,7 +82,7 @@ class Row:
     expect: int | list[int] | Callable[..., list[int]]
     rc: int = 0
     why: str = ""
-    dom0: tuple[str, ...] = ("pv",)
+    dom0: tuple[str, ...] = ("pv", "pvh")  # the dom0 modes this row holds for
 
     def expected(self, guest, asked: Frames) -> list[int]:
         if callable(self.expect):
@@ -90,6 +112,27 @@ def _large_translated(guest, asked: Frames) -> list[int]:
 
 
 T = ("pvh", "hvm")
+PV_DOM0, PVH_DOM0 = ("pv",), ("pvh",)
+
+
+def _non_ram_low(g, ctx) -> Frames:
+    return Frames([0, VGA_HOLE[0], 0xF0])
+
+
+def _beyond_host_ram(g, ctx) -> Frames:
+    return Frames([0x10000000])
+
+
+def _foreign(g, ctx) -> Frames:
+    return Frames(_foreign_ram(g, ctx["p2m"]))
+
+
+def _mixed_pv(g, ctx) -> Frames:
+    return Frames([g.pages[0].mfn, _foreign_ram(g, ctx["p2m"])[0], g.pages[1].mfn])
+
+
+def _dom0_itself(g, ctx) -> Frames:
+    return Frames([g.pages[0].gfn], 0)
 
 ROWS: list[Row] = [
     # ------------------------------------------------------- translated guests: frames are gfns
@@ -117,15 +160,22 @@ ROWS: list[Row] = [
     Row("first", ("pv",), lambda g, ctx: Frames([ctx["p2m"][0]]), 0, why="MFN of pfn 0"),
     Row("last", ("pv",), lambda g, ctx: Frames([ctx["p2m"][_pages(g) - 1]]), 0,
         why="MFN of the last pfn"),
-    Row("non_ram_low", ("pv",), lambda g, ctx: Frames([0, VGA_HOLE[0], 0xF0]), EPERM,
+    Row("non_ram_low", ("pv",), _non_ram_low, EPERM, dom0=PV_DOM0,
         why="X get_page_from_l1e: not RAM -> MMIO path, no iomem permission"),
-    Row("beyond_host_ram", ("pv",), lambda g, ctx: Frames([0x10000000]), EPERM,
+    Row("non_ram_low", ("pv",), _non_ram_low, EINVAL, dom0=PVH_DOM0,
+        why="X get_page_from_gfn (PV guest): not a page the guest owns -> p2m_add_foreign -EINVAL"),
+    Row("beyond_host_ram", ("pv",), _beyond_host_ram, EPERM, dom0=PV_DOM0,
         why="X get_page_from_l1e: no such MFN -> MMIO path, no iomem permission"),
-    Row("foreign_ram", ("pv",), lambda g, ctx: Frames(_foreign_ram(g, ctx["p2m"])), EBUSY,
+    Row("beyond_host_ram", ("pv",), _beyond_host_ram, EINVAL, dom0=PVH_DOM0,
+        why="X get_page_from_gfn (PV guest): !mfn_valid -> p2m_add_foreign -EINVAL"),
+    Row("foreign_ram", ("pv",), _foreign, EBUSY, dom0=PV_DOM0,
         why="X could_not_pin: RAM owned by another domain"),
-    Row("mixed", ("pv",), lambda g, ctx: Frames([g.pages[0].mfn, _foreign_ram(g, ctx["p2m"])[0],
-                                                 g.pages[1].mfn]),
-        [0, EBUSY, 0], why="valid frames still map beside a bad one"),
+    Row("foreign_ram", ("pv",), _foreign, EINVAL, dom0=PVH_DOM0,
+        why="X get_page_from_gfn (PV guest): get_page(page, guest) fails -> p2m_add_foreign -EINVAL"),
+    Row("mixed", ("pv",), _mixed_pv, [0, EBUSY, 0], dom0=PV_DOM0,
+        why="valid frames still map beside a bad one"),
+    Row("mixed", ("pv",), _mixed_pv, [0, EINVAL, 0], dom0=PVH_DOM0,
+        why="valid frames still map beside a bad one"),
     Row("large_batch", ("pv",),
         lambda g, ctx: Frames([ctx["p2m"][p] for p in range(LARGE_BATCH)]), 0,
         why="the guest's own MFNs for pfns below 64 MiB all map"),
@@ -134,8 +184,10 @@ ROWS: list[Row] = [
         ESRCH, why="X get_pg_owner: no such domain"),
     Row("dom_cow", ("pv", *T), lambda g, ctx: Frames([g.pages[0].gfn], DOMID_COW), ESRCH,
         why="X get_pg_owner: DOMID_COW is not a page owner for mapping"),
-    Row("dom0_itself", ("pv", *T), lambda g, ctx: Frames([g.pages[0].gfn], 0), ESRCH,
+    Row("dom0_itself", ("pv", *T), _dom0_itself, ESRCH, dom0=PV_DOM0,
         why="X get_pg_owner: 'Cannot specify itself'"),
+    Row("dom0_itself", ("pv", *T), _dom0_itself, EPERM, dom0=PVH_DOM0,
+        why="X p2m_add_foreign: rcu_lock_remote_domain_by_id: *d == current->domain -> -EPERM"),
     Row("empty_batch", ("pv", *T), lambda g, ctx: Frames([]), [], rc=-errno.EINVAL,
         why="L 494-495: num <= 0"),
 ]
@@ -143,3 +195,18 @@ ROWS: list[Row] = [
 
 def rows_for(guest_type: str, dom0_mode: str) -> list[Row]:
     return [r for r in ROWS if guest_type in r.guests and dom0_mode in r.dom0]
+
+
+def row_for(cls: str, guest_type: str, dom0_mode: str) -> Row | None:
+    """The row of one class for this guest type under this dom0 mode, if the table has one."""
+    return next((r for r in rows_for(guest_type, dom0_mode) if r.cls == cls), None)
+
+
+def differing(guest_type: str) -> list[tuple[Row, Row]]:
+    """(PV-dom0 row, PVH-dom0 row) for every class whose expectation depends on the dom0 mode."""
+    out = []
+    for pv in rows_for(guest_type, "pv"):
+        pvh = row_for(pv.cls, guest_type, "pvh")
+        if pvh is not None and pvh is not pv:
+            out.append((pv, pvh))
+    return out

@@ -17,7 +17,7 @@ import pytest
 
 from harness.plugins import check
 
-from ._privcmd_table import LARGE_BATCH, Row, rows_for
+from ._privcmd_table import LARGE_BATCH, Row, row_for, rows_for
 
 ABSURD_BITS = (40, 52, 63)
 
@@ -37,14 +37,47 @@ class Mismatch:
     expected: str
     got: str
     why: str
+    other: str = ""  # what the table expects under the other dom0 mode, where it differs
 
 
-def format_table(mismatches: list[Mismatch]) -> str:
-    lines = [f"{'class':22} {'frame':>14}  {'expected':14} {'got':14} why"]
+def format_table(mismatches: list[Mismatch], dom0_mode: str = "pv") -> str:
+    other = f"{_other(dom0_mode)} dom0 expects"
+    lines = [f"{'class':22} {'frame':>14}  {'expected':14} {'got':14} {other:18} why"]
     for m in mismatches:
         frame = "-" if m.frame is None else hex(m.frame)
-        lines.append(f"{m.cls:22} {frame:>14}  {m.expected:14} {m.got:14} {m.why}")
+        lines.append(f"{m.cls:22} {frame:>14}  {m.expected:14} {m.got:14} {m.other or '(same)':18} {m.why}")
     return "\n".join(lines)
+
+
+def _other(dom0_mode: str) -> str:
+    return "pvh" if dom0_mode == "pv" else "pv"
+
+
+def _expected_names(row: Row | None, guest, asked) -> list[str]:
+    if row is None:
+        return ["(no row)"] * max(1, len(asked.frames))
+    if not asked.frames:
+        return [f"ioctl {_name(row.rc)}"]
+    return [_name(e) for e in row.expected(guest, asked)]
+
+
+def mode_table(guest, answers, dom0_mode: str) -> str:
+    """Side by side, for each class whose expectation depends on the dom0 mode: what a PV
+    and a PVH dom0 are expected to get, and what this host's dom0 got."""
+    lines = [f"{'class':18} {'frame':>12}  {'pv dom0':10} {'pvh dom0':10} got ({dom0_mode} dom0)"]
+    for row, asked, result in answers:
+        pv = _expected_names(row_for(row.cls, guest.type, "pv"), guest, asked)
+        pvh = _expected_names(row_for(row.cls, guest.type, "pvh"), guest, asked)
+        if pv == pvh:
+            continue
+        if not asked.frames:
+            got = [f"ioctl {_name(result.rc if result.rc >= 0 else -(result.errno or 0))}"]
+        else:
+            got = [_name(f.error) for f in result.frames] if result.ok else [str(result.error)]
+        for i, (a, b) in enumerate(zip(pv, pvh, strict=True)):
+            frame = hex(asked.frames[i]) if asked.frames else "-"
+            lines.append(f"{row.cls:18} {frame:>12}  {a:10} {b:10} {got[i] if i < len(got) else '?'}")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def context(guest, agent) -> dict:
@@ -66,24 +99,32 @@ def ask(agent, guest, rows: list[Row], ctx: dict) -> list[tuple[Row, object, obj
     return list(zip(rows, asked, agent.batch(calls), strict=True))
 
 
-def compare(guest, answers: list[tuple[Row, object, object]]) -> list[Mismatch]:
+def compare(guest, answers: list[tuple[Row, object, object]], dom0_mode: str = "pv") -> list[Mismatch]:
     """Every frame whose result differs from the table, or whose content is wrong."""
     probe = {p.gfn: p.sha256 for p in guest.pages}
     out: list[Mismatch] = []
     for row, asked, result in answers:
+        other_row = row_for(row.cls, guest.type, _other(dom0_mode))
+        others = _expected_names(other_row, guest, asked)
+        mine = _expected_names(row, guest, asked)
+        other = "" if others == mine else f"{_other(dom0_mode)}: " + ",".join(dict.fromkeys(others))
         if result.crashed or result.timed_out or not result.ok:
-            out.append(Mismatch(row.cls, None, "an answer", f"{result.crashed or result.error}", row.why))
+            out.append(Mismatch(row.cls, None, "an answer", f"{result.crashed or result.error}", row.why,
+                                other))
             continue
         got_rc = result.rc if result.rc >= 0 else -(result.errno or 0)
         if got_rc != row.rc:
-            out.append(Mismatch(row.cls, None, f"ioctl {_name(row.rc)}", f"ioctl {_name(got_rc)}", row.why))
+            out.append(Mismatch(row.cls, None, f"ioctl {_name(row.rc)}", f"ioctl {_name(got_rc)}", row.why,
+                                other))
             continue
-        for frame, want, res in zip(asked.frames, row.expected(guest, asked), result.frames, strict=True):
+        for i, (frame, want, res) in enumerate(
+                zip(asked.frames, row.expected(guest, asked), result.frames, strict=True)):
+            alt = "" if not other else f"{_other(dom0_mode)}: {others[i]}"
             if res.error != want:
-                out.append(Mismatch(row.cls, frame, _name(want), _name(res.error), row.why))
+                out.append(Mismatch(row.cls, frame, _name(want), _name(res.error), row.why, alt))
             elif want == 0 and frame in probe and asked.domid is None and res.sha256 is not None \
                     and res.sha256 != probe[frame]:
-                out.append(Mismatch(row.cls, frame, "probe content", f"sha {res.sha256[:12]}", row.why))
+                out.append(Mismatch(row.cls, frame, "probe content", f"sha {res.sha256[:12]}", row.why, alt))
     return out
 
 
@@ -102,26 +143,34 @@ def assert_dom0_healthy(xl, agent, guest) -> None:
         "after the table, a valid frame no longer maps with the probe's content"
 
 
-@check(dom0=["pv"])
-def test_frame_classes_match_the_table(guest, answers, xl, agent, record_property):
-    mismatches = compare(guest, answers)
+@check()
+def test_frame_classes_match_the_table(guest, answers, xl, agent, host_facts, record_property):
+    mode = host_facts.dom0_mode
+    mismatches = compare(guest, answers, mode)
     record_property("classes", ",".join(sorted({r.cls for r, _, _ in answers})))
-    assert not mismatches, f"{guest.type} guest {guest.domid}:\n" + format_table(mismatches)
+    record_property("dom0_mode", mode)
+    by_mode = mode_table(guest, answers, mode)
+    if by_mode:
+        record_property("dom0_mode_differences", by_mode)
+        print(f"{guest.type} guest: classes whose expectation depends on the dom0 mode:\n{by_mode}")
+    assert not mismatches, (f"{guest.type} guest {guest.domid} under a {mode} dom0:\n"
+                            + format_table(mismatches, mode)
+                            + (f"\n\nby dom0 mode:\n{by_mode}" if by_mode else ""))
     assert_dom0_healthy(xl, agent, guest)
 
 
-@check(dom0=["pv"])
-def test_negative_control_corrupted_table_is_caught(guest, answers):
+@check()
+def test_negative_control_corrupted_table_is_caught(guest, answers, host_facts):
     corrupted = [
         (dataclasses.replace(row, expect=-errno.EINVAL) if row.cls == "valid" else row, asked, result)
         for row, asked, result in answers
     ]
-    mismatches = compare(guest, corrupted)
-    assert [m.cls for m in mismatches] == ["valid"], format_table(mismatches)
-    assert "-EINVAL" in format_table(mismatches)
+    mismatches = compare(guest, corrupted, host_facts.dom0_mode)
+    assert [m.cls for m in mismatches] == ["valid"], format_table(mismatches, host_facts.dom0_mode)
+    assert "-EINVAL" in format_table(mismatches, host_facts.dom0_mode)
 
 
-@check(dom0=["pv"])
+@check()
 def test_negative_control_wrong_frame_content_is_caught(guest, agent):
     """Map page 1's frame where page 0 is expected: the content check must fire."""
     wrong = agent.map_foreign(guest.domid, [guest.pages[1].gfn])
@@ -131,20 +180,34 @@ def test_negative_control_wrong_frame_content_is_caught(guest, agent):
 
 # Absurd frames may upset dom0: this module gets a host of its own (restored from
 # the L1 snapshot in seconds), so nothing it breaks leaks into other modules.
-@check(dom0=["pv"], fresh_host=True)
-def test_absurd_frames_are_refused_or_alias_and_dom0_survives(guest, agent, xl, record_property):
+ABSURD_EXPECTATION = {
+    # Linux arch/x86/xen/mmu_pv.c remap_area_pfn_pte_fn builds the PTE as
+    # pfn_pte(frame, prot), i.e. frame << 12, and Xen reads PTE bits 52-63 as flags.
+    "pv": "refused, or aliases frame mod 2^40 (the PTE is frame << 12; Xen reads bits 52-63 as flags)",
+    # Linux drivers/xen/xlate_mmu.c setup_hparams: h_idxs[i] = *info->fgfn (the whole
+    # 64-bit frame); Xen p2m_add_foreign: get_page_from_gfn() finds no page -> -EINVAL.
+    "pvh": "-EINVAL for every frame: it reaches Xen whole as a gfn (xlate_mmu.c setup_hparams) "
+           "and p2m_add_foreign finds no page there",
+}
+
+
+@check(fresh_host=True)
+def test_absurd_frames_are_refused_or_alias_and_dom0_survives(guest, agent, xl, host_facts,
+                                                               record_property):
     """Frame values of 2^40 and above: a robustness probe, kept apart from the table.
 
     On a PV dom0, Linux builds the PTE as frame << 12 and Xen reads bits 52-63 as
-    flags, so such a frame can alias frame mod 2^40. The only hard expectation is:
-    no crash, dom0 alive, and anything that maps is exactly that alias (not some
-    arbitrary page). What happened is recorded as a finding.
+    flags, so such a frame can alias frame mod 2^40. The only hard expectation there
+    is: no crash, dom0 alive, and anything that maps is exactly that alias (not some
+    arbitrary page). A PVH dom0 hands the frame to Xen whole (XENMEM_add_to_physmap_range),
+    so every absurd frame must be refused with -EINVAL. What happened is recorded.
     """
+    mode = host_facts.dom0_mode
     base = guest.pages[0].gfn
     frames = [(1 << bits) + base for bits in ABSURD_BITS] + [2**64 - 1]
     result = agent.map_foreign(guest.domid, frames)
     assert not result.crashed and not result.timed_out, result.raw
-    findings = []
+    findings, wrong = [], []
     for frame, res in zip(frames, result.frames, strict=True):
         alias = frame & ((1 << 40) - 1)
         if res.error == 0:
@@ -153,6 +216,12 @@ def test_absurd_frames_are_refused_or_alias_and_dom0_survives(guest, agent, xl, 
             findings.append(f"{frame:#x} ALIASES {alias:#x} (mapped the probe page)")
         else:
             findings.append(f"{frame:#x} refused {_name(res.error)}")
+        if mode == "pvh" and res.error != -errno.EINVAL:
+            wrong.append(f"{frame:#x}: got {_name(res.error)}")
+    side_by_side = "\n".join(f"  {m} dom0 expects: {text}" for m, text in ABSURD_EXPECTATION.items())
     record_property("absurd_frames", "; ".join(findings))
-    print(f"{guest.type}: absurd frames: " + "; ".join(findings))
+    record_property("dom0_mode", mode)
+    print(f"{guest.type} guest, {mode} dom0: absurd frames: " + "; ".join(findings) + "\n" + side_by_side)
+    assert not wrong, ("under a PVH dom0 every absurd frame must be -EINVAL:\n  " + "\n  ".join(wrong)
+                       + "\n" + side_by_side)
     assert_dom0_healthy(xl, agent, guest)
