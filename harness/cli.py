@@ -1,4 +1,4 @@
-"""The `nested-xen` command: doctor, images, boot, run, bench, report.
+"""The `nested-xen` command: doctor, images, boot, run, bench, report, new-plugin.
 
 Errors the user can fix print one clear sentence and exit 2; no traceback.
 """
@@ -84,7 +84,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
         host_images=tuple(args.image) if getattr(args, "image", None) else None,
         accel=getattr(args, "accel", None), mirror=getattr(args, "mirror", None),
         rebuild=True if getattr(args, "rebuild", False) else None,
-        snapshot=getattr(args, "snapshot", None),
+        snapshot=getattr(args, "snapshot", None), dom0=getattr(args, "dom0", None),
+        backend=getattr(args, "backend", None), libvirt_uri=getattr(args, "libvirt_uri", None),
     )
 
 
@@ -150,13 +151,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_inputs(path: Path) -> tuple[Path | None, Path | None]:
+    """(results.json, metrics.json) of a run's artifacts dir, or the one file given (told
+    apart by content, since a kept metrics file may be called anything)."""
+    if path.is_dir():
+        found = [f if f.is_file() else None for f in (path / "results.json", path / "metrics.json")]
+        if found == [None, None]:
+            raise UserError(f"{path}: has neither results.json nor metrics.json")
+        return found[0], found[1]
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file or directory") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: not JSON: {exc}") from None
+    if isinstance(data, dict) and "results" in data:
+        return path, None
+    if isinstance(data, dict) and "records" in data:
+        return None, path
+    raise UserError(f"{path}: neither a results.json nor a metrics.json")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    """Summarize a metrics file; with --baseline, flag regressions against an older run."""
+    """Summarize a run's results and measurements; with --baseline, flag measurement
+    regressions against an older run."""
+    from . import results as check_results
     from .metrics import load
     from .report import compare, plots, summary_table
 
-    new = load(Path(args.metrics))
-    print(summary_table(new))
+    results_path, metrics_path = _report_inputs(Path(args.run))
+    if (args.plots or args.baseline) and metrics_path is None:
+        raise UserError(f"{args.run}: --plots and --baseline need a metrics.json")
+    results = check_results.load(results_path) if results_path else []
+    new = load(metrics_path) if metrics_path else []
+    if args.markdown:
+        print(check_results.markdown(results, new))
+    else:
+        if results_path:
+            print(check_results.matrix_table(results))
+        if metrics_path:
+            print(summary_table(new))
     if args.plots:
         for path in plots(new, Path(args.plots)):
             print(f"plot: {path}")
@@ -166,6 +200,18 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"REGRESSION {line}")
         print(f"{len(regressions)} regression(s) beyond {args.threshold:.0%}")
         return 1 if regressions else 0
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    """Write a plugin module to start from (the README's example) and say what comes next."""
+    from .scaffold import ScaffoldError, next_steps, write_plugin
+
+    try:
+        path = write_plugin(args.name, Path(args.dir) if args.dir else None)
+    except ScaffoldError as exc:
+        raise UserError(str(exc)) from None
+    print(next_steps(path))
     return 0
 
 
@@ -195,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mirror", metavar="URL", help="Debian mirror for image builds")
         p.add_argument("--rebuild", action="store_true", help="rebuild images, drop snapshots")
         p.add_argument("--snapshot", choices=["auto", "off", "refresh"])
+        p.add_argument("--dom0", choices=["pv", "pvh"], help="dom0 mode (overrides the recipe)")
+        p.add_argument("--backend", choices=["qemu", "libvirt"], help="L1 machine backend")
+        p.add_argument("--libvirt-uri", metavar="URI", help="libvirt connection (default qemu:///system)")
 
     sub.add_parser("doctor", help="what this host has and lacks").set_defaults(func=cmd_doctor)
     p = sub.add_parser("images", help="list recipes or build images")
@@ -213,12 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time an image build into an empty cache (~2 min)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("report", help="summarize metrics.json; compare with a baseline")
-    p.add_argument("metrics", help="metrics.json of the run to report")
+    p = sub.add_parser("report", help="summarize a run's results and measurements; compare with a baseline")
+    p.add_argument("run", metavar="RUN", help="a run's artifacts dir, or its results.json or metrics.json")
+    p.add_argument("--markdown", action="store_true",
+                   help="print Markdown (results matrix, what did not pass, measurements)")
     p.add_argument("--baseline", metavar="OLD.json", help="an older run's metrics.json")
     p.add_argument("--threshold", type=float, default=0.2, help="regression threshold (0.2 = +20%%)")
     p.add_argument("--plots", metavar="DIR", help="also write PNG plots here")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("new-plugin", help="write plugins/NAME.py: a check and its negative control")
+    p.add_argument("name", metavar="NAME", help="the module's name (a lowercase Python identifier)")
+    p.add_argument("--dir", metavar="DIR", help="write it here instead of plugins/")
+    p.set_defaults(func=cmd_new_plugin)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     common(p)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)

@@ -44,10 +44,16 @@ class MigrationConfig:
     """What the migration plugin measures, and the budgets that fail it."""
 
     guest_types: tuple[str, ...] = ("pv", "pvh")
+    # Guest types migrated between two linked L1s (a second L1 is restored for it);
+    # empty turns the two-host check off.
+    two_host_guest_types: tuple[str, ...] = ("pv",)
     memory_mb: tuple[int, ...] = (256,)
     workloads: tuple[str, ...] = ("idle",)  # idle | dirty:<percent of 64 MiB per second>
     repeats: int = 2
     tick_ms: int = 20
+    # Relay `xl migrate`'s stream through harness/agent/nxstream.py to count pre-copy
+    # iterations and pages per iteration (Xen 4.17's xl prints neither); off: plain ssh.
+    stream_stats: bool = True
     max_total_s: float | None = None
     max_downtime_s: float | None = None
 
@@ -86,6 +92,9 @@ class RunConfig:
         _choice(self.source, "backend", self.backend, BACKENDS)
         _choice(self.source, "accel", self.accel, ACCELS)
         _choice(self.source, "snapshot", self.snapshot, SNAPSHOT_MODES)
+        if "://" not in self.libvirt_uri:
+            raise ConfigError(f"{self.source}: libvirt_uri: {self.libvirt_uri!r} is not a libvirt URI; "
+                              "e.g. qemu:///system or qemu+ssh://root@HOST/system")
         if self.dom0 is not None:
             _choice(self.source, "dom0", self.dom0, DOM0_MODES)
         if not self.host_images:
@@ -204,17 +213,20 @@ def _migration(source: str, items: dict[str, Any]) -> MigrationConfig:
     kwargs: dict[str, Any] = {}
     for key, value in items.items():
         where = f"migration.{key}"
-        if key in ("guest_types", "workloads", "memory_mb"):
+        if key in ("guest_types", "two_host_guest_types", "workloads", "memory_mb"):
             typ = int if key == "memory_mb" else str
             kwargs[key] = tuple(_typed(source, where, v, typ) for v in _typed(source, where, value, list))
         elif key in ("repeats", "tick_ms"):
             kwargs[key] = _typed(source, where, value, int)
+        elif key == "stream_stats":
+            kwargs[key] = _typed(source, where, value, bool)
         else:
             kwargs[key] = None if value is None else _typed(source, where, value, float)
     cfg = MigrationConfig(**kwargs)
-    bad = [t for t in cfg.guest_types if t not in ("pv", "pvh", "hvm")]
-    if bad:
-        raise ConfigError(f"{source}: migration.guest_types: {bad} invalid; choose from pv, pvh, hvm")
+    for key in ("guest_types", "two_host_guest_types"):
+        bad = [t for t in getattr(cfg, key) if t not in ("pv", "pvh", "hvm")]
+        if bad:
+            raise ConfigError(f"{source}: migration.{key}: {bad} invalid; choose from pv, pvh, hvm")
     for w in cfg.workloads:
         if w != "idle" and not (w.startswith("dirty:") and w[6:].isdigit()):
             raise ConfigError(f"{source}: migration.workloads: {w!r}; use idle or dirty:<percent>")
@@ -300,7 +312,34 @@ def load_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> HostRecipe:
     recipe = HostRecipe(**kwargs)
     if recipe.dom0 not in DOM0_MODES:
         _choice(source, "dom0", recipe.dom0, DOM0_MODES)
+    _check_pins(source, recipe)
     return recipe
+
+
+def package_pin(package: str) -> tuple[str, str | None]:
+    """``linux-image-amd64/bookworm-backports`` -> (name, suite); no ``/`` -> (name, None).
+
+    apt (and so mmdebstrap's ``--include``) installs ``name/suite`` from that
+    suite, and takes the dependencies it needs from there too.
+    """
+    name, sep, suite = package.partition("/")
+    return name, (suite if sep else None)
+
+
+def _check_pins(source: str, recipe: HostRecipe) -> None:
+    """A ``package/suite`` pin must name the recipe's suite or one of its ``extra_suites``."""
+    suites = (recipe.suite, *recipe.extra_suites)
+    for i, package in enumerate(recipe.packages):
+        name, suite = package_pin(package)
+        if suite is None:
+            continue
+        if not name or not suite or "/" in suite:
+            raise ConfigError(f"{source}: packages[{i}]: {package!r}: write PACKAGE or PACKAGE/SUITE")
+        if suite not in suites:
+            raise ConfigError(
+                f"{source}: packages[{i}]: {package!r} takes {name} from {suite!r}, which is not a "
+                f"suite of this recipe; add it to extra_suites (suites now: {', '.join(suites)})"
+            )
 
 
 def _convert_recipe_key(source: str, key: str, value: Any) -> Any:

@@ -8,6 +8,7 @@ host (versions, capabilities, dom0 mode) that checks are gated on.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from .accel import AccelChoice
 from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
-from .machines.base import Machine, MachineSpec, Module, Stage
+from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
 from .remote import Remote
 from .xen import XenInfo, Xl
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 XEN_BANNER = r"Xen version \d+\.\d+"
 DOM0_KERNEL = r"Linux version \d+\.\d+"
+LINK_NET = "10.99.0"  # the private L1-to-L1 link; only the two L1s are on it
+LINK_MTU = 9000
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,32 @@ class HostFacts:
         }
 
 
+def image_facts(recipe: HostRecipe, image: HostImage, accel: str) -> HostFacts:
+    """What a host of this image is expected to report, read from the image's file names
+    (``xen-4.17-amd64.gz`` -> 4.17, ``vmlinuz-6.1.0-50-amd64`` -> 6.1.0-50-amd64) and the
+    dom0 mode asked for: the facts of a host that did not come up (known boot issues)."""
+    manifest = image.manifest
+    xen = re.search(r"xen-(\d+\.\d+(?:\.\d+)?)", manifest.get("xen_file", ""))
+    kernel = manifest.get("kernel_file", "").removeprefix("vmlinuz-")
+    return HostFacts(
+        xen_version=xen.group(1) if xen else "0",
+        kernel_release=kernel or "0",
+        dom0_mode=recipe.dom0,
+        virt_caps=frozenset(),
+        xen_caps=frozenset(),
+        accel=accel,
+    )
+
+
 def machine_spec(
     name: str, recipe: HostRecipe, image: HostImage, cfg: RunConfig, accel: AccelChoice,
-    run_dir: Path, links: tuple[str, ...] = (),
+    run_dir: Path, link: LinkPorts | None = None,
 ) -> MachineSpec:
     dom0_mem = recipe.dom0_mem_mb
     append = f"{recipe.xen_cmdline} dom0_mem={dom0_mem}M,max:{dom0_mem}M".strip()
+    pvh = recipe.dom0 == "pvh"  # the recipe's mode, or the run's `dom0:` / --dom0 over it
+    if pvh:
+        append += " dom0=pvh"
     return MachineSpec(
         name=name,
         kernel=image.xen,
@@ -64,7 +87,8 @@ def machine_spec(
         accel=accel,
         run_dir=run_dir,
         qemu_binary=cfg.qemu_binary,
-        links=links,
+        link=link,
+        iommu=pvh,
     )
 
 
@@ -132,6 +156,28 @@ class XenHost:
     def sync_clock(self) -> None:
         """Set dom0's clock to the harness's (a restored snapshot's clock is old)."""
         self.remote.run_expect(f"date -u -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    @property
+    def link(self) -> LinkPorts:
+        """This L1's private link ports; another L1 started with them reversed is its peer."""
+        return self.machine.link  # type: ignore[attr-defined]
+
+    def link_up(self, index: int) -> str:
+        """Give dom0's link NIC (PCI 00:06.0) the address ``LINK_NET.<index>`` and a MAC of
+        its own (both ends restored from one snapshot would share one). Returns the address."""
+        address = f"{LINK_NET}.{index}"
+        script = (
+            "set -e; dev=$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/); "
+            "ip link set dev $dev down; "
+            f"ip link set dev $dev address 52:54:00:12:35:{index:02x}; "
+            f"ip addr flush dev $dev; ip addr add {address}/24 dev $dev; "
+            # Each frame is one UDP datagram between the QEMUs (a socket netdev has no
+            # offloads), so the per-packet cost dominates: jumbo frames cut the packets.
+            f"ip link set dev $dev mtu {LINK_MTU}; "
+            "ip link set dev $dev up; echo $dev"
+        )
+        self.remote.run_expect(script, timeout=60)
+        return address
 
     def stop(self) -> None:
         self.guest_pool = None

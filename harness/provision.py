@@ -68,7 +68,11 @@ class SnapshotStore:
     def lookup(self, key: str) -> SnapshotFiles | None:
         d = self.path(key)
         if (d / "meta.json").exists() and (d / "memory").exists() and (d / "disk.qcow2").exists():
-            return SnapshotFiles(d / "memory", d / "disk.qcow2")
+            try:
+                stream = json.loads((d / "meta.json").read_text()).get("stream", "stream")
+            except (OSError, ValueError):
+                return None
+            return SnapshotFiles(d / "memory", d / "disk.qcow2", stream)
         return None
 
     def discard(self, key: str, why: str) -> None:
@@ -90,7 +94,7 @@ class SnapshotStore:
             try:
                 started = time.monotonic()
                 files = host.machine.snapshot(tmp)  # type: ignore[attr-defined]
-                meta = dict(meta, saved_seconds=round(time.monotonic() - started, 2),
+                meta = dict(meta, saved_seconds=round(time.monotonic() - started, 2), stream=files.stream,
                             memory_bytes=files.memory.stat().st_size,
                             disk_bytes=files.disk.stat().st_size)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -142,10 +146,14 @@ class Provisioner:
 
     # ------------------------------------------------------------------ hosts
     def host(self, image_name: str, label: str, run_dir: Path,
-             links: tuple[str, ...] = (), snapshot: str | None = None) -> XenHost:
-        """A ready host: restored from a snapshot when one fits, else booted cold."""
+             link_to: XenHost | None = None, snapshot: str | None = None) -> XenHost:
+        """A ready host: restored from a snapshot when one fits, else booted cold.
+
+        With ``link_to``, the new host's link NIC is wired to that host's: a private
+        network of two L1s over UDP on 127.0.0.1."""
         recipe, image = self.image(image_name)
-        spec = machine_spec(label, recipe, image, self.cfg, self.accel, run_dir, links)
+        link = link_to.link.reversed() if link_to else None
+        spec = machine_spec(label, recipe, image, self.cfg, self.accel, run_dir, link)
         mode = snapshot or self.cfg.snapshot
         payload = self.guest_payload(image) if self.guest_payload else None
         key = self.snapshot_key(image, spec, payload)
@@ -161,7 +169,12 @@ class Provisioner:
         return host
 
     def _new_host(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage) -> XenHost:
-        machine = QemuMachine(spec, self.registry)
+        if self.cfg.backend == "libvirt":
+            from .machines.libvirt import LibvirtMachine
+
+            machine = LibvirtMachine(spec, self.cfg.libvirt_uri)
+        else:
+            machine = QemuMachine(spec, self.registry)
         return XenHost.create(label, machine, image, recipe, self.cfg.timeouts)
 
     def _cold(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage,
@@ -197,7 +210,8 @@ class Provisioner:
         try:
             host.machine.start(incoming=files)
             host.remote.port = host.machine.ssh_address[1]
-            host.machine.wait_incoming()  # type: ignore[attr-defined]
+            host.machine.wait_incoming(incoming=files)  # type: ignore[attr-defined]
+            host.timings["restore_running"] = round(time.monotonic() - started, 2)
             host.machine.wait_ready([Stage("dom0-ssh", RESTORE_SSH_TIMEOUT,
                                            "restored dom0 did not answer over SSH",
                                            probe=lambda: host.remote.try_connect(3.0),
@@ -246,9 +260,13 @@ class Provisioner:
             "memory": spec.memory_mb,
             "cpus": spec.cpus,
             "accel": [spec.accel.accel, spec.accel.cpu],
+            "devices": QemuMachine(spec).device_model(),
+            "iommu": spec.iommu,
             "prepare": [PREPARE_VERSION, _file_digest(prep)],
             "guests": list(self.cfg.snapshot_guests) if self.setup_guests else [],
         }
+        if self.cfg.backend != "qemu":  # another snapshot format, on the libvirt host
+            material["backend"] = [self.cfg.backend, self.cfg.libvirt_uri]
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 

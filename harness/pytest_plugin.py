@@ -9,7 +9,9 @@ Fixtures are a ladder, one guarantee per step::
 L1 per image). A module whose checks declare ``fresh_host=True`` gets its own
 host, restored from the L1 snapshot. Markers ``e2e``, ``pv``, ``pvh``, ``hvm``
 and one per image are derived from fixture names and parameters at collection.
-On failure the serial log, `xl dmesg` and guest consoles are kept.
+On failure the serial log, `xl dmesg` and guest consoles are kept. ``plugins/``
+also collects entry-point plugins and the README's example (harness/discovery.py);
+each check's results go to results.json and summary.md (harness/results.py).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from pathlib import Path
 import pytest
 
 from .config import ConfigError, RunConfig, load_run_config
+from .discovery import SOURCES_KEY, Sources, collect_directory, entry_point_plugins, report_header
 from .host import XenHost
 from .known_issues import load_known_issues, match
 from .metrics import MetricsSink
 from .plugins import GUEST_TYPES, MARKER, PluginError, spec_of
 from .provision import Provisioner
+from .results import ResultsPlugin, check_properties, host_properties
 
 log = logging.getLogger("nested_xen")
 
@@ -47,6 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--host-image", action="append", metavar="NAME",
                     help="host image recipe (images/hosts/NAME.yaml); repeat or comma-separate")
     group.addoption("--backend", choices=["qemu", "libvirt"], help="L1 machine backend")
+    group.addoption("--libvirt-uri", metavar="URI",
+                    help="libvirt connection for --backend libvirt (default qemu:///system)")
     group.addoption("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
     group.addoption("--dom0", choices=["pv", "pvh"], help="dom0 mode (overrides the recipe)")
     group.addoption("--artifacts-dir", metavar="DIR", help="where logs and reports go")
@@ -58,6 +64,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="rebuild images and drop snapshots")
     group.addoption("--memory-mb", type=int, help="L1 memory in MiB")
     group.addoption("--print-config", action="store_true", help="print the effective config and exit")
+    group.addoption("--nx-no-entry-points", action="store_true",
+                    help="do not collect checks from installed packages' nested_xen.plugins entry points")
 
 
 def _build_config(config: pytest.Config) -> RunConfig:
@@ -69,7 +77,7 @@ def _build_config(config: pytest.Config) -> RunConfig:
         images = tuple(n.strip() for arg in images for n in arg.split(",") if n.strip())
     return cfg.with_overrides(
         host_images=images or None,
-        backend=opt("--backend"), accel=opt("--accel"), dom0=opt("--dom0"),
+        backend=opt("--backend"), libvirt_uri=opt("--libvirt-uri"), accel=opt("--accel"), dom0=opt("--dom0"),
         artifacts_dir=Path(opt("--artifacts-dir")) if opt("--artifacts-dir") else None,
         cache_dir=Path(opt("--cache-dir")) if opt("--cache-dir") else None,
         mirror=opt("--mirror"), snapshot=opt("--snapshot"), rebuild=opt("--rebuild"),
@@ -92,6 +100,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_ISSUES_KEY] = load_known_issues()
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    artifacts = config.stash[_CFG_KEY].artifacts_dir.resolve()
+    config.stash[SOURCES_KEY] = Sources(
+        entry_points=() if config.getoption("--nx-no-entry-points") else tuple(entry_point_plugins()),
+        example_dir=artifacts / "readme-example")
+    config.pluginmanager.register(ResultsPlugin(artifacts, lambda: _measurements(config)),
+                                  "nested-xen-results")
     if config.getoption("--print-config"):
         import dataclasses
         import json
@@ -110,22 +124,33 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return report_header(config.stash[SOURCES_KEY], config.getoption("--nx-no-entry-points"))
+
+
 # ---------------------------------------------------------------------- collection
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collect_directory(path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """``plugins/`` also collects entry-point plugins and the README's example (harness/discovery.py)."""
+    return collect_directory(path, parent)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cfg = metafunc.config.stash[_CFG_KEY]
     names = set(metafunc.fixturenames)
     if names & HOST_FIXTURES:
+        dom0 = f"-dom0={cfg.dom0}" if cfg.dom0 else ""  # else the booted host tells (JUnit property)
         metafunc.parametrize("host_image_name", list(cfg.host_images), indirect=True,
-                             scope="session", ids=[f"img={n}" for n in cfg.host_images])
+                             scope="session", ids=[f"img={n}{dom0}" for n in cfg.host_images])
     if "guest_type" in names:
         try:
             spec = spec_of(metafunc.definition)
         except PluginError as exc:
             raise pytest.UsageError(str(exc)) from None
         metafunc.parametrize("guest_type", list(spec.guests), indirect=True,
-                             scope=_guest_scope(metafunc), ids=list(spec.guests))
+                             scope=_guest_scope(metafunc), ids=[f"guest={g}" for g in spec.guests])
 
 
 def _guest_scope(metafunc: pytest.Metafunc) -> str:
@@ -134,6 +159,7 @@ def _guest_scope(metafunc: pytest.Metafunc) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _check_properties(items)
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & HOST_FIXTURES:
@@ -147,6 +173,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         image = callspec.params.get("host_image_name")
         if image:
             item.add_marker(pytest.mark.image(image))
+
+
+def _check_properties(items: list[pytest.Item]) -> None:
+    """Name each check's plugin, image and guest type in its JUnit properties (and results.json)."""
+    for item in items:
+        if item.get_closest_marker(MARKER) is None:
+            continue
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        item.user_properties.extend(check_properties(item, params.get("host_image_name"),
+                                                     params.get("guest_type")))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -184,12 +221,44 @@ def _worker() -> str:
 _METRICS_KEY = pytest.StashKey[MetricsSink]()
 
 
+def _measurements(config: pytest.Config) -> list:
+    """The run's metrics records so far (none before the ``metrics`` fixture ran);
+    on the xdist controller, the workers' records merged into metrics.json."""
+    sink = config.stash.get(_METRICS_KEY, None)
+    if sink is None and _is_xdist_controller(config):
+        sink = _merge_worker_metrics(config)
+    return sink.records if sink is not None else []
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
+def _merge_worker_metrics(config: pytest.Config) -> MetricsSink | None:
+    """Each xdist worker writes metrics-<worker>.json; the controller joins them."""
+    from .metrics import MetricsSink, load
+
+    artifacts = config.stash[_CFG_KEY].artifacts_dir
+    parts = sorted(artifacts.glob("metrics-gw*.json"))
+    if not parts:
+        return None
+    sink = MetricsSink(artifacts / "metrics.json")
+    for part in parts:
+        for record in load(part):
+            sink.add(record)
+    sink.write()
+    config.stash[_METRICS_KEY] = sink
+    return sink
+
+
 @pytest.fixture(scope="session")
 def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
-    """The run's metrics sink: ``metrics.add(Record(...))``; written to artifacts/metrics.json."""
+    """The run's metrics sink: ``metrics.add(Record(...))``; written to artifacts/metrics.json
+    (metrics-<worker>.json under xdist, joined by the controller at the end)."""
     from .metrics import MetricsSink
 
-    sink = MetricsSink(artifacts_dir / "metrics.json")
+    worker = _worker()
+    sink = MetricsSink(artifacts_dir / ("metrics.json" if worker == "main" else f"metrics-{worker}.json"))
     pytestconfig.stash[_METRICS_KEY] = sink
     return sink
 
@@ -208,6 +277,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         path = config.stash[_CFG_KEY].artifacts_dir / "guest_boot_crashes.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(EARLY_BOOT_CRASHES, indent=2) + "\n")
+    _measurements(config)  # under xdist: join the workers' metrics first
     sink = config.stash.get(_METRICS_KEY, None)
     if sink is None or not sink.records:
         return
@@ -244,13 +314,19 @@ def host_image_name(request: pytest.FixtureRequest) -> str:
 class HostLease:
     """The session's host for one image, replaced when a check leaves it unhealthy."""
 
-    def __init__(self, make: Callable[[], XenHost]) -> None:
+    def __init__(self, make: Callable[[], XenHost],
+                 expected: Callable[[Exception], str | None] = lambda exc: None) -> None:
         self._make = make
+        self._expected = expected
         self.host: XenHost | None = None
         self.failure: str | None = None
+        self.expected_failure: str | None = None
 
     def get(self) -> XenHost:
-        """The host; a host that failed to come up fails every later user at once."""
+        """The host; a host that failed to come up fails every later user at once (or,
+        when a known issue says it cannot boot, makes each an expected failure)."""
+        if self.expected_failure:
+            pytest.xfail(self.expected_failure)
         if self.failure:
             pytest.fail(f"the host could not be provided earlier in this run: {self.failure}",
                         pytrace=False)
@@ -259,6 +335,9 @@ class HostLease:
                 self.host = self._make()
             except Exception as exc:
                 self.failure = f"{type(exc).__name__}: {exc}"
+                self.expected_failure = self._expected(exc)
+                if self.expected_failure:
+                    pytest.xfail(self.expected_failure)
                 raise
         return self.host
 
@@ -272,7 +351,8 @@ class HostLease:
 
 
 @pytest.fixture(scope="session")
-def _host_lease(provisioner: Provisioner, host_image_name: str, artifacts_dir: Path) -> Iterator[HostLease]:
+def _host_lease(provisioner: Provisioner, host_image_name: str, artifacts_dir: Path,
+                pytestconfig: pytest.Config) -> Iterator[HostLease]:
     counter = iter(range(1000))
 
     def make() -> XenHost:
@@ -280,7 +360,8 @@ def _host_lease(provisioner: Provisioner, host_image_name: str, artifacts_dir: P
         return _with_pool(provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label),
                           provisioner)
 
-    lease = HostLease(make)
+    issues = pytestconfig.stash[_ISSUES_KEY]
+    lease = HostLease(make, lambda exc: expected_boot_failure(provisioner, host_image_name, exc, issues))
     try:
         yield lease
     finally:
@@ -294,8 +375,15 @@ def xen_host(request: pytest.FixtureRequest, _host_lease: HostLease, provisioner
     fresh = any(spec_of(item).fresh_host for item in _module_items(request))
     if fresh:
         label = f"{host_image_name}-{_worker()}-{request.module.__name__.rsplit('.', 1)[-1]}"
-        host = _with_pool(provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label),
-                          provisioner)
+        try:
+            host = _with_pool(provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label),
+                              provisioner)
+        except Exception as exc:
+            reason = expected_boot_failure(provisioner, host_image_name, exc,
+                                           request.config.stash[_ISSUES_KEY])
+            if reason:
+                pytest.xfail(reason)
+            raise
         try:
             yield host
         finally:
@@ -307,6 +395,29 @@ def xen_host(request: pytest.FixtureRequest, _host_lease: HostLease, provisioner
         log.warning("%s is unhealthy after %s; the next module gets a fresh host",
                     host.name, request.module.__name__)
         _host_lease.replace()
+
+
+def expected_boot_failure(provisioner: Provisioner, image_name: str, exc: Exception,
+                          issues: list) -> str | None:
+    """The reason, when a known issue (``check: boot``) says this host cannot come up and
+    the failure (its message or the serial log) shows that issue; else None."""
+    from .host import image_facts
+    from .known_issues import boot_issue
+
+    try:
+        recipe, image = provisioner.image(image_name)
+        facts = image_facts(recipe, image, provisioner.accel.accel)
+    except Exception:  # noqa: BLE001 - no image, no prediction: the real error stands
+        return None
+    text = str(exc)
+    log_path = getattr(exc, "log_path", None)
+    if log_path is not None and Path(log_path).is_file():
+        text += "\n" + Path(log_path).read_text(errors="replace")
+    issue = boot_issue(issues, facts, text)
+    if issue is None:
+        return None
+    where = f"Xen {facts.xen_version}, {facts.dom0_mode.upper()} dom0, {facts.accel}"
+    return f"expected failure ({where}): {issue.reason}" + (f" ({issue.link})" if issue.link else "")
 
 
 def _with_pool(host: XenHost, provisioner: Provisioner) -> XenHost:
@@ -326,6 +437,29 @@ def _healthy(host: XenHost) -> bool:
         return host.remote.run("xl list >/dev/null", timeout=30).rc == 0
     except Exception:  # noqa: BLE001 - any failure means unhealthy
         return False
+
+
+@pytest.fixture
+def peer_host(xen_host: XenHost, provisioner: Provisioner, host_image_name: str,
+              artifacts_dir: Path) -> Iterator[XenHost]:
+    """A second L1 from the same image, linked to ``xen_host`` by a private network
+    (a UDP socket pair on 127.0.0.1 that only the two QEMUs use): dom0s at
+    ``LINK_NET.1`` (xen_host) and ``LINK_NET.2`` (the peer). Restored from the same
+    snapshot when there is one; its copies of the shared guests are destroyed."""
+    label = f"{host_image_name}-{_worker()}-peer"
+    peer = provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label, link_to=xen_host)
+    try:
+        peer.xl.destroy_all_guests()
+        xen_host.link_up(1)
+        address = peer.link_up(2)
+        # What `xl migrate` itself needs: dom0 reaching the peer's sshd over the link.
+        reach = xen_host.remote.run(f"ssh -o ConnectTimeout=20 root@{address} true", timeout=90)
+        if reach.rc != 0:
+            raise RuntimeError(f"dom0 of {xen_host.name} cannot reach the peer's dom0 at {address} "
+                               f"over the private link: {reach.stdout}{reach.stderr}")
+        yield peer
+    finally:
+        peer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +494,8 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     if not set(request.fixturenames) & HOST_FIXTURES:
         return
     facts = request.getfixturevalue("host_facts")
+    request.node.user_properties.extend(host_properties(facts))
+    _stale_boot_issue(request, facts)
     reason = spec_of(request.node).skip_reason(facts)
     if reason:
         pytest.skip(reason)
@@ -370,14 +506,29 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
         request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
 
 
+_STALE_BOOT_REPORTED: set[str] = set()
+
+
+def _stale_boot_issue(request: pytest.FixtureRequest, facts) -> None:
+    """A host that a strict ``check: boot`` known issue says cannot come up did: fail the
+    first check on it (like a strict XPASS) so the entry gets removed."""
+    from .known_issues import boot_issue
+
+    issue = boot_issue(request.config.stash[_ISSUES_KEY], facts)
+    host = request.getfixturevalue("xen_host").name
+    if issue is None or issue.flaky or host in _STALE_BOOT_REPORTED:
+        return
+    _STALE_BOOT_REPORTED.add(host)
+    pytest.fail(f"[XPASS(strict)] known boot issue did not happen, {host} came up: {issue.reason} "
+                "-- remove its `check: boot` entry from known_issues.yaml", pytrace=False)
+
+
 def _check_id(item: pytest.Item) -> str:
-    """``plugins/FILE.py::test_name`` (no parameters), as known_issues.yaml names checks."""
-    path = Path(str(item.path)).resolve()
-    try:
-        rel = path.relative_to(item.config.rootpath.resolve())
-    except ValueError:
-        rel = Path(path.name)
-    return f"{rel.as_posix()}::{item.originalname if hasattr(item, 'originalname') else item.name}"
+    """``plugins/FILE.py::test_name`` (no parameters), as known_issues.yaml names checks; an
+    entry-point plugin's is ``package/module.py::test_name``, the README example's
+    ``README.md::test_name`` (their node ids, harness/discovery.py)."""
+    module = item.nodeid.split("::", 1)[0]
+    return f"{module}::{item.originalname if hasattr(item, 'originalname') else item.name}"
 
 
 @pytest.fixture

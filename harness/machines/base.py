@@ -67,6 +67,17 @@ class Module:
 
 
 @dataclass(frozen=True)
+class LinkPorts:
+    """The two 127.0.0.1 UDP ports of a private L1-to-L1 link, seen from one end."""
+
+    local: int
+    peer: int
+
+    def reversed(self) -> LinkPorts:
+        return LinkPorts(self.peer, self.local)
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """What to boot, independent of the backend."""
 
@@ -80,7 +91,13 @@ class MachineSpec:
     accel: AccelChoice
     run_dir: Path
     qemu_binary: str = "qemu-system-x86_64"
-    links: tuple[str, ...] = ()  # extra netdev specs, e.g. socket links between L1s
+    # The private link NIC (PCI slot 0x6) every L1 has: a UDP socket between two
+    # ports on 127.0.0.1, (local, peer). None: the machine picks a free pair, so the
+    # link leads nowhere until another L1 is started with the pair reversed.
+    link: LinkPorts | None = None
+    # An IOMMU for the L1, with every virtio device behind it: a PVH dom0 needs one
+    # (Xen refuses to build a PVH hardware domain without IOMMU).
+    iommu: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,10 +114,15 @@ class Stage:
 
 @dataclass(frozen=True)
 class SnapshotFiles:
-    """A saved machine: its memory stream and the frozen disk it belongs to."""
+    """A saved machine: its memory stream and the frozen disk it belongs to.
+
+    ``stream`` is how the memory was written: "stream" (a plain migration stream
+    through a pipe; any QEMU) or "mapped-ram" (QEMU >= 9.0 writes each RAM page at a
+    fixed file offset, with multifd in parallel; restoring needs the same setting)."""
 
     memory: Path
     disk: Path
+    stream: str = "stream"
 
 
 CRASH_PATTERNS = (

@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 
 from ..procs import pid_alive
-from .base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
+from .base import LinkPorts, Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 NAME_PREFIX = "nested-xen-"
+QMP_SOCKET_PREFIX = "nx-qmp-"
+LINK_SLOT = 0x6  # PCI slot of the private link NIC (dom0 names it ens6)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -44,11 +46,19 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A TCP (or, with SOCK_DGRAM, UDP) port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_link() -> LinkPorts:
+    """Two distinct free UDP ports for a private link."""
+    local = free_port(socket.SOCK_DGRAM)
+    while (peer := free_port(socket.SOCK_DGRAM)) == local:
+        pass
+    return LinkPorts(local, peer)
 
 
 def qemu_version(binary: str) -> str:
@@ -72,6 +82,35 @@ def create_overlay(path: Path, backing: Path, backing_fmt: str) -> None:
         raise MachineStartError("qemu-img is not installed: run `apt-get install qemu-utils`") from None
     except subprocess.CalledProcessError as exc:
         raise MachineStartError(f"qemu-img failed: {exc.stderr.strip()}") from None
+
+
+# Xen builds no PVH hardware domain without an IOMMU (Xen 4.17.5 on -machine pc panics:
+# "Presently, iommu must be enabled for PVH hardware domain"); with this one on q35,
+# Xen 4.17.5 and 4.20 boot a PVH dom0 under TCG.
+IOMMU_DEVICE = "amd-iommu,intremap=on"
+# Behind an IOMMU a virtio device must use the DMA API (iommu_platform) and be
+# modern-only (as measured before: without it a PVH dom0 saw neither disk nor NIC).
+VIRTIO_BEHIND_IOMMU = "iommu_platform=on,disable-legacy=on"
+
+
+def with_iommu(cmd: list[str]) -> list[str]:
+    """``cmd`` on a q35 machine (QEMU only plugs its AMD IOMMU into q35) with an AMD
+    IOMMU before the first PCI device, and every virtio PCI device put behind it."""
+    out: list[str] = []
+    added = False
+    for i, arg in enumerate(cmd):
+        device = i > 0 and cmd[i - 1] == "-device"
+        if i > 0 and cmd[i - 1] == "-machine" and arg.split(",", 1)[0] == "pc":
+            arg = "q35" + arg[2:]
+        if device and not added:
+            out[-1:] = ["-device", IOMMU_DEVICE, "-device"]
+            added = True
+        if device and arg.startswith("virtio-") and "-pci" in arg.split(",", 1)[0]:
+            arg = f"{arg},{VIRTIO_BEHIND_IOMMU}"
+        out.append(arg)
+    if not added:
+        out += ["-device", IOMMU_DEVICE]
+    return out
 
 
 class Registry:
@@ -104,7 +143,16 @@ class Registry:
                     os.kill(pid, signal.SIGKILL)
                 reaped.append(data.get("name", "?"))
             entry.unlink(missing_ok=True)
+        self._reap_sockets()
         return reaped
+
+    @staticmethod
+    def _reap_sockets(tmp: Path = Path("/tmp")) -> None:
+        """QMP sockets (``nx-qmp-<harness pid>-<label>.sock``) of harness runs that are gone."""
+        for sock in tmp.glob(f"{QMP_SOCKET_PREFIX}*.sock"):
+            pid = sock.name[len(QMP_SOCKET_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                sock.unlink(missing_ok=True)
 
 
 _alive = pid_alive
@@ -132,6 +180,7 @@ class QemuMachine(Machine):
         self.overlay = self.run_dir / "disk.qcow2"
         self._registry_entry: Path | None = None
         self.started_at = 0.0
+        self.link = spec.link or free_link()
 
     # ------------------------------------------------------------------ paths
     @property
@@ -141,7 +190,7 @@ class QemuMachine(Machine):
     @property
     def qmp_path(self) -> Path:
         # AF_UNIX paths are limited to 108 bytes: keep the socket short.
-        return Path(f"/tmp/nx-qmp-{os.getpid()}-{self.spec.name}.sock")
+        return Path(f"/tmp/{QMP_SOCKET_PREFIX}{os.getpid()}-{self.spec.name}.sock")
 
     @property
     def ssh_address(self) -> tuple[str, int]:
@@ -176,13 +225,25 @@ class QemuMachine(Machine):
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
-        for i, link in enumerate(spec.links, start=1):
-            cmd += ["-netdev", f"{link},id=link{i}",
-                    "-device", f"virtio-net-pci,netdev=link{i},addr={0x5 + i:#x},"
-                    f"mac=52:54:00:12:35:{i:02x}"]
-        if incoming:
+        # Every L1 has the link NIC, linked or not, so that one snapshot serves both;
+        # the netdev backend is not part of the migration stream.
+        link = self.link
+        cmd += ["-netdev", f"socket,id=link0,udp=127.0.0.1:{link.peer},localaddr=127.0.0.1:{link.local}",
+                "-device", f"virtio-net-pci,netdev=link0,addr={LINK_SLOT:#x},mac=52:54:00:12:35:01"]
+        if spec.iommu:
+            cmd = with_iommu(cmd)
+        if incoming and incoming.stream == "mapped-ram":
+            cmd += ["-incoming", "defer"]  # capabilities first, then migrate-incoming
+        elif incoming:
             cmd += ["-incoming", f"exec:cat {shlex.quote(str(incoming.memory))}"]
         return cmd
+
+    def device_model(self) -> list[str]:
+        """The parts of the command line a memory snapshot depends on (machine, CPU,
+        devices), without run-specific paths, ports and backends: part of the snapshot key."""
+        cmd = self.command_line()
+        keep = {"-machine", "-cpu", "-accel", "-device", "-smp", "-m", "-nodefaults"}
+        return [f"{a} {b}" for a, b in zip(cmd, cmd[1:] + [""], strict=True) if a in keep]
 
     def start(self, incoming: SnapshotFiles | None = None) -> None:
         if self.registry:
@@ -228,11 +289,16 @@ class QemuMachine(Machine):
             if "Could not set up host forwarding" in text and attempt < 2:
                 log.warning("port %d was taken; retrying with another", self.port)
                 return False
+            if "can't bind" in text and self.spec.link is None and attempt < 2:
+                log.warning("link port %d was taken; retrying with another", self.link.local)
+                self.link = free_link()
+                return False
             raise MachineStartError(f"QEMU failed to start: {text.strip()[-2000:]}") from None
         return True
 
     def _connect_qmp(self, timeout: float = 30.0) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp.protocol import ConnectError
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -242,7 +308,7 @@ class QemuMachine(Machine):
                 qmp = QEMUMonitorProtocol(str(self.qmp_path))
                 try:
                     qmp.connect()
-                except OSError:
+                except (OSError, ConnectError):  # ConnectError: QEMU quit mid-handshake (bad option)
                     time.sleep(0.05)
                     continue
                 qmp.settimeout(60.0)
@@ -273,9 +339,12 @@ class QemuMachine(Machine):
             raise MachineError(f"QMP {name} failed ({type(exc).__name__}: {exc}); QEMU {status}"
                                + (f"; qemu.log: {log_tail}" if log_tail else "")) from exc
 
-    def wait_incoming(self, timeout: float = 120.0) -> float:
+    def wait_incoming(self, timeout: float = 120.0, incoming: SnapshotFiles | None = None) -> float:
         """After start(incoming=...): wait until the VM runs; return seconds."""
         started = time.monotonic()
+        if incoming is not None and incoming.stream == "mapped-ram":
+            self._set_file_capabilities()
+            self.qmp_cmd("migrate-incoming", uri=f"file:{incoming.memory}")
         while time.monotonic() - started < timeout:
             status = self.alive()
             if status is not None:
@@ -302,18 +371,39 @@ class QemuMachine(Machine):
         memory = dest_dir / "memory"
         frozen = self.overlay
         fresh = self.run_dir / f"disk-{int(time.time() * 1000)}.qcow2"
+        stream = self.file_migration()
         self.qmp_cmd("stop")
         try:
             self.qmp_cmd("blockdev-snapshot-sync", device="disk0",
                          **{"snapshot-file": str(fresh), "format": "qcow2"})
             self.overlay = fresh
-            self.qmp_cmd("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
+            if stream == "mapped-ram":
+                self._set_file_capabilities()
+                self.qmp_cmd("migrate", uri=f"file:{memory}")
+            else:
+                self.qmp_cmd("migrate", uri=f"exec:cat > {shlex.quote(str(memory))}")
             self._wait_migration()
         finally:
             self.qmp_cmd("cont")
         disk = dest_dir / "disk.qcow2"
         shutil.copyfile(frozen, disk)
-        return SnapshotFiles(memory=memory, disk=disk)
+        return SnapshotFiles(memory=memory, disk=disk, stream=stream)
+
+    def file_migration(self) -> str:
+        """"mapped-ram" where this QEMU has the capability (>= 9.0), else "stream"."""
+        caps = self.qmp_cmd("query-migrate-capabilities")
+        names = {c["capability"] for c in caps}  # type: ignore[union-attr]
+        return "mapped-ram" if "mapped-ram" in names else "stream"
+
+    def _set_file_capabilities(self) -> None:
+        caps = self.qmp_cmd("query-migrate-capabilities")
+        names = {c["capability"] for c in caps}  # type: ignore[union-attr]
+        wanted = [{"capability": "mapped-ram", "state": True}]
+        if "multifd" in names:
+            wanted.append({"capability": "multifd", "state": True})
+        self.qmp_cmd("migrate-set-capabilities", capabilities=wanted)
+        if "multifd" in names:
+            self.qmp_cmd("migrate-set-parameters", **{"multifd-channels": max(2, self.spec.cpus)})
 
     def _wait_migration(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout

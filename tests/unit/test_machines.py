@@ -22,6 +22,7 @@ import pytest
 
 from harness.accel import AccelChoice
 from harness.machines.base import (
+    LinkPorts,
     Machine,
     MachineCrashed,
     MachineExited,
@@ -237,13 +238,36 @@ def test_command_line_incoming(spec: MachineSpec, tmp_path: Path) -> None:
     assert arg_after(cmd, "-incoming") == f"exec:cat {files.memory}"
 
 
-def test_command_line_links(spec: MachineSpec) -> None:
-    linked = dataclasses.replace(spec, links=("socket,listen=127.0.0.1:5555",))
-    cmd = QemuMachine(linked).command_line()
-    netdevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-netdev"]
-    assert netdevs[1] == "socket,listen=127.0.0.1:5555,id=link1"
-    devices = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]
-    assert any("netdev=link1" in d for d in devices)
+def _link_netdev(cmd: list[str]) -> str:
+    return next(cmd[i + 1] for i, a in enumerate(cmd) if a == "-netdev" and "id=link0" in cmd[i + 1])
+
+
+def test_every_machine_has_a_link_nic_on_its_own_ports(spec: MachineSpec) -> None:
+    a, b = QemuMachine(spec), QemuMachine(spec)
+    assert a.link.local != a.link.peer
+    assert {a.link.local, a.link.peer}.isdisjoint({b.link.local, b.link.peer})
+    netdev = _link_netdev(a.command_line())
+    assert netdev == (f"socket,id=link0,udp=127.0.0.1:{a.link.peer},"
+                      f"localaddr=127.0.0.1:{a.link.local}")
+    devices = [a.command_line()[i + 1] for i, x in enumerate(a.command_line()) if x == "-device"]
+    assert any("netdev=link0" in d and "addr=0x6" in d for d in devices)
+
+
+def test_linked_machine_uses_the_reversed_ports(spec: MachineSpec) -> None:
+    first = QemuMachine(spec)
+    second = QemuMachine(dataclasses.replace(spec, link=first.link.reversed()))
+    assert second.link == LinkPorts(first.link.peer, first.link.local)
+    assert f"udp=127.0.0.1:{first.link.local}" in _link_netdev(second.command_line())
+
+
+def test_device_model_ignores_ports_and_paths(spec: MachineSpec, tmp_path: Path) -> None:
+    """The snapshot key's device part: the same for two machines with different
+    ports, run dirs and link backends, different when a device changes."""
+    a = QemuMachine(spec)
+    b = QemuMachine(dataclasses.replace(spec, run_dir=tmp_path / "other", link=LinkPorts(1, 2)))
+    assert a.device_model() == b.device_model()
+    assert any(d.startswith("-device virtio-net-pci,netdev=link0") for d in a.device_model())
+    assert QemuMachine(dataclasses.replace(spec, cpus=spec.cpus + 1)).device_model() != a.device_model()
 
 
 @pytest.mark.parametrize("where", ["path", "args"])
@@ -372,3 +396,56 @@ def test_reap_recognises_real_qemu_argv(tmp_path: Path, sleeper) -> None:
     registry = Registry(tmp_path / "run")
     write_entry(registry, f"{NAME_PREFIX}h1", proc.pid, dead_pid())
     assert registry.reap() == [f"{NAME_PREFIX}h1"]
+
+
+def test_reap_removes_qmp_sockets_of_dead_runs(tmp_path: Path) -> None:
+    dead, live = tmp_path / f"nx-qmp-{dead_pid()}-h1.sock", tmp_path / f"nx-qmp-{os.getpid()}-h2.sock"
+    other = tmp_path / "nx-qmp-notapid-h3.sock"
+    for path in (dead, live, other):
+        path.touch()
+    Registry._reap_sockets(tmp_path)
+    assert not dead.exists()
+    assert live.exists() and other.exists()
+
+
+class FakeQmp:
+    """QMP at the boundary: answers the migration commands like a QEMU with ``caps``."""
+
+    def __init__(self, caps: list[str]) -> None:
+        self.caps = caps
+        self.sent: list[tuple[str, dict]] = []
+
+    def cmd(self, name: str, **args: object) -> object:
+        self.sent.append((name, args))
+        if name == "query-migrate-capabilities":
+            return [{"capability": c, "state": False} for c in self.caps]
+        if name == "query-migrate":
+            return {"status": "completed"}
+        if name == "migrate" and str(args["uri"]).startswith("file:"):
+            Path(str(args["uri"])[5:]).write_bytes(b"ram")
+        return {}
+
+
+@pytest.mark.parametrize(("caps", "stream"), [
+    (["xbzrle", "postcopy-ram"], "stream"),            # QEMU 7.2 (bookworm)
+    (["xbzrle", "multifd", "mapped-ram"], "mapped-ram"),  # QEMU >= 9.0
+])
+def test_snapshot_uses_mapped_ram_where_present(spec: MachineSpec, tmp_path: Path, caps, stream) -> None:
+    machine = QemuMachine(spec)
+    machine.run_dir.mkdir(parents=True, exist_ok=True)
+    machine.overlay.write_bytes(b"disk")
+    machine.qmp = FakeQmp(caps)
+    files = machine.snapshot(tmp_path / "snap")
+    assert files.stream == stream
+    migrate = next(args for name, args in machine.qmp.sent if name == "migrate")
+    if stream == "mapped-ram":
+        assert migrate["uri"] == f"file:{files.memory}"
+        set_caps = next(args for name, args in machine.qmp.sent if name == "migrate-set-capabilities")
+        assert {c["capability"] for c in set_caps["capabilities"]} == {"mapped-ram", "multifd"}
+    else:
+        assert migrate["uri"] == f"exec:cat > {files.memory}"
+        assert "migrate-set-capabilities" not in [name for name, _ in machine.qmp.sent]
+    assert [name for name, _ in machine.qmp.sent][-1] == "cont"
+    # Restoring a mapped-ram snapshot defers the incoming side until the capability is set.
+    cmd = QemuMachine(spec).command_line(incoming=files)
+    assert arg_after(cmd, "-incoming") == ("defer" if stream == "mapped-ram" else f"exec:cat {files.memory}")
