@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,17 +9,7 @@ import pytest
 from harness import cli
 from harness.config import available_recipes, load_recipe
 
-
-@pytest.fixture(autouse=True)
-def restore_process_state() -> Iterator[None]:
-    """main() installs a SIGTERM handler and may configure logging: undo both."""
-    handler = signal.getsignal(signal.SIGTERM)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    signal.signal(signal.SIGTERM, handler)
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def test_images_list_prints_every_recipe(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,10 +6,7 @@ How results are gathered from a real pytest run is in tests/unit/test_plugin_run
 from __future__ import annotations
 
 import json
-import logging
-import signal
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,17 +26,7 @@ from harness.results import (
     write_json,
 )
 
-
-@pytest.fixture(autouse=True)
-def restore_process_state() -> Iterator[None]:
-    """main() installs a SIGTERM handler and may configure logging: undo both."""
-    handler = signal.getsignal(signal.SIGTERM)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    signal.signal(signal.SIGTERM, handler)
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def result(plugin: str, image: str, guest: str, outcome: str, dom0: str = "pv", reason: str = "",

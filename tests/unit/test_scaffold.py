@@ -6,12 +6,9 @@ tests/unit/test_plugin_runs.py collects and runs the written module with the har
 from __future__ import annotations
 
 import ast
-import logging
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +18,7 @@ from harness.config import REPO_ROOT
 from harness.discovery import readme_example
 from harness.scaffold import TEMPLATE, ScaffoldError, write_plugin
 
-
-@pytest.fixture(autouse=True)
-def restore_process_state() -> Iterator[None]:
-    """main() installs a SIGTERM handler and may configure logging: undo both."""
-    handler = signal.getsignal(signal.SIGTERM)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    signal.signal(signal.SIGTERM, handler)
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 @pytest.fixture
