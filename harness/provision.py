@@ -28,7 +28,7 @@ from .host import XenHost, machine_spec
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
 from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
 from .machines.qemu import QemuMachine, Registry, qemu_version
-from .remote import RemoteError
+from .remote import CommandFailed, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,12 @@ class SnapshotStore:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 started = time.monotonic()
+                settled = host.settle_for_snapshot()
+                settled["seconds"] = round(time.monotonic() - started, 2)
+                started = time.monotonic()
                 files = host.machine.snapshot(tmp)  # type: ignore[attr-defined]
                 meta = dict(meta, saved_seconds=round(time.monotonic() - started, 2), stream=files.stream,
+                            dom0_settle=settled,
                             memory_bytes=files.memory.stat().st_size,
                             disk_bytes=files.disk.stat().st_size)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -237,13 +241,16 @@ class Provisioner:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             path = self.snapshots.save(key, host, meta)
-        except (MachineError, OSError) as exc:
+        except (MachineError, RemoteError, CommandFailed, OSError, ValueError) as exc:
             log.warning("could not save an L1 snapshot (%s); runs will boot cold", exc)
             return
         if path:
             saved = json.loads((path / "meta.json").read_text())
+            settled = saved.get("dom0_settle", {})
             self.progress(f"[{host.name}] saved L1 snapshot {key} in {saved['saved_seconds']:.1f} s "
-                          f"({saved['memory_bytes'] / 2**20:.0f} MiB memory)")
+                          f"({saved['memory_bytes'] / 2**20:.0f} MiB memory stream; dom0 page cache "
+                          f"dropped and {settled.get('zeroed_mib', 0)} MiB free memory zeroed first, "
+                          f"{settled.get('seconds', 0):.1f} s)")
 
     def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
         """Everything that shapes a snapshot; a change to any of it makes a new one."""

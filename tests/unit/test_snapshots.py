@@ -39,7 +39,10 @@ class FakeMachine:
 
 
 def fake_host(machine: FakeMachine) -> SimpleNamespace:
-    return SimpleNamespace(machine=machine, name="h1")
+    def settle() -> dict:
+        assert not machine.calls, "dom0 is settled before the memory is saved, not after"
+        return {"memfree_before_mib": 300, "zeroed_mib": 640, "memfree_after_mib": 700}
+    return SimpleNamespace(machine=machine, name="h1", settle_for_snapshot=settle)
 
 
 def leftovers(root: Path) -> list[str]:
@@ -99,6 +102,7 @@ def test_save(store: SnapshotStore) -> None:
     assert meta["key"] == KEY and meta["image"] == "bookworm"
     assert meta["memory_bytes"] == 1000 and meta["disk_bytes"] == 300
     assert meta["saved_seconds"] >= 0
+    assert meta["dom0_settle"]["zeroed_mib"] == 640 and meta["dom0_settle"]["seconds"] >= 0
     assert leftovers(store.root) == []
     # The machine wrote into a temporary directory, not the final one.
     (tmp,) = machine.calls
