@@ -35,6 +35,24 @@ TOOLS = [
 ]
 
 
+def libvirt_status(uri: str = "qemu:///system") -> str:
+    """Whether the libvirt backend could run here; it is optional, so this only informs."""
+    try:
+        import libvirt  # type: ignore[import-not-found]
+    except ImportError:
+        return "libvirt-python not installed (pip install 'nested-xen[libvirt]')"
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        return f"{uri} does not answer ({str(exc).splitlines()[0]})"
+    try:
+        version = conn.getLibVersion()
+        return f"{uri} answers (libvirt {version // 1000000}.{version // 1000 % 1000})"
+    finally:
+        conn.close()
+
+
 def doctor_findings() -> list[tuple[bool, str, str]]:
     """(ok, what, how to fix) for everything a run needs."""
     from .accel import HostFacts, nested_kvm_problem
@@ -48,6 +66,16 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
     findings.append((True, "accelerator: " + ("KVM with nested virtualization" if problem is None
                                               else f"TCG (slower) because {problem}"),
                      "enable nested virtualization in kvm_amd/kvm_intel for speed"))
+    if problem is not None and shutil.which("qemu-system-x86_64"):
+        from .machines.qemu import qemu_version, tcg_qemu_problem
+
+        line = qemu_version("qemu-system-x86_64")
+        qemu_problem = tcg_qemu_problem(line)
+        findings.append((qemu_problem is None, f"QEMU for TCG: {line}" + (f": {qemu_problem}" if qemu_problem
+                                                                          else ""),
+                         "./setup (Debian bookworm: QEMU 10.0 from bookworm-backports), or a QEMU >= 8.0"))
+    findings.append((True, "libvirt backend (optional, --backend libvirt): " + libvirt_status(),
+                     "./setup --libvirt"))
     if os.geteuid() != 0:
         userns = Path("/proc/sys/kernel/unprivileged_userns_clone")
         ok = not userns.exists() or userns.read_text().strip() == "1"

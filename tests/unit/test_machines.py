@@ -449,3 +449,22 @@ def test_snapshot_uses_mapped_ram_where_present(spec: MachineSpec, tmp_path: Pat
     # Restoring a mapped-ram snapshot defers the incoming side until the capability is set.
     cmd = QemuMachine(spec).command_line(incoming=files)
     assert arg_after(cmd, "-incoming") == ("defer" if stream == "mapped-ram" else f"exec:cat {files.memory}")
+
+
+# ------------------------------------------------------------ QEMU version gate (TCG)
+
+
+@pytest.mark.parametrize("line, version, bad", [
+    ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2), True),
+    ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0), False),
+    ("QEMU emulator version 8.0.0", (8, 0), False),
+    ("something else", None, False),
+])
+def test_tcg_qemu_gate(line: str, version: tuple[int, int] | None, bad: bool) -> None:
+    from harness.machines.qemu import parse_qemu_version, tcg_qemu_problem
+
+    assert parse_qemu_version(line) == version
+    problem = tcg_qemu_problem(line)
+    assert (problem is not None) == bad
+    if bad:
+        assert "triple-fault" in problem and "bookworm-backports" in problem
