@@ -100,6 +100,8 @@ class SnapshotStore:
                 meta = dict(meta, saved_seconds=round(time.monotonic() - started, 2), stream=files.stream,
                             dom0_settle=settled,
                             memory_bytes=files.memory.stat().st_size,
+                            # mapped-ram leaves zero pages as holes: what the file really holds
+                            memory_allocated_bytes=files.memory.stat().st_blocks * 512,
                             disk_bytes=files.disk.stat().st_size)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
                 shutil.rmtree(self.path(key), ignore_errors=True)  # incomplete leftover
@@ -259,14 +261,16 @@ class Provisioner:
         if path:
             saved = json.loads((path / "meta.json").read_text())
             settled = saved.get("dom0_settle", {})
+            on_disk = saved.get("memory_allocated_bytes", saved["memory_bytes"]) / 2**20
             self.progress(f"[{host.name}] saved L1 snapshot {key} in {saved['saved_seconds']:.1f} s "
-                          f"({saved['memory_bytes'] / 2**20:.0f} MiB memory stream; dom0 page cache "
+                          f"({on_disk:.0f} MiB of memory on disk; dom0 page cache "
                           f"dropped and {settled.get('zeroed_mib', 0)} MiB free memory zeroed first, "
                           f"{settled.get('seconds', 0):.1f} s)")
 
     def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
         """Everything that shapes a snapshot; a change to any of it makes a new one."""
-        prep = [AGENT_PATH, WATCH_PATH, Path(__file__)]
+        # provision.py prepares dom0; host.py settles its memory before the save.
+        prep = [AGENT_PATH, WATCH_PATH, Path(__file__), Path(__file__).with_name("host.py")]
         if self.setup_guests:
             prep.append(Path(__file__).with_name("guests.py"))
         if payload:
