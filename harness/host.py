@@ -7,10 +7,8 @@ host (versions, capabilities, dom0 mode) that checks are gated on.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
 from .remote import Remote
+from .settle import settle_dom0_memory
 from .xen import XenInfo, Xl
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,7 @@ class HostFacts:
     virt_caps: frozenset[str]
     xen_caps: frozenset[str]
     accel: str
+    qemu_version: str = "0"  # of the L1's QEMU, "10.0": a nested-SVM fault under TCG can be QEMU's
 
     def as_dict(self) -> dict:
         return {
@@ -49,10 +49,23 @@ class HostFacts:
             "virt_caps": sorted(self.virt_caps),
             "xen_caps": sorted(self.xen_caps),
             "accel": self.accel,
+            "qemu_version": self.qemu_version,
         }
 
 
-def image_facts(recipe: HostRecipe, image: HostImage, accel: str) -> HostFacts:
+def l1_qemu_version(spec: object) -> str:
+    """"10.0" for the QEMU that runs this L1 (the local binary; a remote libvirt host's
+    QEMU is not asked), "0" when unknown."""
+    from .machines.qemu import parse_qemu_version, qemu_version
+
+    try:
+        version = parse_qemu_version(qemu_version(getattr(spec, "qemu_binary", "qemu-system-x86_64")))
+    except Exception:  # a missing binary here must not cost the facts
+        return "0"
+    return f"{version[0]}.{version[1]}" if version else "0"
+
+
+def image_facts(recipe: HostRecipe, image: HostImage, accel: str, qemu: str = "0") -> HostFacts:
     """What a host of this image is expected to report, read from the image's file names
     (``xen-4.17-amd64.gz`` -> 4.17, ``vmlinuz-6.1.0-50-amd64`` -> 6.1.0-50-amd64) and the
     dom0 mode asked for: the facts of a host that did not come up (known boot issues)."""
@@ -66,6 +79,7 @@ def image_facts(recipe: HostRecipe, image: HostImage, accel: str) -> HostFacts:
         virt_caps=frozenset(),
         xen_caps=frozenset(),
         accel=accel,
+        qemu_version=qemu,
     )
 
 
@@ -102,41 +116,6 @@ def boot_stages(remote: Remote, timeouts: Timeouts) -> list[Stage]:
         Stage("dom0-ssh", timeouts.dom0_ssh, "dom0 did not answer over SSH",
               probe=remote.try_connect, interval=1.0),
     ]
-
-
-# Run in dom0 before a snapshot (python3 is in every host image: the agent needs it).
-# Anonymous pages come zeroed from the kernel; writing zeros into them and exiting
-# leaves that much free memory all zero. A reserve stays untouched so nothing in dom0
-# is pushed out or OOM-killed.
-_ZERO_FREE_MEMORY = r"""
-import ctypes, json, mmap, os
-libc = ctypes.CDLL(None, use_errno=True)
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14: the kernel faults the pages in (zeroed), no copy
-def populate(m, size):
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    if libc.madvise(addr, size, MADV_POPULATE_WRITE) != 0:
-        m.write(zeros)
-def free_mib():
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemFree:"):
-            return int(line.split()[1]) // 1024
-os.sync()
-before = free_mib()
-with open("/proc/sys/vm/drop_caches", "w") as f:
-    f.write("3\n")
-chunk, zeros, maps = 32 << 20, bytes(32 << 20), []
-budget = max(0, free_mib() - max(96, free_mib() // 10))
-while budget >= 32:
-    m = mmap.mmap(-1, chunk)
-    populate(m, chunk)
-    maps.append(m)
-    budget -= 32
-zeroed = len(maps) * 32
-for m in maps:
-    m.close()
-print(json.dumps({"memfree_before_mib": before, "zeroed_mib": zeroed, "memfree_after_mib": free_mib()}))
-"""
 
 
 @dataclass
@@ -179,7 +158,8 @@ class XenHost:
             out = self.remote.check_output(
                 "uname -r; cat /sys/hypervisor/guest_type 2>/dev/null || echo unknown", timeout=30
             ).split()
-            accel = getattr(getattr(self.machine, "spec", None), "accel", None)
+            spec = getattr(self.machine, "spec", None)
+            accel = getattr(spec, "accel", None)
             self._facts = HostFacts(
                 xen_version=info.xen_version,
                 kernel_release=out[0],
@@ -187,6 +167,7 @@ class XenHost:
                 virt_caps=info.virt_caps,
                 xen_caps=info.xen_caps,
                 accel=accel.accel if accel else "unknown",
+                qemu_version=l1_qemu_version(spec),
             )
         return self._facts
 
@@ -199,8 +180,7 @@ class XenHost:
         zero the free pages (QEMU sends a zero page as a flag, not 4 KiB). The stream
         shrinks by the dom0 memory that held old data, and a restore loads that much less.
         Returns dom0's MemFree before and after, in MiB."""
-        out = self.remote.run_expect(f"python3 -c {shlex.quote(_ZERO_FREE_MEMORY)}", timeout=300)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return settle_dom0_memory(self.remote)
 
     @property
     def link(self) -> LinkPorts:

@@ -2,7 +2,7 @@
 
 An entry names a check (``plugins/FILE.py::test_name``), optionally the guest
 types, Xen and dom0-kernel version ranges (PEP 440 specifiers against what the
-booted host reports), dom0 modes and accelerators it applies to, with the reason
+booted host reports), dom0 modes, accelerators and QEMU versions it applies to, with the reason
 and a link. A matching test is marked ``xfail(strict=True)``: while the issue
 stands the run shows it as XFAIL with the reason; once fixed, the XPASS fails
 the run so the entry gets removed instead of hiding a fix. An entry marked
@@ -24,7 +24,7 @@ from .config import REPO_ROOT, ConfigError
 from .plugins import version_of
 
 KNOWN_ISSUES = REPO_ROOT / "known_issues.yaml"
-KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "reason", "link", "flaky", "console"}
+KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "reason", "link", "flaky", "console"}
 # The check name of an entry about the host itself not coming up (Xen or dom0 does
 # not boot): it is matched against what the image and the run say (Xen version from
 # the image's Xen file, dom0 mode, accelerator) since the host never reports, and its
@@ -44,6 +44,7 @@ class KnownIssue:
     kernel: SpecifierSet | None = None
     dom0: tuple[str, ...] = ()
     accel: tuple[str, ...] = ()
+    qemu: SpecifierSet | None = None  # the L1's QEMU version: TCG's nested SVM faults are QEMU's
     flaky: bool = False  # an intermittent fault cannot be a strict xfail: it would XPASS at random
     console: re.Pattern[str] | None = None  # boot entries: what the failure or serial log shows
 
@@ -57,6 +58,9 @@ class KnownIssue:
         if self.kernel is not None and not self.kernel.contains(version_of(facts.kernel_release), True):
             return False
         if self.dom0 and facts.dom0_mode not in self.dom0:
+            return False
+        if self.qemu is not None and not self.qemu.contains(
+                version_of(getattr(facts, "qemu_version", "0")), True):
             return False
         return not (self.accel and facts.accel not in self.accel)
 
@@ -94,6 +98,7 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
         try:
             xen = SpecifierSet(entry["xen"]) if entry.get("xen") else None
             kernel = SpecifierSet(entry["kernel"]) if entry.get("kernel") else None
+            qemu = SpecifierSet(entry["qemu"]) if entry.get("qemu") else None
         except InvalidSpecifier as exc:
             raise ConfigError(f"{where}: {exc}") from None
         try:
@@ -103,7 +108,7 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
         issues.append(KnownIssue(
             check=entry["check"], reason=entry["reason"], link=entry.get("link", ""),
             guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,
-            dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")),
+            dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")), qemu=qemu,
             flaky=bool(entry.get("flaky", False)), console=console,
         ))
     return issues

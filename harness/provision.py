@@ -269,8 +269,8 @@ class Provisioner:
 
     def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
         """Everything that shapes a snapshot; a change to any of it makes a new one."""
-        # provision.py prepares dom0; host.py settles its memory before the save.
-        prep = [AGENT_PATH, WATCH_PATH, Path(__file__), Path(__file__).with_name("host.py")]
+        # provision.py prepares dom0; settle.py empties its free memory before the save.
+        prep = [AGENT_PATH, WATCH_PATH, Path(__file__), Path(__file__).with_name("settle.py")]
         if self.setup_guests:
             prep.append(Path(__file__).with_name("guests.py"))
         if payload:

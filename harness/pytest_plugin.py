@@ -401,12 +401,13 @@ def expected_boot_failure(provisioner: Provisioner, image_name: str, exc: Except
                           issues: list) -> str | None:
     """The reason, when a known issue (``check: boot``) says this host cannot come up and
     the failure (its message or the serial log) shows that issue; else None."""
-    from .host import image_facts
+    from .host import image_facts, l1_qemu_version
     from .known_issues import boot_issue
 
     try:
         recipe, image = provisioner.image(image_name)
-        facts = image_facts(recipe, image, provisioner.accel.accel)
+        facts = image_facts(recipe, image, provisioner.accel.accel,
+                            l1_qemu_version(getattr(provisioner, "cfg", None)))
     except Exception:  # noqa: BLE001 - no image, no prediction: the real error stands
         return None
     text = str(exc)

@@ -45,6 +45,21 @@ def test_match_by_guest_versions_and_accel(tmp_path):
     assert match(issues, check, "pvh", kvm) is None
 
 
+def test_match_by_qemu_version(tmp_path):
+    issues = load_known_issues(write(tmp_path, """
+- check: plugins/guests_smoke.py::test_probe_reported_every_page
+  guests: [pvh, hvm]
+  accel: tcg
+  qemu: "<8"
+  reason: QEMU 7.2's nested SVM
+"""))
+    check = "plugins/guests_smoke.py::test_probe_reported_every_page"
+    old_qemu = SimpleNamespace(**{**vars(FACTS), "qemu_version": "7.2"})
+    new_qemu = SimpleNamespace(**{**vars(FACTS), "qemu_version": "10.0"})
+    assert match(issues, check, "pvh", old_qemu) is not None
+    assert match(issues, check, "pvh", new_qemu) is None
+
+
 @pytest.mark.parametrize("text, message", [
     ("- check: x\n", "`reason` is required"),
     ("- check: x\n  reason: r\n  colour: red\n", "unknown key"),
