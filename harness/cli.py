@@ -66,14 +66,13 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
     findings.append((True, "accelerator: " + ("KVM with nested virtualization" if problem is None
                                               else f"TCG (slower) because {problem}"),
                      "enable nested virtualization in kvm_amd/kvm_intel for speed"))
-    if problem is not None and shutil.which("qemu-system-x86_64"):
-        from .machines.qemu import qemu_version, tcg_qemu_problem
+    cache = RunConfig().resolved_cache_dir()
+    from .machines.qemu import qemu_candidates
 
-        line = qemu_version("qemu-system-x86_64")
-        qemu_problem = tcg_qemu_problem(line)
-        findings.append((qemu_problem is None, f"QEMU for TCG: {line}" + (f": {qemu_problem}" if qemu_problem
-                                                                          else ""),
-                         "./setup (Debian bookworm: QEMU 10.0 from bookworm-backports), or a QEMU >= 8.0"))
+    qemus = qemu_candidates("qemu-system-x86_64", cache)
+    findings.append((True, "QEMU builds: " + (", ".join(f"{b} ({v[0]}.{v[1]})" for b, v in qemus) or "none")
+                     + "; a recipe's qemu_tcg range picks one under TCG (trixie: >=8)",
+                     "./setup unpacks QEMU 10.0 from bookworm-backports into the cache"))
     findings.append((True, "libvirt backend (optional, --backend libvirt): " + libvirt_status(),
                      "./setup --libvirt"))
     if os.geteuid() != 0:

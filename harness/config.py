@@ -264,6 +264,10 @@ class HostRecipe:
     memory_mb: int = 3072
     dom0_mem_mb: int = 1024
     free_space_mb: int = 2048
+    # The QEMU versions (PEP 440 specifier, e.g. ">=8") that run this image's Xen and its
+    # L2 guests under TCG, whose nested SVM differs by QEMU release; the harness takes
+    # the configured QEMU if it fits, else a private one ./setup unpacked. Empty: any.
+    qemu_tcg: str = ""
 
     def key_material(self) -> dict[str, Any]:
         """What shapes the built image (the file path does not)."""
@@ -271,7 +275,7 @@ class HostRecipe:
         data.pop("path")
         data.pop("description")
         # Boot-time settings do not change the disk; they are keyed by the machine.
-        for k in ("xen_cmdline", "dom0_cmdline", "memory_mb", "dom0_mem_mb", "dom0"):
+        for k in ("xen_cmdline", "dom0_cmdline", "memory_mb", "dom0_mem_mb", "dom0", "qemu_tcg"):
             data.pop(k)
         return data
 

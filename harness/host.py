@@ -83,6 +83,16 @@ def image_facts(recipe: HostRecipe, image: HostImage, accel: str, qemu: str = "0
     )
 
 
+def qemu_for(recipe: HostRecipe, cfg: RunConfig, accel: AccelChoice) -> str:
+    """The run's QEMU, or under TCG one that meets the recipe's ``qemu_tcg`` range."""
+    if accel.accel != "tcg" or not recipe.qemu_tcg or cfg.backend != "qemu":
+        return cfg.qemu_binary
+    from .machines.qemu import find_qemu
+
+    return find_qemu(recipe.qemu_tcg, cfg.qemu_binary, cfg.resolved_cache_dir(),
+                     why=f"recipe {recipe.name}: qemu_tcg")
+
+
 def machine_spec(
     name: str, recipe: HostRecipe, image: HostImage, cfg: RunConfig, accel: AccelChoice,
     run_dir: Path, link: LinkPorts | None = None,
@@ -102,7 +112,7 @@ def machine_spec(
         cpus=cfg.cpus,
         accel=accel,
         run_dir=run_dir,
-        qemu_binary=cfg.qemu_binary,
+        qemu_binary=qemu_for(recipe, cfg, accel),
         link=link,
         iommu=pvh,
     )

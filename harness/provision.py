@@ -27,7 +27,7 @@ from .config import HostRecipe, RunConfig, load_recipe
 from .host import XenHost, machine_spec
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
 from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
-from .machines.qemu import QemuMachine, Registry, qemu_version, tcg_qemu_problem
+from .machines.qemu import QemuMachine, Registry, qemu_version
 from .remote import CommandFailed, RemoteError
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,6 @@ class Provisioner:
         self.guest_payload = guest_payload
         self.setup_guests = setup_guests
         self._images: dict[str, tuple[HostRecipe, HostImage]] = {}
-        self._qemu_checked = False
         if cfg.rebuild:
             self.snapshots.drop_all()
 
@@ -159,7 +158,6 @@ class Provisioner:
         With ``link_to``, the new host's link NIC is wired to that host's: a private
         network of two L1s over UDP on 127.0.0.1."""
         recipe, image = self.image(image_name)
-        self._warn_about_qemu()
         link = link_to.link.reversed() if link_to else None
         spec = machine_spec(label, recipe, image, self.cfg, self.accel, run_dir, link)
         mode = snapshot or self.cfg.snapshot
@@ -175,16 +173,6 @@ class Provisioner:
         if mode != "off":
             self._save(key, host, image, spec)
         return host
-
-    def _warn_about_qemu(self) -> None:
-        """Once per run: say so when this QEMU is known to break L2 guests under TCG."""
-        if self._qemu_checked or self.accel.accel != "tcg" or self.cfg.backend != "qemu":
-            return
-        self._qemu_checked = True
-        problem = tcg_qemu_problem(qemu_version(self.cfg.qemu_binary))
-        if problem:
-            log.warning("%s", problem)
-            self.progress(f"WARNING: {problem}")
 
     def _new_host(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage) -> XenHost:
         if self.cfg.backend == "libvirt":

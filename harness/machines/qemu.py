@@ -73,27 +73,56 @@ def qemu_version(binary: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
-# Oldest QEMU whose TCG runs Xen's L2 guests here (measured: 7.2 makes Linux 6.12 PVH
-# and HVM guests triple-fault at their first interrupt, CR2 in the cpu_entry_area IDT;
-# 10.0 runs them). 8.0 is the first major after 7.2; older ones are not trusted.
-TCG_MIN_QEMU = (8, 0)
-
-
 def parse_qemu_version(line: str) -> tuple[int, int] | None:
     """(major, minor) from `qemu-system-x86_64 --version`'s first line."""
     m = re.search(r"version (\d+)\.(\d+)", line)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def tcg_qemu_problem(line: str) -> str | None:
-    """Why this QEMU is a poor choice for nested Xen under TCG, or None."""
-    version = parse_qemu_version(line)
-    if version is None or version >= TCG_MIN_QEMU:
+# Private QEMU builds ./setup unpacks (cache/qemu/<version>/usr/bin/...): a recipe can
+# need another QEMU than the system's for TCG's nested SVM (see HostRecipe.qemu_tcg).
+PRIVATE_QEMU_GLOB = "qemu/*/usr/bin/qemu-system-x86_64"
+
+
+def _version_of_binary(binary: str) -> tuple[int, int] | None:
+    path = shutil.which(binary)
+    if path is None:
         return None
-    return (f"QEMU {version[0]}.{version[1]} emulates nested SVM badly under TCG: Xen's PVH and "
-            "HVM guests triple-fault (Linux 6.12 ones at once, 6.1 ones now and then); use QEMU >= "
-            f"{TCG_MIN_QEMU[0]}.{TCG_MIN_QEMU[1]} (on Debian bookworm ./setup installs 10.0 from "
-            "bookworm-backports)")
+    try:
+        return parse_qemu_version(qemu_version(path))
+    except (MachineStartError, OSError, subprocess.SubprocessError):
+        return None
+
+
+def qemu_candidates(preferred: str, cache_dir: Path) -> list[tuple[str, tuple[int, int]]]:
+    """(binary, version) of the configured QEMU, then of the private ones, newest first."""
+    private = [(str(p), v) for p in cache_dir.glob(PRIVATE_QEMU_GLOB)
+               if (v := _version_of_binary(str(p))) is not None]
+    private.sort(key=lambda c: c[1], reverse=True)
+    version = _version_of_binary(preferred)
+    return ([(preferred, version)] if version else []) + private
+
+
+def find_qemu(requirement: str, preferred: str, cache_dir: Path, why: str = "") -> str:
+    """The QEMU binary to run an L1 with: ``preferred`` when its version meets
+    ``requirement`` (a PEP 440 specifier such as ">=8"; empty: anything), else the
+    newest private QEMU that does. Raises MachineStartError saying how to get one."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if not requirement:
+        return preferred
+    candidates = qemu_candidates(preferred, cache_dir)
+    wanted = SpecifierSet(requirement)
+    for binary, version in candidates:
+        if wanted.contains(Version(f"{version[0]}.{version[1]}")):
+            return binary
+    have = ", ".join(f"{b} ({v[0]}.{v[1]})" for b, v in candidates) or "none"
+    raise MachineStartError(
+        f"this host image needs QEMU {requirement} under TCG{f' ({why})' if why else ''}; found: {have}. "
+        f"Run ./setup (on Debian bookworm it unpacks QEMU 10.0 from bookworm-backports into "
+        f"{cache_dir / 'qemu'}), or set qemu_binary in the run config to such a QEMU"
+    )
 
 
 def create_overlay(path: Path, backing: Path, backing_fmt: str) -> None:

@@ -451,20 +451,55 @@ def test_snapshot_uses_mapped_ram_where_present(spec: MachineSpec, tmp_path: Pat
     assert arg_after(cmd, "-incoming") == ("defer" if stream == "mapped-ram" else f"exec:cat {files.memory}")
 
 
-# ------------------------------------------------------------ QEMU version gate (TCG)
+# ------------------------------------------------------------ which QEMU runs an L1
 
 
-@pytest.mark.parametrize("line, version, bad", [
-    ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2), True),
-    ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0), False),
-    ("QEMU emulator version 8.0.0", (8, 0), False),
-    ("something else", None, False),
+def _fake_qemu(path: Path, version: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho 'QEMU emulator version {version} (fake)'\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("line, version", [
+    ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2)),
+    ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0)),
+    ("something else", None),
 ])
-def test_tcg_qemu_gate(line: str, version: tuple[int, int] | None, bad: bool) -> None:
-    from harness.machines.qemu import parse_qemu_version, tcg_qemu_problem
+def test_parse_qemu_version(line: str, version: tuple[int, int] | None) -> None:
+    from harness.machines.qemu import parse_qemu_version
 
     assert parse_qemu_version(line) == version
-    problem = tcg_qemu_problem(line)
-    assert (problem is not None) == bad
-    if bad:
-        assert "triple-fault" in problem and "bookworm-backports" in problem
+
+
+def test_find_qemu_takes_the_system_one_when_it_fits_else_a_private_one(tmp_path: Path) -> None:
+    from harness.machines.qemu import find_qemu, qemu_candidates
+
+    system = str(_fake_qemu(tmp_path / "bin" / "qemu-system-x86_64", "7.2.22"))
+    cache = tmp_path / "cache"
+    newest = _fake_qemu(cache / "qemu" / "10.0.2" / "usr/bin/qemu-system-x86_64", "10.0.2")
+    _fake_qemu(cache / "qemu" / "9.2.0" / "usr/bin/qemu-system-x86_64", "9.2.0")
+    assert [v for _b, v in qemu_candidates(system, cache)] == [(7, 2), (10, 0), (9, 2)]
+    assert find_qemu("", system, cache) == system
+    assert find_qemu("<8", system, cache) == system
+    assert find_qemu(">=8", system, cache) == str(newest)
+    assert find_qemu(">=9,<10", system, cache).endswith("9.2.0/usr/bin/qemu-system-x86_64")
+    with pytest.raises(MachineStartError, match=r"needs QEMU >=11 under TCG \(recipe x\).*7\.2.*\./setup"):
+        find_qemu(">=11", system, cache, why="recipe x")
+
+
+def test_machine_spec_uses_the_recipes_qemu_range_under_tcg_only(tmp_path: Path) -> None:
+    from harness.accel import AccelChoice
+    from harness.config import RunConfig, load_recipe
+    from harness.host import qemu_for
+
+    system = str(_fake_qemu(tmp_path / "bin" / "qemu-system-x86_64", "7.2.22"))
+    private = _fake_qemu(tmp_path / "cache" / "qemu" / "10.0.2" / "usr/bin/qemu-system-x86_64", "10.0.2")
+    cfg = RunConfig(qemu_binary=system, cache_dir=tmp_path / "cache")
+    trixie = load_recipe("trixie")
+    assert trixie.qemu_tcg, "trixie's recipe names the QEMU range its guests need under TCG"
+    tcg = AccelChoice(accel="tcg", cpu="qemu64,+svm,+npt", reason="test")
+    kvm = dataclasses.replace(tcg, accel="kvm", cpu="host")
+    assert qemu_for(trixie, cfg, tcg) == str(private)
+    assert qemu_for(trixie, cfg, kvm) == system
+    assert qemu_for(load_recipe("bookworm"), cfg, tcg) == system
