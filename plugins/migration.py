@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 
@@ -159,25 +160,18 @@ def check_budgets(rec: Record, mig) -> list[str]:
     return over
 
 
-def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run) -> Record:
-    """Run one operation under the watcher and turn what it saw into a Record."""
-    remote = xen_host.remote
-    rec = record_base(kind, guest, xen_host.facts(), xen_host.image.name, repeat)
-    watch = Watch(remote, guest.name)
-    time.sleep(1.0)  # a few ticks before the operation
-    try:
-        log, rc, seconds = run()
-    finally:
-        time.sleep(2.0)  # ticks after resume
-        ticks = tick_arrivals(watch.stop())
+def finish_record(rec: Record, *, log: str, rc: int, seconds: float, ticks: list, log_path: Path,
+                  dmesg, intact) -> Record:
+    """Fill ``rec`` from one operation: the toolstack's timestamped log (kept at
+    ``log_path``), its exit status and duration, and the probe's tick arrivals on the
+    clock of the log's timestamps. On failure ``dmesg()`` gives the hypervisor's view;
+    on success ``intact()`` lists the pages whose content changed."""
     rec.ok = rc == 0
-    logs = metrics.path.parent / "migration"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{guest.name}-{kind}-{repeat}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(log)
     rec.extra["toolstack_log"] = str(log_path)
     rec.total_s = round(seconds, 2)
-    span = log_span_ns(log)  # the operation's window on dom0's clock, like the ticks
+    span = log_span_ns(log)  # the operation's window, on the same clock as the ticks
     gap = largest_gap_s(ticks, *span) if rec.ok and span else None
     rec.downtime_s = round(gap, 3) if gap is not None else None
     rec.extra["ticks_seen"] = len(ticks)
@@ -187,11 +181,27 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
     rec.bytes_sent = parsed["bytes_sent"]
     rec.downtime_toolstack_s = parsed["downtime_toolstack_s"]
     if not rec.ok:
-        rec.extra["dmesg"] = "\n".join(xen_host.xl.dmesg().splitlines()[-25:])
-    if rec.ok:
-        bad = memory_intact(guest, agent)
+        rec.extra["dmesg"] = "\n".join(dmesg().splitlines()[-25:])
+    else:
+        bad = intact()
         rec.memory_intact = not bad
         rec.extra["corrupted_pages"] = bad[:10]
+    return rec
+
+
+def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run) -> Record:
+    """Run one operation under the watcher and turn what it saw into a Record."""
+    rec = record_base(kind, guest, xen_host.facts(), xen_host.image.name, repeat)
+    watch = Watch(xen_host.remote, guest.name)
+    time.sleep(1.0)  # a few ticks before the operation
+    try:
+        log, rc, seconds = run()
+    finally:
+        time.sleep(2.0)  # ticks after resume
+        ticks = tick_arrivals(watch.stop())
+    finish_record(rec, log=log, rc=rc, seconds=seconds, ticks=ticks,
+                  log_path=metrics.path.parent / "migration" / f"{guest.name}-{kind}-{repeat}.log",
+                  dmesg=xen_host.xl.dmesg, intact=lambda: memory_intact(guest, agent))
     metrics.add(rec)
     return rec
 
@@ -313,32 +323,15 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     # Put the destination's arrivals on the source's clock, where the window is.
     shift = src_off - dst_off
     ticks = src_ticks + [(t + shift, seq) for t, seq in dst_ticks]
-    rec.ok = result.rc == 0
-    logs = metrics.path.parent / "migration"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{guest.name}-two-host-{repeat}-{src.name}.log"
-    log_path.write_text(result.stdout)
-    rec.extra["toolstack_log"] = str(log_path)
+    log_name = f"{guest.name}-two-host-{repeat}-{src.name}.log"
+    finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds, ticks=ticks,
+                  log_path=metrics.path.parent / "migration" / log_name,
+                  dmesg=dst.xl.dmesg,
+                  intact=lambda: memory_intact(dataclasses.replace(guest, xl=dst.xl), agents[dst.name]))
     rec.extra["log_tail"] = result.stdout[-3000:]
-    rec.total_s = round(result.seconds, 2)
-    span = log_span_ns(result.stdout)
-    gap = largest_gap_s(ticks, *span) if rec.ok and span else None
-    rec.downtime_s = round(gap, 3) if gap is not None else None
-    rec.extra["ticks_seen"] = len(ticks)
-    parsed = parse_toolstack(result.stdout)
-    rec.iterations = parsed["iterations"]
-    rec.pages_per_iteration = parsed["pages_per_iteration"]
-    rec.downtime_toolstack_s = parsed["downtime_toolstack_s"]
     apply_stream_stats(rec, stream)
     # The source dom0's link NIC tx bytes: the SSH-encrypted stream on the wire.
     rec.extra["wire_bytes"] = after - before if before is not None and after is not None else None
-    if not rec.ok:
-        rec.extra["dmesg"] = "\n".join(dst.xl.dmesg().splitlines()[-25:])
-    else:
-        moved = dataclasses.replace(guest, xl=dst.xl)
-        bad = memory_intact(moved, agents[dst.name])
-        rec.memory_intact = not bad
-        rec.extra["corrupted_pages"] = bad[:10]
     metrics.add(rec)
     metrics.write()
     return rec

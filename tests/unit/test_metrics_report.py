@@ -80,3 +80,28 @@ def test_log_span_uses_the_logs_own_dom0_stamps():
 
     assert log_span_ns(XL_LOG) == (100_000_000_000, 102_900_000_000)
     assert log_span_ns("no stamps here\n") is None
+
+
+def test_finish_record_fills_both_migration_paths(tmp_path):
+    """plugins/migration.py's one record filler (save/restore, localhost and two-host)."""
+    from plugins.migration import finish_record
+
+    ticks = [(99_000_000_000, 1), (101_500_000_000, 2), (103_100_000_000, 3)]
+    calls = []
+    rec = finish_record(Record(kind="two_host_migrate"), log=XL_LOG, rc=0, seconds=2.91, ticks=ticks,
+                        log_path=tmp_path / "migration" / "g.log", dmesg=lambda: calls.append("dmesg"),
+                        intact=lambda: [])
+    assert rec.ok and rec.memory_intact and rec.total_s == 2.91
+    assert rec.downtime_s == 2.5  # 99.0 -> 101.5, the largest gap overlapping 100.0-102.9
+    assert rec.extra["ticks_seen"] == 3 and calls == []
+    assert (tmp_path / "migration" / "g.log").read_text() == XL_LOG
+
+    failed = finish_record(Record(kind="save_restore"), log=XL_LOG, rc=1, seconds=1.0, ticks=ticks,
+                           log_path=tmp_path / "f.log", dmesg=lambda: "(XEN) d1v0 Triple fault",
+                           intact=lambda: calls.append("intact") or [])
+    assert not failed.ok and failed.downtime_s is None and failed.memory_intact is None
+    assert failed.extra["dmesg"] == "(XEN) d1v0 Triple fault" and calls == []
+
+    corrupt = finish_record(Record(kind="localhost_migrate"), log=XL_LOG, rc=0, seconds=1.0, ticks=ticks,
+                            log_path=tmp_path / "c.log", dmesg=str, intact=lambda: ["page   0: hash"])
+    assert corrupt.memory_intact is False and corrupt.extra["corrupted_pages"] == ["page   0: hash"]
