@@ -54,13 +54,13 @@ class HostFacts:
 
 
 def l1_qemu_version(spec: object) -> str:
-    """"10.0" for the QEMU that runs this L1 (the local binary; a remote libvirt host's
-    QEMU is not asked), "0" when unknown."""
+    """"10.0" for the QEMU that runs this L1 (``spec.qemu_binary``, the local binary; a
+    remote libvirt host's QEMU is not asked), "0" when unknown."""
     from .machines.qemu import parse_qemu_version, qemu_version
 
     try:
         version = parse_qemu_version(qemu_version(getattr(spec, "qemu_binary", "qemu-system-x86_64")))
-    except Exception:  # a missing binary here must not cost the facts
+    except Exception:  # noqa: BLE001 - a missing binary here must not cost the facts
         return "0"
     return f"{version[0]}.{version[1]}" if version else "0"
 
