@@ -720,6 +720,7 @@ class LibvirtMachine(Machine):
         self.volumes: list[str] = []  # remote volumes this machine made
         self.tunnel: SshTunnel | None = None
         self._console = None
+        self._console_conn = None
         self._pump: threading.Thread | None = None
         self._remote_label: str | None = None
         self.started_at = 0.0
@@ -841,8 +842,13 @@ class LibvirtMachine(Machine):
         return self.conn.lookupByName(self.name)
 
     def _open_console(self) -> None:
-        stream = self.conn.newStream(0)
-        self.dom.openConsole(None, stream, self.libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        # The console gets a connection of its own: a blocking stream recv in the pump
+        # thread and the main thread's calls on one shared client were seen to hang
+        # (virDomainGetState never returned while the pump waited for console data).
+        self._console_conn = connect(self.uri.uri)
+        dom = self._console_conn.lookupByName(self.name)
+        stream = self._console_conn.newStream(0)
+        dom.openConsole(None, stream, self.libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self._console = stream
         self._pump = threading.Thread(target=self._pump_console, args=(stream,), daemon=True,
                                       name=f"console-{self.name}")
@@ -933,6 +939,10 @@ class LibvirtMachine(Machine):
         if self._pump is not None:
             self._pump.join(timeout=10)
             self._pump = None
+        if self._console_conn is not None:
+            with contextlib.suppress(Exception):
+                self._console_conn.close()
+            self._console_conn = None
         if self.tunnel is not None:
             self.tunnel.close()
             self.tunnel = None
