@@ -66,9 +66,9 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
     findings.append((True, "accelerator: " + ("KVM with nested virtualization" if problem is None
                                               else f"TCG (slower) because {problem}"),
                      "enable nested virtualization in kvm_amd/kvm_intel for speed"))
-    cache = RunConfig().resolved_cache_dir()
     from .machines.qemu import qemu_candidates
 
+    cache = RunConfig().resolved_cache_dir()
     qemus = qemu_candidates("qemu-system-x86_64", cache)
     findings.append((True, "QEMU builds: " + (", ".join(f"{b} ({v[0]}.{v[1]})" for b, v in qemus) or "none")
                      + "; a recipe's qemu_tcg range picks one under TCG (trixie: >=8)",
@@ -82,8 +82,6 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
                          "rootless image builds: mmdebstrap --mode=unshare needs user namespaces "
                          "and newuidmap",
                          "apt-get install uidmap; sysctl kernel.unprivileged_userns_clone=1"))
-    cfg = RunConfig()
-    cache = cfg.resolved_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(cache).free / 2**30
     findings.append((free_gb >= 10, f"disk: {free_gb:.0f} GiB free in {cache} (an image takes ~3, "

@@ -17,6 +17,7 @@ from .accel import AccelChoice
 from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
+from .machines.qemu import find_qemu, qemu_version_label
 from .remote import Remote
 from .settle import settle_dom0_memory
 from .xen import XenInfo, Xl
@@ -53,18 +54,6 @@ class HostFacts:
         }
 
 
-def l1_qemu_version(spec: object) -> str:
-    """"10.0" for the QEMU that runs this L1 (``spec.qemu_binary``, the local binary; a
-    remote libvirt host's QEMU is not asked), "0" when unknown."""
-    from .machines.qemu import parse_qemu_version, qemu_version
-
-    try:
-        version = parse_qemu_version(qemu_version(getattr(spec, "qemu_binary", "qemu-system-x86_64")))
-    except Exception:  # noqa: BLE001 - a missing binary here must not cost the facts
-        return "0"
-    return f"{version[0]}.{version[1]}" if version else "0"
-
-
 def image_facts(recipe: HostRecipe, image: HostImage, accel: str, qemu: str = "0") -> HostFacts:
     """What a host of this image is expected to report, read from the image's file names
     (``xen-4.17-amd64.gz`` -> 4.17, ``vmlinuz-6.1.0-50-amd64`` -> 6.1.0-50-amd64) and the
@@ -87,8 +76,6 @@ def qemu_for(recipe: HostRecipe, cfg: RunConfig, accel: AccelChoice) -> str:
     """The run's QEMU, or under TCG one that meets the recipe's ``qemu_tcg`` range."""
     if accel.accel != "tcg" or not recipe.qemu_tcg or cfg.backend != "qemu":
         return cfg.qemu_binary
-    from .machines.qemu import find_qemu
-
     return find_qemu(recipe.qemu_tcg, cfg.qemu_binary, cfg.resolved_cache_dir(),
                      why=f"recipe {recipe.name}: qemu_tcg")
 
@@ -177,7 +164,7 @@ class XenHost:
                 virt_caps=info.virt_caps,
                 xen_caps=info.xen_caps,
                 accel=accel.accel if accel else "unknown",
-                qemu_version=l1_qemu_version(spec),
+                qemu_version=qemu_version_label(getattr(spec, "qemu_binary", "qemu-system-x86_64")),
             )
         return self._facts
 

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -402,15 +401,15 @@ def expected_boot_failure(provisioner: Provisioner, image_name: str, exc: Except
                           issues: list) -> str | None:
     """The reason, when a known issue (``check: boot``) says this host cannot come up and
     the failure (its message or the serial log) shows that issue; else None."""
-    from .host import image_facts, l1_qemu_version, qemu_for
+    from .host import image_facts, qemu_for
     from .known_issues import boot_issue
+    from .machines.qemu import qemu_version_label
 
     try:
         recipe, image = provisioner.image(image_name)
         cfg = getattr(provisioner, "cfg", None)
         # The QEMU this host would run on: the recipe may need another than the run's.
-        qemu = l1_qemu_version(SimpleNamespace(qemu_binary=qemu_for(recipe, cfg, provisioner.accel))
-                               if cfg is not None else None)
+        qemu = qemu_version_label(qemu_for(recipe, cfg, provisioner.accel)) if cfg is not None else "0"
         facts = image_facts(recipe, image, provisioner.accel.accel, qemu)
     except Exception:  # noqa: BLE001 - no image, no prediction: the real error stands
         return None

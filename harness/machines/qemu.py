@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -62,7 +63,10 @@ def free_link() -> LinkPorts:
     return LinkPorts(local, peer)
 
 
+@functools.cache
 def qemu_version(binary: str) -> str:
+    """The first line of ``binary --version``. Asked once per binary and process: the
+    snapshot key, its metadata, the host facts and the QEMU choice all need it."""
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
@@ -92,6 +96,13 @@ def _version_of_binary(binary: str) -> tuple[int, int] | None:
         return parse_qemu_version(qemu_version(path))
     except (MachineStartError, OSError, subprocess.SubprocessError):
         return None
+
+
+def qemu_version_label(binary: str) -> str:
+    """"10.0" for ``binary``, "0" when it is missing or says no version (host facts and
+    known-issue matching compare it as a version)."""
+    version = _version_of_binary(binary)
+    return f"{version[0]}.{version[1]}" if version else "0"
 
 
 def qemu_candidates(preferred: str, cache_dir: Path) -> list[tuple[str, tuple[int, int]]]:
