@@ -111,17 +111,17 @@ def apt_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_host_apt_deb822(apt_dir: Path) -> None:
     (apt_dir / "sources.list.d/debian.sources").write_text("""\
 Types: deb
-URIs: http://security.example.org/debian-security
+URIs: file:/srv/apt/debian-security
 Suites: bookworm-security
 Components: main
 
 Types: deb deb-src
-URIs: http://deb.example.org/debian/
+URIs: file:/srv/apt/debian/
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 """)
-    assert imaging._host_apt_mirror() == "http://deb.example.org/debian/"
+    assert imaging._host_apt_mirror() == "file:/srv/apt/debian/"
 
 
 def test_host_apt_one_line(apt_dir: Path) -> None:
