@@ -126,16 +126,16 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 def test_host_apt_one_line(apt_dir: Path) -> None:
     (apt_dir / "sources.list").write_text("""\
-# deb http://commented.example.org/debian bookworm main
-deb-src http://src.example.org/debian bookworm main
-deb http://security.example.org/debian-security bookworm-security main
-deb [arch=amd64 signed-by=/usr/share/keyrings/debian.gpg] http://one.example.org/debian bookworm main
+# deb file:/srv/apt/commented/debian bookworm main
+deb-src file:/srv/apt/src/debian bookworm main
+deb file:/srv/apt/debian-security bookworm-security main
+deb [arch=amd64 signed-by=/usr/share/keyrings/debian.gpg] file:/srv/apt/one/debian bookworm main
 """)
-    assert imaging._host_apt_mirror() == "http://one.example.org/debian"
+    assert imaging._host_apt_mirror() == "file:/srv/apt/one/debian"
 
 
 def test_host_apt_ubuntu_is_not_a_debian_mirror(apt_dir: Path) -> None:
-    (apt_dir / "sources.list").write_text("deb http://archive.ubuntu.com/ubuntu jammy main\n")
+    (apt_dir / "sources.list").write_text("deb file:/srv/apt/ubuntu jammy main\n")
     assert imaging._host_apt_mirror() is None
 
 
@@ -144,15 +144,15 @@ def test_host_apt_nothing(apt_dir: Path) -> None:
 
 
 def test_host_apt_list_file_in_sources_list_d(apt_dir: Path) -> None:
-    (apt_dir / "sources.list.d/debian.list").write_text("deb http://list.example.org/debian bookworm main\n")
-    assert imaging._host_apt_mirror() == "http://list.example.org/debian"
+    (apt_dir / "sources.list.d/debian.list").write_text("deb file:/srv/apt/list/debian bookworm main\n")
+    assert imaging._host_apt_mirror() == "file:/srv/apt/list/debian"
 
 
 def test_debootstrap_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     script = tmp_path / "debootstrap"
-    script.write_text('#!/bin/sh\nDEF_MIRROR="http://ds.example.org/debian"\nDEF_HTTPS_MIRROR="x"\n')
+    script.write_text('#!/bin/sh\nDEF_MIRROR="file:/srv/apt/ds/debian"\nDEF_HTTPS_MIRROR="x"\n')
     monkeypatch.setattr(imaging.shutil, "which", lambda name: str(script))
-    assert imaging._debootstrap_default() == "http://ds.example.org/debian"
+    assert imaging._debootstrap_default() == "file:/srv/apt/ds/debian"
     script.unlink()
     assert imaging._debootstrap_default() is None
 
