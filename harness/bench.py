@@ -63,7 +63,7 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
     if "guests" in seed.timings:
         results["cold_guests_ready_s"] = seed.timings["guests"]
     seed.stop()
-    restore, guests, running = [], [], []
+    restore, ssh, guests, running = [], [], [], []
     for i in range(runs):
         host = snap.host(name, f"bench-restore-{i}", run_root / f"restore-{i}", snapshot="auto")
         try:
@@ -75,12 +75,18 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
         finally:
             host.stop()
         restore.append(host.timings["restore"])
+        ssh.append(host.timings.get("restore_ssh", host.timings["restore"]))
         running.append(host.timings.get("restore_running", 0.0))
-        guests.append(round(host.timings["restore"] + adopted, 2))
-        progress(f"restore {i + 1}/{runs}: dom0 {host.timings['restore']:.2f} s, "
-                 f"guests ready {guests[-1]:.2f} s")
+        guests.append(round(ssh[-1] + adopted, 2))
+        progress(f"restore {i + 1}/{runs}: dom0 answered {host.timings['restore']:.2f} s, "
+                 f"SSH {ssh[-1]:.2f} s, guests ready {guests[-1]:.2f} s")
+    # restore_s: to dom0 answering a command (on the virtio-serial channel, which also
+    # sets its clock; over SSH where the snapshot has no channel). restore_ssh_s: to an
+    # SSH session that ran a command, which the checks need.
     results["restore_s"] = _median(restore)
     results["restore_all_s"] = restore
+    results["restore_ssh_s"] = _median(ssh)
+    results["restore_ssh_all_s"] = ssh
     # Of which: QEMU start + memory loaded + VM running (the rest is dom0 answering SSH).
     results["restore_to_vm_running_s"] = _median(running)
     results["restore_to_guests_ready_s"] = _median(guests)

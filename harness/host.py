@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .accel import AccelChoice
+from .agent.channel import Channel
 from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
@@ -127,6 +128,8 @@ class XenHost:
     timings: dict[str, float] = field(default_factory=dict)
     _facts: HostFacts | None = None
     guest_pool: object = None  # harness.guests.GuestPool, attached by the pytest plugin
+    # The virtio-serial channel to dom0's nxchannel.py (None: this backend has none).
+    channel: Channel | None = None
 
     @property
     def xl(self) -> Xl:
@@ -137,7 +140,8 @@ class XenHost:
                timeouts: Timeouts) -> XenHost:
         host, _port = machine.ssh_address
         remote = Remote(host, _port, image.ssh_key, label=name, default_timeout=timeouts.command)
-        return cls(name, machine, remote, image, recipe)
+        channel = Channel(machine.channel_path, label=name) if machine.channel_path else None
+        return cls(name, machine, remote, image, recipe, channel=channel)
 
     def boot(self, timeouts: Timeouts) -> None:
         """Start the machine and wait for each readiness stage in turn."""
@@ -172,6 +176,12 @@ class XenHost:
         """Set dom0's clock to the harness's (a restored snapshot's clock is old)."""
         self.remote.run_expect(f"date -u -s @{time.time():.3f} >/dev/null", timeout=30)
 
+    def sync_clock_over_channel(self, timeout: float) -> dict:
+        """Set dom0's clock through the channel: the first thing a restored dom0 answers.
+        Returns nxchannel.py's answer (dom0's uptime and new wall clock)."""
+        assert self.channel is not None
+        return self.channel.request("set_clock", timeout=timeout, epoch=time.time)
+
     def settle_for_snapshot(self) -> dict:
         """Make dom0's memory cheap to snapshot: write back and drop the page cache, then
         zero the free pages (QEMU sends a zero page as a flag, not 4 KiB). The stream
@@ -204,4 +214,6 @@ class XenHost:
     def stop(self) -> None:
         self.guest_pool = None
         self.remote.close()
+        if self.channel is not None:
+            self.channel.close()
         self.machine.stop()

@@ -123,6 +123,8 @@ class SnapshotFiles:
     memory: Path
     disk: Path
     stream: str = "stream"
+    # dom0's nxchannel.py answered before the save: a restore can ask it first.
+    channel: bool = False
 
 
 CRASH_PATTERNS = (
@@ -148,6 +150,12 @@ class Machine(abc.ABC):
     @property
     @abc.abstractmethod
     def ssh_address(self) -> tuple[str, int]: ...
+
+    @property
+    def channel_path(self) -> Path | None:
+        """The host end (a UNIX socket) of the virtio-serial channel to dom0's
+        nxchannel.py, or None where this backend has none."""
+        return None
 
     @abc.abstractmethod
     def start(self, incoming: SnapshotFiles | None = None) -> None: ...

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 NAME_PREFIX = "nested-xen-"
 QMP_SOCKET_PREFIX = "nx-qmp-"
+CHANNEL_SOCKET_PREFIX = "nx-chan-"
+# The virtio-serial port dom0's nxchannel.py answers on (/dev/virtio-ports/<name>).
+CHANNEL_NAME = "org.nested-xen.channel"
+CHANNEL_SLOT = 0x5
 LINK_SLOT = 0x6  # PCI slot of the private link NIC (dom0 names it ens6)
 
 
@@ -212,11 +216,13 @@ class Registry:
 
     @staticmethod
     def _reap_sockets(tmp: Path = Path("/tmp")) -> None:
-        """QMP sockets (``nx-qmp-<harness pid>-<label>.sock``) of harness runs that are gone."""
-        for sock in tmp.glob(f"{QMP_SOCKET_PREFIX}*.sock"):
-            pid = sock.name[len(QMP_SOCKET_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                sock.unlink(missing_ok=True)
+        """QMP and channel sockets (``nx-qmp-<harness pid>-<label>.sock``, ``nx-chan-...``)
+        of harness runs that are gone."""
+        for prefix in (QMP_SOCKET_PREFIX, CHANNEL_SOCKET_PREFIX):
+            for sock in tmp.glob(f"{prefix}*.sock"):
+                pid = sock.name[len(prefix):].split("-", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    sock.unlink(missing_ok=True)
 
 
 _alive = pid_alive
@@ -257,6 +263,10 @@ class QemuMachine(Machine):
         return Path(f"/tmp/{QMP_SOCKET_PREFIX}{os.getpid()}-{self.spec.name}.sock")
 
     @property
+    def channel_path(self) -> Path:
+        return Path(f"/tmp/{CHANNEL_SOCKET_PREFIX}{os.getpid()}-{self.spec.name}.sock")
+
+    @property
     def ssh_address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
@@ -287,6 +297,11 @@ class QemuMachine(Machine):
             "-device", "virtio-net-pci,netdev=net0,addr=0x3,mac=52:54:00:12:34:56",
             "-chardev", f"file,id=ser0,path={self.serial_log}",
             "-serial", "chardev:ser0",
+            # dom0's nxchannel.py: answers as soon as a restored VM runs (no sshd fork,
+            # no key exchange), and when SSH does not.
+            "-device", f"virtio-serial-pci,id=vser0,addr={CHANNEL_SLOT:#x}",
+            "-chardev", f"socket,id=nxchan,path={self.channel_path},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev=nxchan,name={CHANNEL_NAME}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
         # Every L1 has the link NIC, linked or not, so that one snapshot serves both;
@@ -326,6 +341,7 @@ class QemuMachine(Machine):
         (self.run_dir / "qemu.cmdline").write_text(" ".join(cmd) + "\n")
         self.serial_log.unlink(missing_ok=True)
         self.qmp_path.unlink(missing_ok=True)
+        self.channel_path.unlink(missing_ok=True)
         log.info("starting %s: %s", self.spec.name, " ".join(cmd))
         stderr = open(self.run_dir / "qemu.log", "w")  # noqa: SIM115 - owned by the child
         try:
@@ -496,6 +512,7 @@ class QemuMachine(Machine):
         if self._registry_entry:
             self._registry_entry.unlink(missing_ok=True)
         self.qmp_path.unlink(missing_ok=True)
+        self.channel_path.unlink(missing_ok=True)
         for disk in self.run_dir.glob("disk*.qcow2"):
             disk.unlink(missing_ok=True)
 

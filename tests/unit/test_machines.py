@@ -232,6 +232,21 @@ def test_command_line(spec: MachineSpec) -> None:
     assert arg_after(cmd, "-qmp").startswith("unix:/tmp/")
 
 
+def test_channel_port_is_a_virtio_serial_port_on_a_host_socket(spec: MachineSpec) -> None:
+    m = QemuMachine(spec)
+    cmd = m.command_line()
+    chardevs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-chardev"]
+    devices = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]
+    assert f"socket,id=nxchan,path={m.channel_path},server=on,wait=off" in chardevs
+    assert "virtio-serial-pci,id=vser0,addr=0x5" in devices
+    assert "virtserialport,bus=vser0.0,chardev=nxchan,name=org.nested-xen.channel" in devices
+    assert len(str(m.channel_path)) < 108  # AF_UNIX path limit
+    # behind the IOMMU of a PVH dom0 like every virtio device
+    iommu = QemuMachine(dataclasses.replace(spec, iommu=True)).command_line()
+    assert any(d.startswith("virtio-serial-pci,") and "iommu_platform=on" in d
+               for d in (iommu[i + 1] for i, a in enumerate(iommu) if a == "-device"))
+
+
 def test_command_line_incoming(spec: MachineSpec, tmp_path: Path) -> None:
     files = SnapshotFiles(memory=tmp_path / "snap/memory", disk=tmp_path / "snap/disk.qcow2")
     cmd = QemuMachine(spec).command_line(incoming=files)
