@@ -77,3 +77,35 @@ def test_file_and_relay_modes(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert copy.read_bytes() == data, "the relay must pass the stream through unchanged"
     assert json.loads(out.read_text())["pages_per_iteration"] == [10, 2]
+
+
+def test_need_and_passed_see_only_headers_and_pfns() -> None:
+    """The relay reads what need() asks for and lets the rest go by unseen (splice):
+    the counts equal those of a full read, and page contents are never looked at."""
+    data = stream([list(range(3000)), [5, 17, 2999], [4]], tail=page_data([9], kind=XTAB))
+    stats, at, seen = StreamStats(), 0, 0
+    while at < len(data):
+        want = stats.need()
+        if want == 0:
+            n = min(stats.skip, 65536) if stats.skip else 65536
+            stats.passed(len(data[at:at + n]))
+            at += n
+            continue
+        chunk = data[at:at + want]
+        stats.feed(chunk)
+        seen += len(chunk)
+        at += len(chunk)
+    got = stats.as_dict()
+    assert got["pages_per_iteration"] == [3000, 3, 1] and got["complete"]
+    assert got["stream_bytes"] == len(data)
+    assert seen < len(data) // 50, f"read {seen} of {len(data)} bytes: page contents were read"
+
+
+def test_relay_of_a_large_stream_is_byte_exact(tmp_path) -> None:
+    data = stream([list(range(5000)), list(range(0, 5000, 7))])
+    out, copy = tmp_path / "stats.json", tmp_path / "copy"
+    proc = subprocess.run([sys.executable, nxstream.__file__, "relay", str(out), "--",
+                           "sh", "-c", f"cat > {copy}"], input=data, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert copy.read_bytes() == data
+    assert json.loads(out.read_text())["pages_per_iteration"] == [5000, 715]
