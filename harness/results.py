@@ -186,15 +186,29 @@ def totals(results: Iterable[CheckResult]) -> str:
     return ", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no checks ran"
 
 
+def image_times(results: Iterable[CheckResult]) -> dict[str, tuple[int, float]]:
+    """Per image: how many tests ran and their summed durations (setup, call and
+    teardown, so a host's boot or restore counts for the image that waited on it):
+    in a serial run, how long that image took."""
+    out: dict[str, tuple[int, float]] = {}
+    for r in results:
+        n, seconds = out.get(r.image, (0, 0.0))
+        out[r.image] = (n + 1, round(seconds + r.duration, 1))
+    return out
+
+
 def markdown(results: list[CheckResult], records: Sequence[Record] = ()) -> str:
     """The run as Markdown: hosts, the matrix, every test that did not pass, measurements."""
     parts = ["## nested-xen results", ""]
     if results:
+        times = image_times(results)
         hosts = sorted({(r.image, r.dom0_mode, r.xen_version, r.kernel_release, r.accel)
                         for r in results if r.xen_version})
         parts += [f"**{totals(results)}** ({len(results)} tests)", ""]
         if hosts:
-            parts += [markdown_table(("image", "dom0", "Xen", "dom0 kernel", "accel"), hosts), ""]
+            rows = [(*h, str(times[h[0]][0]), f"{times[h[0]][1]:.0f} s") for h in hosts]
+            parts += [markdown_table(("image", "dom0", "Xen", "dom0 kernel", "accel", "tests", "time"),
+                                     rows), ""]
         parts += [markdown_table(*_matrix_rows(results)), "", LEGEND, ""]
         order = list(OUTCOMES)
         others = sorted((r for r in results if r.outcome != "passed"),
@@ -234,4 +248,6 @@ class ResultsPlugin:
             return
         terminalreporter.section("nested-xen results: plugin x image x guest type")
         terminalreporter.write_line(matrix_table(results))
+        for image, (n, seconds) in image_times(results).items():
+            terminalreporter.write_line(f"image {image or '(none)'}: {n} tests in {seconds:.0f} s")
         terminalreporter.write_line(f"results: {self.json_path}  summary: {self.markdown_path}")

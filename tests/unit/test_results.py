@@ -106,13 +106,20 @@ def test_markdown_summary() -> None:
     text = markdown(RUN, records)
     assert text.startswith("## nested-xen results\n\n"
                            "**1 failed, 3 passed, 1 skipped, 1 xfailed** (6 tests)\n")
-    assert "| bookworm | pv | 4.17.5 | 6.1.0-50-amd64 | tcg |" in text
+    # the host table says how many tests each image ran and how long they took
+    assert "| bookworm | pv | 4.17.5 | 6.1.0-50-amd64 | tcg | 5 | 8 s |" in text
     assert "| translation | bookworm | pv | - | 1P | 1F 1x | - |" in text
     # failures first, and a `|` in a reason does not break the table
     not_passed = text[text.index("### Not passed"):text.index("### Measurements")].splitlines()
     assert [line.split(" | ")[1] for line in not_passed[4:7]] == ["failed", "skipped", "xfailed"]
     assert r"1 of 64 pages \| differ" in not_passed[4]
     assert "| bookworm | save_restore | pv | 256 | idle | 1 | 0 | 10.00 [10.00-10.00] |" in text
+
+
+def test_image_times_sum_the_durations_per_image() -> None:
+    from harness.results import image_times
+
+    assert image_times(RUN) == {"bookworm": (5, 7.5), "trixie": (1, 1.5)}
 
 
 def test_markdown_without_checks() -> None:
