@@ -43,9 +43,13 @@ class CheckSpec:
     caps: tuple[str, ...] = ()
     dom0: tuple[str, ...] = DOM0_MODES
     fresh_host: bool = False
+    # Capabilities needed for one guest type only: {"pv": ("shadow",)} (a PV guest's
+    # log-dirty mode, which live migration needs, is shadow paging).
+    guest_caps: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def skip_reason(self, facts: Any) -> str | None:
-        """None if the booted host satisfies this spec; else why not, as a sentence."""
+    def skip_reason(self, facts: Any, guest_type: str | None = None) -> str | None:
+        """None if the booted host satisfies this spec (for ``guest_type``, when the
+        test has one); else why not, as a sentence."""
         if self.xen is not None and not self.xen.contains(version_of(facts.xen_version), True):
             return f"needs Xen {self.xen}, host runs {facts.xen_version}"
         if self.kernel is not None and not self.kernel.contains(
@@ -56,6 +60,11 @@ class CheckSpec:
         if missing:
             have = ", ".join(sorted(facts.virt_caps))
             return f"needs Xen capabilities {', '.join(missing)}; host has {have}"
+        for guest, needed in self.guest_caps:
+            missing = [c for c in needed if c not in facts.virt_caps]
+            if guest == guest_type and missing:
+                have = ", ".join(sorted(facts.virt_caps))
+                return f"needs Xen capabilities {', '.join(missing)} for a {guest} guest; host has {have}"
         if facts.dom0_mode not in self.dom0:
             return f"needs a {' or '.join(self.dom0)} dom0, host has {facts.dom0_mode}"
         return None
@@ -95,7 +104,9 @@ def _subset(name: str, values: Iterable[str] | None, allowed: tuple[str, ...], w
 
 def make_spec(where: str = "check", *, guests: Iterable[str] | None = None, xen: str | None = None,
               kernel: str | None = None, caps: Iterable[str] = (), dom0: Iterable[str] | None = None,
-              fresh_host: bool = False) -> CheckSpec:
+              fresh_host: bool = False, guest_caps: dict[str, Iterable[str]] | None = None) -> CheckSpec:
+    per_guest = tuple((guest, tuple(needed)) for guest, needed in (guest_caps or {}).items())
+    _subset("guest_caps", [g for g, _ in per_guest] or None, GUEST_TYPES, where)
     return CheckSpec(
         guests=_subset("guests", guests, GUEST_TYPES, where),
         xen=_spec("xen", xen, where),
@@ -103,17 +114,19 @@ def make_spec(where: str = "check", *, guests: Iterable[str] | None = None, xen:
         caps=tuple(caps),
         dom0=_subset("dom0", dom0, DOM0_MODES, where),
         fresh_host=fresh_host,
+        guest_caps=per_guest,
     )
 
 
 def check(*, guests: Iterable[str] | None = None, xen: str | None = None, kernel: str | None = None,
           caps: Iterable[str] = (), dom0: Iterable[str] | None = None,
-          fresh_host: bool = False) -> Callable[[F], F]:
-    """Declare a plugin check's guest types, version ranges and needs."""
+          fresh_host: bool = False, guest_caps: dict[str, Iterable[str]] | None = None) -> Callable[[F], F]:
+    """Declare a plugin check's guest types, version ranges and needs (``caps`` for
+    every guest type, ``guest_caps`` for some: ``{"pv": ["shadow"]}``)."""
 
     def decorate(func: F) -> F:
         spec = make_spec(func.__qualname__, guests=guests, xen=xen, kernel=kernel, caps=caps,
-                         dom0=dom0, fresh_host=fresh_host)
+                         dom0=dom0, fresh_host=fresh_host, guest_caps=guest_caps)
         return pytest.mark.nx_check(spec=spec)(func)
 
     return decorate

@@ -500,12 +500,11 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     facts = request.getfixturevalue("host_facts")
     request.node.user_properties.extend(host_properties(facts))
     _stale_boot_issue(request, facts)
-    reason = spec_of(request.node).skip_reason(facts)
+    kind = request.node.callspec.params.get("guest_type") if hasattr(request.node, "callspec") else None
+    reason = spec_of(request.node).skip_reason(facts, kind)
     if reason:
         pytest.skip(reason)
-    issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node),
-                  request.node.callspec.params.get("guest_type")
-                  if hasattr(request.node, "callspec") else None, facts)
+    issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node), kind, facts)
     if issue:
         request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
 

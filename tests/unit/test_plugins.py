@@ -141,6 +141,17 @@ def test_caps_missing_lists_only_missing() -> None:
     assert "host has hap, hvm, pv, shadow" in reason
 
 
+def test_guest_caps_apply_to_their_guest_type_only() -> None:
+    spec = make_spec("c", guest_caps={"pv": ["shadow"]})
+    no_shadow = host(caps=("hap", "hvm", "pv"))
+    assert spec.skip_reason(no_shadow, "pv") == (
+        "needs Xen capabilities shadow for a pv guest; host has hap, hvm, pv")
+    assert spec.skip_reason(no_shadow, "pvh") is None
+    assert spec.skip_reason(host(), "pv") is None  # the default host has shadow
+    with pytest.raises(PluginError, match="guest_caps"):
+        make_spec("c", guest_caps={"xen": ["shadow"]})
+
+
 def test_dom0_mode() -> None:
     reason = make_spec("c", dom0=["pvh"]).skip_reason(host(dom0="pv"))
     assert reason == "needs a pvh dom0, host has pv"
