@@ -116,15 +116,16 @@ class CreatingRemote(FakeRemote):
 
 
 class CreatingXl(FakeXl):
-    """The first guest vanishes before printing anything; the second boots."""
+    """The first ``failures`` guests vanish (before printing anything, with
+    ``first_console`` empty); the next one boots."""
 
-    def __init__(self, first_console: str) -> None:
+    def __init__(self, first_console: str, failures: int = 1) -> None:
         super().__init__(CreatingRemote(first_console), None)
-        self.created = 0
+        self.created, self.failures = 0, failures
 
     def create(self, path):
         self.created += 1
-        if self.created > 1:
+        if self.created > self.failures:
             self.remote.console, self._domain = report_text(), running()
 
     def domid(self, name):
@@ -152,3 +153,23 @@ def test_a_guest_that_printed_something_is_not_retried(monkeypatch):
     with pytest.raises(GuestCrashed):
         guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
     assert xl.created == 1 and guests.EARLY_BOOT_CRASHES == []
+
+
+def test_shared_guest_is_created_again_until_it_boots(monkeypatch):
+    """A shared guest (every check of its type reads it) died in early boot twice in a
+    row here: the pool creates it again up to SHARED_EARLY_CRASH_RETRIES times."""
+    from harness import guests
+
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES)
+    pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
+    pool.adopt_or_create(("pvh",))
+    assert xl.created == guests.SHARED_EARLY_CRASH_RETRIES + 1
+    assert pool.guests["pvh"].report is not None
+    assert len(guests.EARLY_BOOT_CRASHES) == guests.SHARED_EARLY_CRASH_RETRIES
+
+    # one more early death than that is an error, not an endless loop
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES + 1)
+    with pytest.raises(GuestCrashed):
+        guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5).adopt_or_create(("pvh",))
