@@ -54,6 +54,10 @@ class MigrationConfig:
     # Relay `xl migrate`'s stream through harness/agent/nxstream.py to count pre-copy
     # iterations and pages per iteration (Xen 4.17's xl prints neither); off: plain ssh.
     stream_stats: bool = True
+    # How the stream goes from dom0 to dom0: "tcp" (nxstream.py serve/connect, plain,
+    # on 127.0.0.1 or the private link: under TCG ssh's emulated cipher costs more
+    # than the migration) or "ssh" (xl's default; counted with stream_stats).
+    transport: str = "tcp"
     max_total_s: float | None = None
     max_downtime_s: float | None = None
 
@@ -220,6 +224,9 @@ def _migration(source: str, items: dict[str, Any]) -> MigrationConfig:
             kwargs[key] = _typed(source, where, value, int)
         elif key == "stream_stats":
             kwargs[key] = _typed(source, where, value, bool)
+        elif key == "transport":
+            kwargs[key] = _typed(source, where, value, str)
+            _choice(source, where, kwargs[key], ("tcp", "ssh"))
         else:
             kwargs[key] = None if value is None else _typed(source, where, value, float)
     cfg = MigrationConfig(**kwargs)

@@ -94,7 +94,8 @@ LINK_DEV = "$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/)"  # dom0's priv
 
 def tx_bytes(remote, dev: str) -> int | None:
     """Bytes sent so far on a dom0 interface: the migration stream's size on the
-    wire (SSH-encrypted) is the difference across the operation."""
+    wire (ssh-encrypted, or plain over the tcp transport) is the difference across
+    the operation."""
     out = remote.run(f"cat /sys/class/net/{dev}/statistics/tx_bytes", timeout=30).stdout.strip()
     return int(out) if out.isdigit() else None
 
@@ -104,14 +105,69 @@ def install_stream_tool(host) -> None:
 
 
 def migrate_counted(remote, name: str, target: str, counted: bool, timeout: float = 1800):
-    """`xl migrate`, with the stream relayed through nxstream.py on its way to ssh
-    when ``counted`` (pre-copy iterations and pages per iteration); (result, stats)."""
+    """`xl migrate` over ssh, with the stream relayed through nxstream.py on its way to
+    ssh when ``counted`` (pre-copy iterations and pages per iteration); (result, stats)."""
     if not counted:
         return timed_xl(remote, f"migrate {shlex.quote(name)} {target}", timeout), {}
     out = f"/tmp/nxstream-{time.time_ns()}.json"
     relay = f"python3 {REMOTE_STREAM_TOOL} relay {out} -- ssh"
     result = timed_xl(remote, f"migrate -s {shlex.quote(relay)} {shlex.quote(name)} {target}", timeout)
     return result, _stream_stats(remote, f"cat {out}; rm -f {out}")
+
+
+def shift_log(log: str, seconds: float) -> list[tuple[float, str]]:
+    """(time, line) of a timestamped log (``<epoch s> <line>``), put on another clock."""
+    lines = []
+    for line in log.splitlines():
+        head, _, text = line.partition(" ")
+        try:
+            lines.append((float(head) + seconds, text))
+        except ValueError:
+            continue
+    return lines
+
+
+def merge_logs(sender: str, receiver: str, receiver_shift_s: float) -> str:
+    """The sender's xl log and the receiver's, in time order on the sender's clock (over
+    ssh the receiver's lines arrive in the sender's log; over tcp they are in its own)."""
+    lines = sorted(shift_log(sender, 0.0) + shift_log(receiver, receiver_shift_s), key=lambda x: x[0])
+    return "".join(f"{when:.6f} {text}\n" for when, text in lines)
+
+
+TCP_PORT = 8102  # the receiving dom0's migration port: on 127.0.0.1 or the private link
+
+
+def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_s: float = 0.0,
+                timeout: float = 1800):
+    """`xl migrate` over the TCP transport (nxstream.py serve on the receiving dom0,
+    connect on the sender, always counted); (result with both sides' logs, stats)."""
+    stamp = time.time_ns()
+    log, out = f"/tmp/nxserve-{stamp}.log", f"/tmp/nxstream-{stamp}.json"
+    pid = dst_remote.check_output(
+        f"nohup python3 {REMOTE_STREAM_TOOL} serve {address} {TCP_PORT} {log} -- xl -vvv migrate-receive "
+        f"> {log}.err 2>&1 & echo $!", timeout=30).strip()
+    try:
+        connect = f"python3 {REMOTE_STREAM_TOOL} connect {out} {address} {TCP_PORT}"
+        result = timed_xl(src_remote, f"migrate -s '' {shlex.quote(name)} {shlex.quote(connect)}", timeout)
+    finally:
+        # serve ends with xl migrate-receive; after a failure it may still wait for a connection
+        dst_remote.run(f"sleep 0.5; kill {pid} 2>/dev/null", timeout=30)
+        received = dst_remote.run(f"cat {log}; rm -f {log}", timeout=60).stdout
+        errors = dst_remote.run(f"cat {log}.err; rm -f {log}.err", timeout=60).stdout
+    merged = merge_logs(result.stdout, received, receiver_shift_s)
+    if errors.strip():  # nxstream serve's own complaints (no timestamps: they stay out of the span)
+        merged += "".join(f"nxstream serve: {line}\n" for line in errors.splitlines())
+    return dataclasses.replace(result, stdout=merged), _stream_stats(src_remote, f"cat {out}; rm -f {out}")
+
+
+def migrate_with(transport: str, src_remote, dst_remote, name: str, address: str, counted: bool,
+                 receiver_shift_s: float = 0.0):
+    """One live migration of ``name`` to the dom0 at ``address`` (``localhost`` or the
+    link), over the configured transport; (result, stream stats)."""
+    if transport == "tcp":
+        return migrate_tcp(src_remote, dst_remote, name, "127.0.0.1" if address == "localhost" else address,
+                           receiver_shift_s)
+    return migrate_counted(src_remote, name, address, counted)
 
 
 def _stream_stats(remote, command: str) -> dict:
@@ -277,8 +333,8 @@ def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, rec
 
         def run(holder=holder):
             before = tx_bytes(xen_host.remote, "lo")
-            result, holder["stream"] = migrate_counted(xen_host.remote, mig_guest.name, "localhost",
-                                                       mig.stream_stats)
+            result, holder["stream"] = migrate_with(mig.transport, xen_host.remote, xen_host.remote,
+                                                    mig_guest.name, "localhost", mig.stream_stats)
             after = tx_bytes(xen_host.remote, "lo")
             holder["log"] = result.stdout
             holder["wire"] = after - before if before is not None and after is not None else None
@@ -286,7 +342,8 @@ def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, rec
 
         rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
         apply_stream_stats(rec, holder.get("stream", {}))
-        rec.extra["wire_bytes"] = holder.get("wire")  # dom0 lo tx bytes: the SSH-encrypted stream
+        rec.extra["wire_bytes"] = holder.get("wire")  # dom0 lo tx bytes: the stream as carried
+        rec.extra["transport"] = mig.transport
         metrics.write()
         record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s,
                                             "downtime_toolstack_s": rec.downtime_toolstack_s})
@@ -309,7 +366,7 @@ def clock_offset_ns(remote, samples: int = 5) -> tuple[int, int]:
 
 
 def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, repeat: int,
-                    counted: bool = True) -> Record:
+                    counted: bool = True, transport: str = "tcp") -> Record:
     """Migrate ``guest`` from ``src`` to ``dst`` over the private link, timed like the
     localhost case; the memory check runs on ``dst``, where the guest now lives."""
     rec = record_base("two_host_migrate", guest, src.facts(), src.image.name, repeat)
@@ -321,7 +378,10 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     time.sleep(1.0)
     try:
         before = tx_bytes(src.remote, LINK_DEV)
-        result, stream = migrate_counted(src.remote, guest.name, dst_address, counted)
+        # the receiver's log lines, stamped by dst's clock, put on src's
+        shift_s = (src_off - dst_off) / 1e9
+        result, stream = migrate_with(transport, src.remote, dst.remote, guest.name, dst_address, counted,
+                                      shift_s)
         after = tx_bytes(src.remote, LINK_DEV)
     finally:
         time.sleep(2.0)
@@ -337,7 +397,8 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
                   intact=lambda: memory_intact(dataclasses.replace(guest, xl=dst.xl), agents[dst.name]))
     rec.extra["log_tail"] = result.stdout[-3000:]
     apply_stream_stats(rec, stream)
-    # The source dom0's link NIC tx bytes: the SSH-encrypted stream on the wire.
+    rec.extra["transport"] = transport
+    # The source dom0's link NIC tx bytes: the stream as carried on the wire.
     rec.extra["wire_bytes"] = after - before if before is not None and after is not None else None
     metrics.add(rec)
     metrics.write()
@@ -357,7 +418,8 @@ def test_two_host_migration(mig_guest, xen_host, peer_host, agent, metrics, nx_c
     here, there = (xen_host, f"{LINK_NET}.1"), (peer_host, f"{LINK_NET}.2")
     for repeat in range(mig.repeats):
         for (src, _), (dst, address) in ((here, there), (there, here)):
-            rec = migrate_between(mig_guest, src, dst, address, agents, metrics, repeat, mig.stream_stats)
+            rec = migrate_between(mig_guest, src, dst, address, agents, metrics, repeat, mig.stream_stats,
+                                  mig.transport)
             record_property(f"repeat{repeat}-{src.name}", {
                 "total_s": rec.total_s, "downtime_s": rec.downtime_s,
                 "downtime_toolstack_s": rec.downtime_toolstack_s,

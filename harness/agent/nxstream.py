@@ -13,15 +13,29 @@ little-endian, bodies padded to 8 octets).
     nxstream.py file PATH                 # a saved image (xl save)
     nxstream.py relay OUT.json -- CMD...  # xl migrate -s "nxstream.py relay OUT --
                                           #   ssh": counts the stream on its way
+    nxstream.py serve ADDR PORT LOG -- CMD...
+        # the receiving dom0: accept one TCP connection on ADDR:PORT and run CMD
+        # (xl migrate-receive) on it; CMD's stderr goes to LOG, each line prefixed
+        # with the wall clock ("<epoch s> <line>", like the sender's xl log)
+    nxstream.py connect OUT.json ADDR PORT
+        # the sending dom0: xl migrate -s '' DOMAIN "nxstream.py connect ...":
+        # xl's stream to ADDR:PORT, counted; the receiver's answers back to xl
+
+The TCP transport (serve + connect) carries the stream unencrypted between two
+dom0s on the harness's private link (or on 127.0.0.1): under TCG, ssh's cipher
+emulated instruction by instruction costs more than the migration itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 MARKER = b"\xff" * 8 + b"XENF"
 IMAGE_HEADER = 24
@@ -145,38 +159,40 @@ def parse_file(path: str) -> dict:
     return stats.as_dict()
 
 
-def relay(out_path: str, cmd: list[str]) -> int:
-    """Copy stdin to ``cmd``'s stdin, counting the stream; stdout goes straight through.
+def pump(src: int, dst: int, stats: StreamStats) -> None:
+    """Copy ``src`` to ``dst`` until EOF, counting the stream. Only record headers
+    and pfn arrays are read into this process: page contents (and everything after
+    the libxc part) are splice(2)d in the kernel, so under TCG the copy costs a few
+    syscalls per batch, not a pass of the guest's memory through Python."""
+    can_splice = hasattr(os, "splice")
+    while True:
+        want = stats.need()
+        if want == 0 and can_splice:
+            try:
+                moved = os.splice(src, dst, min(stats.skip, CHUNK) if stats.skip else CHUNK)
+            except OSError:  # neither end is a pipe: copy instead
+                can_splice = False
+                continue
+            if not moved:
+                return
+            stats.passed(moved)
+            continue
+        chunk = os.read(src, want or CHUNK)
+        if not chunk:
+            return
+        stats.feed(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
 
-    Only record headers and pfn arrays are read into this process: page contents
-    (and everything after the libxc part) are splice(2)d from pipe to pipe in the
-    kernel, so under TCG the relay costs a few syscalls per batch, not a copy of
-    the guest's memory."""
+
+def relay(out_path: str, cmd: list[str]) -> int:
+    """Copy stdin to ``cmd``'s stdin, counting the stream; stdout goes straight through."""
     stats = StreamStats()
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE)
     assert child.stdin is not None
-    fd = child.stdin.fileno()
-    can_splice = hasattr(os, "splice")
     try:
-        while True:
-            want = stats.need()
-            if want == 0 and can_splice:
-                try:
-                    moved = os.splice(0, fd, min(stats.skip, CHUNK) if stats.skip else CHUNK)
-                except OSError:  # not a pipe on either side: copy instead
-                    can_splice = False
-                    continue
-                if not moved:
-                    break
-                stats.passed(moved)
-                continue
-            chunk = os.read(0, want or CHUNK)
-            if not chunk:
-                break
-            stats.feed(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
+        pump(0, child.stdin.fileno(), stats)
     except BrokenPipeError:
         pass
     finally:
@@ -187,12 +203,77 @@ def relay(out_path: str, cmd: list[str]) -> int:
     return rc
 
 
+def _copy_back(sock: socket.socket, dst: int) -> None:
+    """The receiver's answers (a few lines of xl's protocol) back to xl."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+    os.close(dst)
+
+
+def connect(out_path: str, address: str, port: int, timeout: float = 60.0) -> int:
+    """The sender's end: stdin (xl's stream) to the socket, the socket to stdout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = socket.create_connection((address, port), timeout=10)
+            break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                print(f"nxstream connect: {address}:{port}: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    sock.settimeout(None)
+    back = threading.Thread(target=_copy_back, args=(sock, 1), daemon=True)
+    back.start()
+    stats = StreamStats()
+    try:
+        pump(0, sock.fileno(), stats)
+        sock.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionError):
+        pass
+    back.join()
+    sock.close()
+    with open(out_path, "w") as f:
+        json.dump(stats.as_dict(), f)
+    return 0
+
+
+def serve(address: str, port: int, log_path: str, cmd: list[str], timeout: float = 900.0) -> int:
+    """The receiver's end: one connection, ``cmd`` run on it; its stderr timestamped."""
+    server = socket.create_server((address, port))
+    server.settimeout(timeout)
+    try:
+        conn, _ = server.accept()
+    except TimeoutError:
+        print(f"nxstream serve: no connection within {timeout:g} s", file=sys.stderr)
+        return 1
+    finally:
+        server.close()
+    conn.settimeout(None)
+    with open(log_path, "w", buffering=1) as log:
+        child = subprocess.Popen(cmd, stdin=conn, stdout=conn, stderr=subprocess.PIPE)
+        conn.close()
+        assert child.stderr is not None
+        for line in child.stderr:
+            log.write(f"{time.time():.6f} {line.decode(errors='replace')}")
+        return child.wait()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[1] == "file":
         print(json.dumps(parse_file(argv[2])))
         return 0
     if len(argv) >= 5 and argv[1] == "relay" and argv[3] == "--":
         return relay(argv[2], argv[4:])
+    if len(argv) == 5 and argv[1] == "connect":
+        return connect(argv[2], argv[3], int(argv[4]))
+    if len(argv) >= 7 and argv[1] == "serve" and argv[5] == "--":
+        return serve(argv[2], int(argv[3]), argv[4], argv[6:])
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -105,3 +105,23 @@ def test_finish_record_fills_both_migration_paths(tmp_path):
     corrupt = finish_record(Record(kind="localhost_migrate"), log=XL_LOG, rc=0, seconds=1.0, ticks=ticks,
                             log_path=tmp_path / "c.log", dmesg=str, intact=lambda: ["page   0: hash"])
     assert corrupt.memory_intact is False and corrupt.extra["corrupted_pages"] == ["page   0: hash"]
+
+
+def test_tcp_transport_logs_merge_on_the_senders_clock() -> None:
+    """Over tcp the receiver's xl lines are in its own log, stamped by its own clock:
+    shifted onto the sender's and merged in time order, the toolstack downtime reads
+    from the sender's suspend to the receiver's start as it does over ssh."""
+    from harness.metrics import parse_toolstack
+    from plugins.migration import merge_logs
+
+    sender = ("100.0 xl: migrating\n"
+              "101.0 libxl: guest has suspended\n"
+              "103.0 Migration successful.\n")
+    receiver = ("1100.5 migration target: Ready to receive domain.\n"
+                "1101.5 migration target: Domain started successsfully.\n")
+    merged = merge_logs(sender, receiver, -1000.0)
+    assert [line.split(" ", 1)[0] for line in merged.splitlines()] == [
+        "100.000000", "100.500000", "101.000000", "101.500000", "103.000000"]
+    assert parse_toolstack(merged)["downtime_toolstack_s"] == 0.5
+    # unshifted, the receiver's start would come 1000 s late
+    assert parse_toolstack(merge_logs(sender, receiver, 0.0))["downtime_toolstack_s"] == 1000.5

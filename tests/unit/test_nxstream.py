@@ -109,3 +109,42 @@ def test_relay_of_a_large_stream_is_byte_exact(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert copy.read_bytes() == data
     assert json.loads(out.read_text())["pages_per_iteration"] == [5000, 715]
+
+
+def test_tcp_transport_serve_and_connect(tmp_path) -> None:
+    """serve runs its command on the accepted connection (stderr timestamped into the
+    log); connect carries stdin there, counted, and the command's answers back."""
+    import socket as socketlib
+    import time
+
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    receiver = tmp_path / "receiver.py"
+    receiver.write_text(
+        "import sys\n"
+        "data = sys.stdin.buffer.read()\n"
+        "print('receiver: got', len(data), 'bytes', file=sys.stderr)\n"
+        "sys.stdout.write(f'ack {len(data)}\\n')\n")
+    log, out = tmp_path / "receiver.log", tmp_path / "stats.json"
+    serve = subprocess.Popen([sys.executable, nxstream.__file__, "serve", "127.0.0.1", str(port), str(log),
+                              "--", sys.executable, str(receiver)])
+    data = stream([list(range(2000)), [3, 4]])
+    started = time.time()
+    sent = subprocess.run([sys.executable, nxstream.__file__, "connect", str(out), "127.0.0.1", str(port)],
+                          input=data, capture_output=True, timeout=60)
+    assert serve.wait(timeout=30) == 0
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout == f"ack {len(data)}\n".encode()
+    stamp, _, line = log.read_text().partition(" ")
+    assert line == f"receiver: got {len(data)} bytes\n" and abs(float(stamp) - started) < 30
+    assert json.loads(out.read_text())["pages_per_iteration"] == [2000, 2]
+
+
+def test_connect_gives_up_when_nobody_listens(tmp_path) -> None:
+    import socket as socketlib
+
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert nxstream.connect(str(tmp_path / "o.json"), "127.0.0.1", port, timeout=0.5) == 1
