@@ -156,7 +156,22 @@ class Guest:
                              f"{exc.result.stderr.strip() or exc.result.stdout.strip()}") from None
         self.timings["create"] = round(time.monotonic() - started, 2)
         self._created_at = started
-        self.domid = self.xl.domid(self.name)
+        try:
+            self.domid = self.xl.domid(self.name)
+        except XlError:
+            # Gone between `xl create` and `xl domid`: it died at once (on_crash=destroy),
+            # as a PVH guest under TCG nested SVM sometimes does in early boot.
+            raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list` right after "
+                               f"`xl create`; last console lines:\n{self.console_tail()}"
+                               f"{self._latest_faults()}") from None
+
+    def _latest_faults(self) -> str:
+        """The hypervisor's latest fault lines, for a guest whose domid is unknown."""
+        try:
+            lines = [line for line in self.xl.dmesg().splitlines() if "Triple fault" in line]
+        except XlError:
+            return ""
+        return "\nxl dmesg, latest faults:\n" + "\n".join(lines[-3:]) if lines else ""
 
     def console(self) -> str:
         path = shlex.quote(self.spec.console_log)
@@ -251,8 +266,8 @@ def start_guest(xl: Xl, spec: GuestSpec, timeout: float, early_crash_retries: in
     """
     for attempt in range(early_crash_retries + 1):
         guest = Guest(spec, xl)
-        guest.create()
         try:
+            guest.create()
             guest.wait_ready(timeout)
         except GuestCrashed as exc:
             guest.destroy()
@@ -332,7 +347,8 @@ class GuestPool:
     def adopt_or_create(self, types: tuple[str, ...], create: bool = True) -> None:
         """Take over shared guests that already run (a restored snapshot has them);
         with ``create``, create the missing ones all at once; then wait for each probe."""
-        pending = []
+        pending: list[Guest] = []
+        died: dict[str, GuestCrashed] = {}
         for guest_type in types:
             spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
             dom = self.xl.domain(spec.name)
@@ -343,12 +359,17 @@ class GuestPool:
             elif create:
                 if dom is not None:
                     guest.destroy()
-                guest.create()
+                try:
+                    guest.create()
+                except GuestCrashed as exc:  # died at once: handled with the others below
+                    died[guest_type] = exc
             else:
                 continue
             pending.append(guest)
         for guest in pending:
             try:
+                if guest.type in died:
+                    raise died[guest.type]
                 guest.wait_ready(self.timeout)
             except GuestCrashed as exc:
                 # The same early-boot death start_guest retries (see EARLY_BOOT_CRASHES).

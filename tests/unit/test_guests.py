@@ -173,3 +173,32 @@ def test_shared_guest_is_created_again_until_it_boots(monkeypatch):
     xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES + 1)
     with pytest.raises(GuestCrashed):
         guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5).adopt_or_create(("pvh",))
+
+
+class VanishingXl(CreatingXl):
+    """The first guest is gone before `xl domid` can find it (it died at once)."""
+
+    def domid(self, name):
+        from harness.xen import XlError
+
+        if self.created <= self.failures:
+            raise XlError(CommandResult(f"xl domid {name}", 1, "", "Can't get domid", "dom0", 0.0))
+        return 5
+
+
+def test_guest_gone_before_xl_domid_is_an_early_death_retried(monkeypatch):
+    """Seen in a CI pre-check: a PVH guest died between `xl create` and `xl domid`; that
+    is the same early-boot death as one that vanishes later, and is created again."""
+    from harness import guests
+
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = VanishingXl(first_console="")
+    guest = guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
+    assert xl.created == 2 and guest.report is not None
+    assert "right after `xl create`" in guests.EARLY_BOOT_CRASHES[0]["error"]
+
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = VanishingXl(first_console="")
+    pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
+    pool.adopt_or_create(("pvh",))
+    assert xl.created == 2 and pool.guests["pvh"].report is not None
