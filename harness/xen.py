@@ -77,7 +77,11 @@ class Domain:
 
     @property
     def running(self) -> bool:
-        return "r" in self.state or "b" in self.state
+        """Alive and unpaused: on a CPU (r), waiting for an event (b), or runnable but
+        waiting for a CPU, which `xl list` shows as no flag at all ("------"; seen for a
+        restored HVM guest on a busy 2-core TCG host). Not paused, shut down, crashed
+        or dying."""
+        return not any(flag in self.state for flag in "pscd")
 
     @property
     def crashed(self) -> bool:

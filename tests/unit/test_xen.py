@@ -111,6 +111,15 @@ def test_parse_xl_list() -> None:
     assert dying.dying and not dying.running
 
 
+@pytest.mark.parametrize(("state", "running"), [
+    ("r-----", True), ("-b----", True),
+    ("------", True),  # runnable, waiting for a CPU (a restored guest on a busy host)
+    ("--p---", False), ("---s--", False), ("----c-", False), ("-----d", False),
+])
+def test_running_means_alive_and_unpaused(state: str, running: bool) -> None:
+    assert Domain("g", 5, 256, 1, state).running is running
+
+
 def test_parse_xl_list_ignores_noise() -> None:
     text = XL_LIST + "libxl: warning: something odd\n\n"
     assert len(parse_xl_list(text)) == 4
