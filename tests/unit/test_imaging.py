@@ -164,7 +164,7 @@ def test_debootstrap_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_build_command(recipe: HostRecipe, tmp_path: Path, mode: str) -> None:
     recipe = dataclasses.replace(recipe, extra_suites=("bookworm-updates", "bookworm-backports"),
                                  components=("main", "contrib"))
-    mirror = "http://mirror.invalid/some/debian"
+    mirror = MIRROR
     overlay, stage, target = tmp_path / "overlay", tmp_path / "stage", tmp_path / "rootfs"
     cmd = build_command(recipe, mirror, overlay, stage, target, mode)
     assert cmd[0] == "mmdebstrap"
