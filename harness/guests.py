@@ -163,15 +163,7 @@ class Guest:
             # as a PVH guest under TCG nested SVM sometimes does in early boot.
             raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list` right after "
                                f"`xl create`; last console lines:\n{self.console_tail()}"
-                               f"{self._latest_faults()}") from None
-
-    def _latest_faults(self) -> str:
-        """The hypervisor's latest fault lines, for a guest whose domid is unknown."""
-        try:
-            lines = [line for line in self.xl.dmesg().splitlines() if "Triple fault" in line]
-        except XlError:
-            return ""
-        return "\nxl dmesg, latest faults:\n" + "\n".join(lines[-3:]) if lines else ""
+                               f"{self._xen_says()}") from None
 
     def console(self) -> str:
         path = shlex.quote(self.spec.console_log)
@@ -210,13 +202,18 @@ class Guest:
                                f"last console lines:\n{self.console_tail()}{self._xen_says()}")
 
     def _xen_says(self) -> str:
-        """What the hypervisor logged about this domain (a triple fault, say)."""
+        """What the hypervisor logged about this domain (a triple fault, say); for a
+        guest whose domid was never learned (gone right after `xl create`), Xen's
+        latest faults."""
         try:
-            lines = [line for line in self.xl.dmesg().splitlines()
-                     if f"d{self.domid}v" in line or f"Dom{self.domid} " in line
-                     or f"d{self.domid} " in line]
+            dmesg = self.xl.dmesg().splitlines()
         except XlError:
             return ""
+        if self.domid < 0:
+            lines = [line for line in dmesg if "Triple fault" in line]
+            return "\nxl dmesg, latest faults:\n" + "\n".join(lines[-3:]) if lines else ""
+        lines = [line for line in dmesg
+                 if f"d{self.domid}v" in line or f"Dom{self.domid} " in line or f"d{self.domid} " in line]
         if not lines:
             return ""
         tail = "\n".join(lines[-12:])
