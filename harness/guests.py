@@ -186,13 +186,13 @@ class Guest:
                 self.timings["ready"] = round(time.monotonic() - started, 2)
                 self.pages = [ProbePageInfo(p.index, p.pfn, p.sha256) for p in state.report.pages]
                 return state.report
-            self._check_alive()
+            self.check_alive()
             if time.monotonic() > deadline:
                 raise GuestTimeout(f"{self.name} ({self.type}): the probe did not report within "
                                    f"{timeout:.0f} s; last console lines:\n{self.console_tail()}")
             time.sleep(1.0)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         dom = self.xl.domain(self.name)
         if dom is None:
             raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list`; "
@@ -209,13 +209,12 @@ class Guest:
             dmesg = self.xl.dmesg().splitlines()
         except XlError:
             return ""
-        if self.domid < 0:
-            lines = [line for line in dmesg if "Triple fault" in line]
-            return "\nxl dmesg, latest faults:\n" + "\n".join(lines[-3:]) if lines else ""
         lines = [line for line in dmesg
                  if f"d{self.domid}v" in line or f"Dom{self.domid} " in line or f"d{self.domid} " in line]
-        if not lines:
-            return ""
+        if self.domid < 0 or not lines:
+            # never learned, or it changed since (xl restore gives a new domid)
+            lines = [line for line in dmesg if "Triple fault" in line]
+            return "\nxl dmesg, latest faults:\n" + "\n".join(lines[-3:]) if lines else ""
         tail = "\n".join(lines[-12:])
         return f"\nxl dmesg about d{self.domid}:\n{tail}"
 
@@ -226,6 +225,26 @@ class Guest:
         table = p2m(self.domid, [p.pfn for p in self.pages])
         for page in self.pages:
             page.mfn = table[page.pfn]
+
+    def replace_if_dead(self, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float,
+                        why: str) -> bool:
+        """If the domain died since it was last used (gone, or crashed), record that in
+        GUEST_DEATHS and create it again in place from its spec; ``why`` says when it was
+        found (``"before plugins/migration.py::test_x"``). A check that changes a guest
+        then starts from a live one, and a death it did not cause is reported, not blamed
+        on it. Returns whether the guest was replaced."""
+        try:
+            self.check_alive()
+            return False
+        except GuestCrashed as exc:
+            GUEST_DEATHS.append({"guest": self.name, "type": self.type, "found": why, "error": str(exc)})
+            log.warning("%s (%s) died %s; creating it again: %s", self.name, self.type, why, exc)
+        self.destroy()
+        fresh = start_guest(self.xl, self.spec, timeout)
+        fresh.resolve_mfns(p2m)
+        self.domid, self.report, self.pages = fresh.domid, fresh.report, fresh.pages
+        self.timings, self._created_at = fresh.timings, fresh._created_at
+        return True
 
     def destroy(self) -> None:
         """Destroy the domain if it exists. Idempotent."""
@@ -241,6 +260,10 @@ class Guest:
 # SVM (known_issues.yaml). Every such event is logged, counted and reported at the
 # end of the run (pytest terminal summary, artifacts/guest_boot_crashes.json).
 EARLY_BOOT_CRASHES: list[dict] = []
+# Guests found dead between checks (gone from `xl list`, or crashed) and created again
+# before the next check that uses them: Guest.replace_if_dead. Reported like
+# EARLY_BOOT_CRASHES (artifacts/guest_deaths.json).
+GUEST_DEATHS: list[dict] = []
 # How many times a shared guest (the one every check of its type reads, created before
 # the L1 snapshot) is created again after such a death: seen twice in a row here.
 SHARED_EARLY_CRASH_RETRIES = 3
@@ -333,7 +356,11 @@ class GuestPool:
             dom = self.xl.domain(guest.name)
             if dom is not None and not dom.crashed and dom.domid == guest.domid:
                 return guest
-            log.warning("shared %s guest is gone or crashed; creating another", guest_type)
+            state = "gone" if dom is None else f"state {dom.state}, domid {dom.domid}"
+            GUEST_DEATHS.append({"guest": guest.name, "type": guest_type,
+                                 "found": "when a check asked for it",
+                                 "error": f"shared guest was d{guest.domid}, now {state}"})
+            log.warning("shared %s guest is gone or crashed (%s); creating another", guest_type, state)
             guest.destroy()
         spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
         guest = start_guest(self.xl, spec, self.timeout)

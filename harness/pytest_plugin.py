@@ -264,19 +264,25 @@ def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    from .guests import EARLY_BOOT_CRASHES
+    from .guests import EARLY_BOOT_CRASHES, GUEST_DEATHS
 
-    if EARLY_BOOT_CRASHES:
+    for events, title, name in (
+            (EARLY_BOOT_CRASHES, "guests that died in early boot and were created again",
+             "guest_boot_crashes"),
+            (GUEST_DEATHS, "guests found dead between checks and created again", "guest_deaths")):
+        if not events:
+            continue
         import json
 
-        terminalreporter.section("guests that died in early boot and were created again")
-        for event in EARLY_BOOT_CRASHES:
+        terminalreporter.section(title)
+        for event in events:
             first = event["error"].splitlines()[0]
             triple = "triple fault" if "Triple fault" in event["error"] else "no Xen message"
-            terminalreporter.write_line(f"{event['guest']} ({event['type']}): {triple}: {first}")
-        path = config.stash[_CFG_KEY].artifacts_dir / "guest_boot_crashes.json"
+            found = f" {event['found']}" if "found" in event else ""
+            terminalreporter.write_line(f"{event['guest']} ({event['type']}){found}: {triple}: {first}")
+        path = config.stash[_CFG_KEY].artifacts_dir / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(EARLY_BOOT_CRASHES, indent=2) + "\n")
+        path.write_text(json.dumps(events, indent=2) + "\n")
     _measurements(config)  # under xdist: join the workers' metrics first
     sink = config.stash.get(_METRICS_KEY, None)
     if sink is None or not sink.records:

@@ -57,7 +57,7 @@ def _cfg_key():
 
 
 @pytest.fixture(scope="module")
-def mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
+def _mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
     mig = nx_config.migration
     if guest_type not in mig.guest_types + mig.two_host_guest_types:
         pytest.skip(f"{guest_type} is in neither migration.guest_types {list(mig.guest_types)} nor "
@@ -70,6 +70,14 @@ def mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
     with owned_guest(xen_host, spec, agent, artifacts_dir, nx_config.timeouts.guest_ready) as guest:
         guest.workload = workload
         yield guest
+
+
+@pytest.fixture
+def mig_guest(request, _mig_guest, agent, nx_config):
+    """The module's guest, alive: one that died since the last check (a crash in an
+    operation, or idle) is recorded and created again, so no check starts on a corpse."""
+    _mig_guest.replace_if_dead(agent.p2m, nx_config.timeouts.guest_ready, f"before {request.node.name}")
+    return _mig_guest
 
 
 class Watch:
@@ -202,6 +210,7 @@ def record_base(kind: str, guest, facts, image: str, repeat: int) -> Record:
 
 
 def memory_intact(guest, agent) -> list[str]:
+    guest.check_alive()  # a dead guest fails here with its console and Xen's word on it
     guest.domid = guest.xl.domid(guest.name)
     guest.resolve_mfns(agent.p2m)
     return content_mismatches(guest, agent, [p.gfn for p in guest.pages])

@@ -61,3 +61,29 @@ def test_bad_probe_option_is_reported_as_probe_error(host):
     with pytest.raises(GuestError, match="probe reported an error"):
         start_guest(host.xl, spec, timeout=120)
     assert _gone(host, spec.name)
+
+
+def test_guest_gone_between_checks_is_created_again(host, monkeypatch):
+    """A module's own guest that died between two checks is replaced in place before the
+    next one (Guest.replace_if_dead), and the replacement's pages are what dom0 maps."""
+    from harness import guests
+    from harness.agent.client import Agent
+
+    monkeypatch.setattr(guests, "GUEST_DEATHS", [])
+    agent = Agent(host.remote.as_runner())
+    guest = start_guest(host.xl, GuestSpec(type="pv", name="nx-fault-revive"), timeout=240)
+    try:
+        guest.resolve_mfns(agent.p2m)
+        old_domid, old_mfns = guest.domid, [p.mfn for p in guest.pages]
+        host.xl.destroy(guest.name)
+        assert guest.replace_if_dead(agent.p2m, 240, why="before the next check") is True
+        assert guest.domid != old_domid and host.xl.domain(guest.name).domid == guest.domid
+        [event] = guests.GUEST_DEATHS
+        assert event["found"] == "before the next check" and "gone from `xl list`" in event["error"]
+        assert [p.mfn for p in guest.pages] != old_mfns
+        mapped = agent.map_foreign(guest.domid, [p.gfn for p in guest.pages])
+        assert mapped.ok and [f.sha256 for f in mapped.frames] == [p.sha256 for p in guest.pages]
+        assert guest.replace_if_dead(agent.p2m, 240, why="again") is False
+    finally:
+        guest.destroy()
+    assert _gone(host, guest.name)

@@ -202,3 +202,40 @@ def test_guest_gone_before_xl_domid_is_an_early_death_retried(monkeypatch):
     pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
     pool.adopt_or_create(("pvh",))
     assert xl.created == 2 and pool.guests["pvh"].report is not None
+
+
+def test_guest_found_dead_between_checks_is_recorded_and_created_again(monkeypatch):
+    """Seen in CI: the migration module's PVH guest was gone when its next check began.
+    The check gets a live guest (same object, new domid and pages); the death is recorded."""
+    from harness import guests
+
+    monkeypatch.setattr(guests, "GUEST_DEATHS", [])
+    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
+    xl = CreatingXl(first_console="", failures=0)
+    xl._domain = None  # the old domain is gone
+    triple = "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1\n"
+    xl._dmesg = triple
+    old = Guest(GuestSpec(type="pvh", name="g"), xl, domid=3)
+    assert old.replace_if_dead(lambda domid, pfns: {}, timeout=5, why="before test_x") is True
+    assert xl.created == 1 and old.domid == 5 and [p.pfn for p in old.pages] == [100, 101]
+    [event] = guests.GUEST_DEATHS
+    assert event["found"] == "before test_x" and "Triple fault" in event["error"]
+
+    # a live guest is left alone
+    assert old.replace_if_dead(lambda domid, pfns: {}, timeout=5, why="before test_y") is False
+    assert xl.created == 1 and len(guests.GUEST_DEATHS) == 1
+
+
+def test_a_crashed_guest_is_destroyed_before_it_is_created_again(monkeypatch):
+    from harness import guests
+    from harness.xen import Domain
+
+    monkeypatch.setattr(guests, "GUEST_DEATHS", [])
+    xl = CreatingXl(first_console="", failures=0)
+    xl._domain = Domain("g", 3, 256, 1, "-----c")
+    destroyed = []
+    xl.destroy = destroyed.append
+    guest = Guest(GuestSpec(type="pv", name="g"), xl, domid=3)
+    assert guest.replace_if_dead(lambda domid, pfns: {p: p + 1000 for p in pfns}, timeout=5, why="w")
+    assert destroyed == ["g"] and guest.pages[0].mfn == 1100
+    assert "crashed" in guests.GUEST_DEATHS[0]["error"]
