@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 XEN_BANNER = r"Xen version \d+\.\d+"
 DOM0_KERNEL = r"Linux version \d+\.\d+"
 LINK_NET = "10.99.0"  # the private L1-to-L1 link; only the two L1s are on it
-LINK_MTU = 9000
+# A socket netdev carries each frame as one UDP datagram on 127.0.0.1 and has no
+# offloads, so fewer, larger frames win: measured here dom0 to dom0 over TCP, 100 MiB
+# took 12.4 s at MTU 1500, 10.7 s at 9000 and 3.6 s at 65000 (a datagram holds 65507).
+LINK_MTU = 65000
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,7 @@ class XenHost:
             "ip link set dev $dev down; "
             f"ip link set dev $dev address 52:54:00:12:35:{index:02x}; "
             f"ip addr flush dev $dev; ip addr add {address}/24 dev $dev; "
-            # Each frame is one UDP datagram between the QEMUs (a socket netdev has no
-            # offloads), so the per-packet cost dominates: jumbo frames cut the packets.
+            # Each frame is one UDP datagram between the QEMUs: see LINK_MTU.
             f"ip link set dev $dev mtu {LINK_MTU}; "
             "ip link set dev $dev up; echo $dev"
         )

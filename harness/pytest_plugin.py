@@ -16,6 +16,7 @@ each check's results go to results.json and summary.md (harness/results.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -451,25 +452,45 @@ def _healthy(host: XenHost) -> bool:
 
 @pytest.fixture
 def peer_host(xen_host: XenHost, provisioner: Provisioner, host_image_name: str,
-              artifacts_dir: Path) -> Iterator[XenHost]:
+              artifacts_dir: Path, nx_config: RunConfig) -> Iterator[XenHost]:
     """A second L1 from the same image, linked to ``xen_host`` by a private network
     (a UDP socket pair on 127.0.0.1 that only the two QEMUs use): dom0s at
     ``LINK_NET.1`` (xen_host) and ``LINK_NET.2`` (the peer). Restored from the same
     snapshot when there is one; its copies of the shared guests are destroyed."""
     label = f"{host_image_name}-{_worker()}-peer"
-    peer = provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label, link_to=xen_host)
-    try:
-        peer.xl.destroy_all_guests()
+    started = time.monotonic()
+    steps: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        steps[name] = time.monotonic() - started - sum(steps.values())
+
+    with contextlib.ExitStack() as stack:
+        # xen_host's guests wait, paused, while the peer comes up: see Xl.guests_paused.
+        with xen_host.xl.guests_paused():
+            step("pause")
+            peer = provisioner.host(host_image_name, label, artifacts_dir / "hosts" / label,
+                                    link_to=xen_host)
+            stack.callback(peer.stop)
+            step("host")
+            peer.xl.destroy_all_guests()
+            step("destroy_guests")
         xen_host.link_up(1)
         address = peer.link_up(2)
-        # What `xl migrate` itself needs: dom0 reaching the peer's sshd over the link.
-        reach = xen_host.remote.run(f"ssh -o ConnectTimeout=20 root@{address} true", timeout=90)
+        step("link_up")
+        if nx_config.migration.transport == "ssh":
+            # What `xl migrate` itself needs then: dom0 logging in to the peer's dom0.
+            probe = f"ssh -o ConnectTimeout=20 root@{address} true"
+        else:  # a TCP connection over the link, without an SSH handshake under TCG
+            probe = (f"python3 -c 'import socket; socket.create_connection((\"{address}\", 22), 20)"
+                     f".recv(64)'")
+        reach = xen_host.remote.run(probe, timeout=90)
         if reach.rc != 0:
             raise RuntimeError(f"dom0 of {xen_host.name} cannot reach the peer's dom0 at {address} "
                                f"over the private link: {reach.stdout}{reach.stderr}")
+        step("reach")
+        log.info("[%s] peer ready in %.1f s (%s)", label, time.monotonic() - started,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
         yield peer
-    finally:
-        peer.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ error text when xl fails, so that text reaches the test report verbatim.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .remote import CommandResult, Remote
@@ -141,12 +143,40 @@ class Xl:
     def destroy(self, name: str, timeout: float = 120.0) -> None:
         self._xl(f"destroy {shlex.quote(name)}", timeout=timeout)
 
+    @contextlib.contextmanager
+    def guests_paused(self) -> Iterator[list[str]]:
+        """Pause every running guest for the ``with`` block, then unpause them.
+
+        Under TCG two L1s share the host's cores, and a guest whose probe ticks costs
+        its L1 about half a core here: a second L1 restored beside it took 31.5 s to
+        answer SSH, against 5.7 s beside an idle one. A paused guest costs nothing."""
+        names = [d.name for d in self.list() if d.domid != 0 and d.running]
+        paused = []
+        try:
+            for name in names:
+                self._xl(f"pause {shlex.quote(name)}")
+                paused.append(name)
+            yield paused
+        finally:
+            for name in paused:
+                with contextlib.suppress(XlError):  # gone meanwhile: its user will say so
+                    self._xl(f"unpause {shlex.quote(name)}")
+
     def destroy_all_guests(self, timeout: float = 300.0) -> list[str]:
-        """Destroy every domain but dom0; returns their names."""
-        names = [d.name for d in self.list() if d.domid != 0]
-        for name in names:
-            self.destroy(name, timeout=timeout)
-        return names
+        """Destroy every domain but dom0 (and those already dying), all at once: one
+        `xl destroy` each, in parallel, since an HVM guest's device model takes seconds
+        to go. Returns their names; raises XlError naming any still alive afterwards."""
+        doomed = {d.domid: d.name for d in self.list() if d.domid != 0 and not d.dying}
+        if not doomed:
+            return []
+        result = self.remote.run("".join(f"xl destroy {domid} & " for domid in doomed) + "wait",
+                                 timeout=timeout)
+        left = [d.name for d in self.list() if d.domid in doomed and not d.dying]
+        if left:
+            raise XlError(CommandResult(result.command, result.rc or 1, result.stdout,
+                                        f"still there after xl destroy: {', '.join(left)}\n{result.stderr}",
+                                        result.host, result.seconds))
+        return list(doomed.values())
 
     def save(self, name: str, path: str, timeout: float = 900.0) -> CommandResult:
         return self._xl(f"-vvv save {shlex.quote(name)} {shlex.quote(path)}", timeout=timeout)

@@ -234,3 +234,54 @@ def test_xl_debug_keys_failure() -> None:
     remote = FakeRemote({})
     with pytest.raises(XlError, match="unexpected command xl debug-keys q"):
         Xl(remote).debug_keys("q")  # type: ignore[arg-type]
+
+
+class SequenceRemote(FakeRemote):
+    """`xl list` answers from a list, one per call (the domains before and after)."""
+
+    def __init__(self, answers, lists: list[str]) -> None:
+        super().__init__(answers)
+        self.lists = lists
+
+    def run(self, command, timeout=None, **_):
+        if command == "xl list":
+            self.calls.append((command, timeout))
+            return CommandResult(command, 0, self.lists.pop(0), "", "dom0", 0.01)
+        return super().run(command, timeout)
+
+
+ONLY_DOM0 = XL_LIST.splitlines()[0] + "\n" + XL_LIST.splitlines()[1] + "\n"
+
+
+def test_destroy_all_guests_destroys_them_at_once() -> None:
+    """By domid, in parallel; a domain already dying ("(null)", d4) is left to finish."""
+    parallel = "xl destroy 3 & xl destroy 5 & wait"
+    remote = SequenceRemote({parallel: (0, "", "")}, [XL_LIST, ONLY_DOM0])
+    xl = Xl(remote)  # type: ignore[arg-type]
+    assert xl.destroy_all_guests(timeout=7) == ["nx-guest-hvm", "nx-guest-pv"]
+    assert remote.calls[1] == (parallel, 7)
+
+
+def test_destroy_all_guests_names_the_survivors() -> None:
+    parallel = "xl destroy 3 & xl destroy 5 & wait"
+    remote = SequenceRemote({parallel: (0, "", "libxl: error: hvm device model\n")}, [XL_LIST, XL_LIST])
+    with pytest.raises(XlError, match="still there after xl destroy: nx-guest-hvm, nx-guest-pv"):
+        Xl(remote).destroy_all_guests()  # type: ignore[arg-type]
+
+
+def test_destroy_all_guests_with_none_runs_nothing() -> None:
+    remote = SequenceRemote({}, [ONLY_DOM0])
+    assert Xl(remote).destroy_all_guests() == []  # type: ignore[arg-type]
+    assert remote.calls == [("xl list", None)]
+
+
+def test_guests_paused_pauses_running_guests_and_unpauses_them_even_on_error() -> None:
+    """Only running guests (not the crashed or dying ones) are paused, and unpaused after."""
+    remote = FakeRemote({"xl list": (0, XL_LIST, ""), "xl pause nx-guest-pv": (0, "", ""),
+                         "xl unpause nx-guest-pv": (0, "", "")})
+    xl = Xl(remote)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="boom"), xl.guests_paused() as paused:
+        assert paused == ["nx-guest-pv"]
+        assert remote.calls[-1][0] == "xl pause nx-guest-pv"
+        raise RuntimeError("boom")
+    assert remote.calls[-1][0] == "xl unpause nx-guest-pv"
