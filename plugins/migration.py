@@ -92,9 +92,10 @@ class Watch:
             timeout=30).strip()
 
     def stop(self) -> str:
-        self.remote.run(f"kill {self.pid}", timeout=30)
-        text = self.remote.run(f"cat {self.out}; rm -f {self.out}", timeout=60).stdout
-        return text
+        """Stop the watcher (waiting for it to exit) and return what it saw, in one
+        command: under TCG with two L1s busy each SSH command costs seconds."""
+        return self.remote.run(f"kill {self.pid}; while kill -0 {self.pid} 2>/dev/null; do sleep 0.05; done; "
+                               f"cat {self.out}; rm -f {self.out}", timeout=60).stdout
 
 
 LINK_DEV = "$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/)"  # dom0's private-link NIC
@@ -145,6 +146,9 @@ def merge_logs(sender: str, receiver: str, receiver_shift_s: float) -> str:
 TCP_PORT = 8102  # the receiving dom0's migration port: on 127.0.0.1 or the private link
 
 
+SPLIT = "=====nxstream-serve-stderr====="
+
+
 def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_s: float = 0.0,
                 timeout: float = 1800):
     """`xl migrate` over the TCP transport (nxstream.py serve on the receiving dom0,
@@ -158,10 +162,11 @@ def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_
         connect = f"python3 {REMOTE_STREAM_TOOL} connect {out} {address} {TCP_PORT}"
         result = timed_xl(src_remote, f"migrate -s '' {shlex.quote(name)} {shlex.quote(connect)}", timeout)
     finally:
-        # serve ends with xl migrate-receive; after a failure it may still wait for a connection
-        dst_remote.run(f"sleep 0.5; kill {pid} 2>/dev/null", timeout=30)
-        received = dst_remote.run(f"cat {log}; rm -f {log}", timeout=60).stdout
-        errors = dst_remote.run(f"cat {log}.err; rm -f {log}.err", timeout=60).stdout
+        # serve ends with xl migrate-receive; after a failure it may still wait for a
+        # connection. One command (each costs seconds here); a failing step stops none.
+        both = dst_remote.run(f"sleep 0.5; kill {pid} 2>/dev/null; cat {log}; echo; echo {SPLIT}; "
+                              f"cat {log}.err; rm -f {log} {log}.err", timeout=60).stdout
+        received, _, errors = both.partition(f"\n{SPLIT}\n")
     merged = merge_logs(result.stdout, received, receiver_shift_s)
     if errors.strip():  # nxstream serve's own complaints (no timestamps: they stay out of the span)
         merged += "".join(f"nxstream serve: {line}\n" for line in errors.splitlines())

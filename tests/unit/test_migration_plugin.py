@@ -1,0 +1,63 @@
+"""plugins/migration.py helpers against a local shell standing in for dom0's SSH."""
+
+from __future__ import annotations
+
+import subprocess
+
+from harness.remote import CommandResult
+from plugins import migration
+
+
+class ShellRemote:
+    """Runs commands in a local bash (what dom0's SSH would run); stubs the few that
+    need Xen."""
+
+    def __init__(self, tmp_path, xl_output: str = "") -> None:
+        self.tmp, self.xl_output, self.commands = tmp_path, xl_output, []
+
+    def run(self, command, timeout=None, **_):
+        self.commands.append(command)
+        if "nxstream.py serve" in command:  # the receiver: leaves its log and stderr behind
+            log = command.split()[6]  # nohup python3 nxstream.py serve ADDRESS PORT LOG -- ...
+            self.served_log = log
+            subprocess.run(f"printf '1.500000 libxl: receiver line\\n' > {log}; "
+                           f"printf 'bind: address in use\\n' > {log}.err", shell=True, check=True)
+            proc = subprocess.Popen(["sleep", "30"])
+            return CommandResult(command, 0, f"{proc.pid}\n", "", "dst", 0.1)
+        if "xl -vvv migrate -s" in command:
+            return CommandResult(command, 0, self.xl_output, "", "src", 1.0)
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout)
+        return CommandResult(command, done.returncode, done.stdout, done.stderr, "h", 0.1)
+
+    def check_output(self, command, **kwargs):
+        return self.run(command, **kwargs).stdout
+
+
+def test_migrate_tcp_collects_the_receivers_log_and_errors_in_one_command(tmp_path):
+    src = ShellRemote(tmp_path, xl_output="1.000000 libxl: sender line\n2.000000 libxl: done\n")
+    dst = ShellRemote(tmp_path)
+    result, stats = migration.migrate_tcp(src, dst, "g", "10.99.0.2", receiver_shift_s=0.25)
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["1.000000 libxl: sender line", "1.750000 libxl: receiver line",
+                         "2.000000 libxl: done"]
+    assert lines[3:] == ["nxstream serve: bind: address in use"]
+    cleanup = [c for c in dst.commands if "kill" in c]
+    assert len(cleanup) == 1 and len(dst.commands) == 2  # start the receiver, then one command
+    import os
+
+    assert not os.path.exists(dst.served_log) and not os.path.exists(dst.served_log + ".err")
+    assert stats == {}  # the fake sender wrote no stream statistics
+
+
+def test_watch_stop_waits_for_the_watcher_and_returns_its_lines(tmp_path):
+    remote = ShellRemote(tmp_path)
+    out = tmp_path / "watch.log"
+    # started like nxwatch in dom0: in the background of a shell that exits (init reaps it)
+    script = f"trap 'echo last >> {out}; exit 0' TERM; echo first >> {out}; while :; do sleep 0.05; done"
+    pid = subprocess.run(["bash", "-c", f"nohup bash -c \"{script}\" >/dev/null 2>&1 & echo $!"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    watch = migration.Watch.__new__(migration.Watch)
+    watch.remote, watch.out, watch.pid = remote, str(out), pid
+    subprocess.run(["sleep", "0.3"])
+    assert watch.stop().split() == ["first", "last"]
+    assert not out.exists() and len(remote.commands) == 1
