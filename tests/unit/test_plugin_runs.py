@@ -41,9 +41,15 @@ FACTS = {"alpha": ("4.17.5", "6.1.0-50-amd64", "pv"), "beta": ("4.19.1", "6.12.9
 SHIFT = 0  # where the fake translation puts gfn g: on page g + SHIFT
 
 
+ALIVE = {"alpha": True, "beta": True}  # does dom0 answer? (a check may "kill" its host)
+
+
 @pytest.fixture(scope="module")
 def xen_host(host_image_name):
-    return SimpleNamespace(name=f"fake-{host_image_name}")
+    def run(command, timeout=None):
+        return SimpleNamespace(rc=0 if ALIVE[host_image_name] else 255)
+
+    return SimpleNamespace(name=f"fake-{host_image_name}", remote=SimpleNamespace(run=run))
 
 
 @pytest.fixture(scope="module")
@@ -404,3 +410,46 @@ def test_no_results_files_without_checks(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_unit="def test_unit():\n    pass\n")
     pytester.runpytest_inprocess("test_unit.py").assert_outcomes(passed=1)
     assert not (pytester.path / "artifacts" / "results.json").exists()
+
+
+HOST_KILLER = """
+    import pytest
+
+    from harness.plugins import check
+    import conftest
+
+
+    @check()
+    @pytest.mark.xfail(reason="known: the L1 may freeze here", strict=False)
+    def test_a_freezes_the_host(xen_host, host_image_name):
+        conftest.ALIVE[host_image_name] = False
+        assert False, "dom0 stopped answering"
+
+
+    @check()
+    def test_b_runs_after_it(xen_host):
+        pass
+"""
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_checks_after_a_lost_host_name_the_check_that_lost_it(pytester: pytest.Pytester,
+                                                              expected: bool) -> None:
+    """Seen here: an L1 froze during a PVH localhost migration (a known, flaky issue) and
+    every later check of the module errored on SSH. They now say which check lost the
+    host, as expected failures when that check's failure was expected; the next module
+    gets a fresh host."""
+    code = textwrap.dedent(HOST_KILLER)
+    if not expected:
+        code = code.replace('@pytest.mark.xfail(reason="known: the L1 may freeze here", strict=False)\n', "")
+    (project(pytester) / "killer.py").write_text(code)
+    result = pytester.runpytest_inprocess("plugins", "--host-image", "alpha", "-rA")
+    if expected:
+        result.assert_outcomes(xfailed=2)
+        result.stdout.fnmatch_lines(["*XFAIL*test_b_runs_after_it*fake-alpha stopped answering during "
+                                     "plugins/killer.py::test_a_freezes_the_host*an expected failure: "
+                                     "known: the L1 may freeze here*"])
+    else:
+        result.assert_outcomes(failed=1, errors=1)
+        result.stdout.fnmatch_lines(["*fake-alpha stopped answering during plugins/killer.py::"
+                                     "test_a_freezes_the_host*which failed; this check could not run*"])
