@@ -23,7 +23,7 @@ import pytest
 from .config import REPO_ROOT, RunConfig
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage
 from .probe_report import ProbeReport, parse_probe_log
-from .xen import Xl, XlError
+from .xen import Domain, Xl, XlError
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ class Guest:
                                    f"{timeout:.0f} s; last console lines:\n{self.console_tail()}")
             time.sleep(1.0)
 
-    def check_alive(self) -> None:
+    def check_alive(self) -> Domain:
+        """The domain as `xl list` shows it; GuestCrashed if it is gone or crashed."""
         dom = self.xl.domain(self.name)
         if dom is None:
             raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list`; "
@@ -200,6 +201,7 @@ class Guest:
         if dom.crashed:
             raise GuestCrashed(f"{self.name} ({self.type}) crashed (state {dom.state}); "
                                f"last console lines:\n{self.console_tail()}{self._xen_says()}")
+        return dom
 
     def _xen_says(self) -> str:
         """What the hypervisor logged about this domain (a triple fault, say); for a

@@ -204,14 +204,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 LOST_HOSTS: dict[tuple[str, str], dict] = {}
 
 
+def _lost_key(node: pytest.Item) -> tuple[str, str] | None:
+    """(module, image) of a check that runs on a host image; None for any other test."""
+    callspec = getattr(node, "callspec", None)
+    image = callspec.params.get("host_image_name") if callspec is not None else None
+    module = getattr(getattr(node, "module", None), "__name__", None)
+    return (module, image) if image and module else None
+
+
 def _note_lost_host(item: pytest.Item, report: pytest.TestReport) -> None:
     host = item.funcargs.get("xen_host") if hasattr(item, "funcargs") else None
-    image = item.callspec.params.get("host_image_name") if hasattr(item, "callspec") else None
-    if host is None or image is None or (item.module.__name__, image) in LOST_HOSTS or _healthy(host):
+    key = _lost_key(item)
+    if host is None or key is None or key in LOST_HOSTS or _healthy(host):
         return
-    expected = getattr(report, "wasxfail", None)
-    LOST_HOSTS[(item.module.__name__, image)] = {"host": host.name, "check": item.nodeid,
-                                                  "expected": expected}
+    LOST_HOSTS[key] = {"host": host.name, "check": item.nodeid, "expected": getattr(report, "wasxfail", None)}
     log.warning("%s stopped answering during %s; the rest of %s on it cannot run", host.name,
                 item.nodeid, item.module.__name__)
 
@@ -220,8 +226,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """A check whose module's host was lost by an earlier check does not try it: it fails
     naming that check, or, when that check's failure was expected (a known issue), is an
     expected failure for the same reason."""
-    image = item.callspec.params.get("host_image_name") if hasattr(item, "callspec") else None
-    lost = LOST_HOSTS.get((getattr(item.module, "__name__", ""), image)) if image else None
+    lost = LOST_HOSTS.get(_lost_key(item))
     if lost is None:
         return
     what = f"{lost['host']} stopped answering during {lost['check']}"
@@ -301,6 +306,8 @@ def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    import json
+
     from .guests import EARLY_BOOT_CRASHES, GUEST_DEATHS
 
     for events, title, name in (
@@ -309,8 +316,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             (GUEST_DEATHS, "guests found dead between checks and created again", "guest_deaths")):
         if not events:
             continue
-        import json
-
         terminalreporter.section(title)
         for event in events:
             first = event["error"].splitlines()[0]
@@ -434,7 +439,8 @@ def xen_host(request: pytest.FixtureRequest, _host_lease: HostLease, provisioner
         return
     host = _host_lease.get()
     yield host
-    if not _healthy(host):
+    # A host already found lost during one of the module's checks is not probed again.
+    if (request.module.__name__, host_image_name) in LOST_HOSTS or not _healthy(host):
         log.warning("%s is unhealthy after %s; the next module gets a fresh host",
                     host.name, request.module.__name__)
         _host_lease.replace()

@@ -215,8 +215,9 @@ def record_base(kind: str, guest, facts, image: str, repeat: int) -> Record:
 
 
 def memory_intact(guest, agent) -> list[str]:
-    guest.check_alive()  # a dead guest fails here with its console and Xen's word on it
-    guest.domid = guest.xl.domid(guest.name)
+    # a dead guest fails here with its console and Xen's word on it; a live one's domid
+    # comes with the same `xl list`
+    guest.domid = guest.check_alive().domid
     guest.resolve_mfns(agent.p2m)
     return content_mismatches(guest, agent, [p.gfn for p in guest.pages])
 
