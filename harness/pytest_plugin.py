@@ -36,6 +36,7 @@ from .metrics import MetricsSink
 from .plugins import GUEST_TYPES, MARKER, PluginError, spec_of
 from .provision import Provisioner
 from .results import ResultsPlugin, check_properties, host_properties
+from .selection import narrow
 
 log = logging.getLogger("nested_xen")
 
@@ -160,7 +161,8 @@ def _guest_scope(metafunc: pytest.Metafunc) -> str:
     return "module"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    narrow(config, items)  # `tox -e nested-xen -- plugins/smoke.py` runs that file only
     _check_properties(items)
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
