@@ -250,7 +250,7 @@ def corrupt(row: Row) -> Row:
     return dataclasses.replace(row, expect=wrong)
 
 
-def corrupted_rows_caught(guest, answers, dom0_mode: str) -> list[str]:
+def wrong_expectations_missed(guest, answers, dom0_mode: str) -> list[str]:
     """Corrupt each asserted row with frames in turn: a sentence for each whose corruption
     compare() misses, or that makes another row mismatch."""
     missed = []
@@ -270,7 +270,7 @@ def corrupted_rows_caught(guest, answers, dom0_mode: str) -> list[str]:
 def test_negative_control_every_row_catches_a_wrong_expectation(guest, answers, host_facts):
     """Each asserted row, its expectation swapped for the other reading of the source
     (EBUSY <-> ESRCH, EINVAL <-> mapped), must be caught frame by frame on this run's answers."""
-    missed = corrupted_rows_caught(guest, answers, host_facts.dom0_mode)
+    missed = wrong_expectations_missed(guest, answers, host_facts.dom0_mode)
     assert not missed, "\n".join(missed)
 
 

@@ -182,7 +182,7 @@ def test_hvm_guests_under_a_pvh_dom0_were_never_run_so_nothing_is_asserted() -> 
 def test_every_rows_wrong_expectation_is_caught(kind: str) -> None:
     g = guest(kind, mfn=None if kind != "pv" else 0x5000)
     answers = answers_as_the_table_says(g, "pv", ctx_for(g))
-    assert plugin.corrupted_rows_caught(g, answers, "pv") == []
+    assert plugin.wrong_expectations_missed(g, answers, "pv") == []
     for row in table.rows_for(kind, "pv"):
         if row.cls in NEW and row.cls in {r.cls for r, _, _ in answers}:
             asked = row.frames(g, ctx_for(g))
@@ -198,5 +198,5 @@ def test_the_negative_control_fails_when_compare_is_blind_to_a_row(monkeypatch: 
         return [m for m in real(guest, answers, dom0_mode) if m.cls != "domid_xen_guest_mfn"]
 
     monkeypatch.setattr(plugin, "compare", blind)
-    missed = plugin.corrupted_rows_caught(g, answers, "pv")
+    missed = plugin.wrong_expectations_missed(g, answers, "pv")
     assert [m.split(":")[0] for m in missed] == ["domid_xen_guest_mfn"]
