@@ -279,13 +279,13 @@ ROWS: list[Row] = [
         needs="guest_mfn", why=f"X {_UNSEEN} rcu_lock_remote_domain_by_id does not resolve DOMID_SELF"),
     Row("guest_mfn_as_gfn", T, _guest_mfn_via(None), _mfn_as_gfn, observed=PV_DOM0, needs="guest_mfn",
         why="X mod_l1_entry: get_page_from_gfn(guest, mfn as a gfn): RAM there maps another page, "
-        "else -EINVAL (PVH dom0: p2m_add_foreign, the same lookup)"),
+        "else -EINVAL (PVH dom0, not observed: p2m_add_foreign, the same lookup)"),
     Row("lapic", T, lambda g, ctx: Frames([LAPIC_FRAME]), EINVAL, observed=PV_DOM0,
         why="X p2m_get_page_from_gfn: the emulated LAPIC page is not RAM -> NULL -> mod_l1_entry "
-        "-EINVAL (PVH dom0: p2m_add_foreign -EINVAL)"),
+        "-EINVAL (PVH dom0, not observed: p2m_add_foreign -EINVAL)"),
     *[Row(f"reserved_domid_{d:#x}", ALL, _reserved(d), ESRCH, observed=PV_DOM0,
           why="X get_pg_owner -> rcu_lock_domain_by_any_id: no reserved id is in domain_hash "
-          "(domain_create) -> 'Unknown domain' (PVH dom0: rcu_lock_remote_domain_by_id -ESRCH)")
+          "(domain_create) -> 'Unknown domain' (PVH dom0, not observed: rcu_lock_remote_domain_by_id -ESRCH)")
       for d in RESERVED_DOMIDS],
 ]
 
