@@ -72,6 +72,12 @@ prediction in ``why`` and the check reports what it got instead of asserting it.
   predictions: DOMID_XEN -> dom_xen then get_page_from_gfn(dom_xen, mfn) -> -EINVAL; any other
   id -> rcu_lock_remote_domain_by_id() (X4.17 domain.c 892-897), which does not resolve
   DOMID_SELF -> -ESRCH.
+Observed under a PV dom0 (2026-12-06, tox -e nested-xen -- plugins/privcmd_mmapbatch.py
+--nx-config configs/bookworm-trixie.yaml, 30 passed) on Xen 4.17.5 + Linux 6.1.0-50 (bookworm)
+and Xen 4.20.5 + Linux 6.12.117 (trixie), PV, PVH and HVM guests: every added row held, the
+same on both versions (no row needs a version split). DOMID_XEN/IO/SELF with the guest's
+MFN: -EBUSY; the PVH/HVM guest's MFN (0xb8851..0xbffba, from the grant dump) as a gfn:
+-EINVAL; gfn 0xfee00: -EINVAL; domids 0x7ff4, 0x7ff5, 0x7ff6, 0x7ffe, 0x7fff, 0x8000: -ESRCH.
 """
 
 from __future__ import annotations
