@@ -46,7 +46,38 @@ Xen 4.20):
   is -EINVAL, where a PV dom0 gets -EPERM or -EBUSY from get_page_from_l1e.
 Observed on Xen 4.20.4 + Linux 6.12.117 (trixie) with PV and PVH guests: every row below
 held under both dom0 modes; the HVM rows under a PVH dom0 follow the same source but have
-not been run yet.
+not been run yet (NEVER_RUN), and are reported, not asserted, there.
+
+Rows added later (DOMID_XEN/IO/SELF with a guest's MFN, a guest's MFN as a gfn, the LAPIC
+frame, reserved domids) cite Xen by tag; a row's ``observed`` lists the dom0 modes a run
+has observed it under. A row not observed under a dom0 mode states the source's
+prediction in ``why`` and the check reports what it got instead of asserting it.
+- X4.17 = RELEASE-4.17.0, X4.20 = RELEASE-4.20.0.
+- X xen/common/page_alloc.c get_pg_owner() (X4.17 2665-2693, X4.20 2881-2909): DOMID_IO and
+  DOMID_XEN give dom_io/dom_xen; any other id goes to rcu_lock_domain_by_any_id(), which
+  resolves DOMID_SELF to the caller (dom0) and looks every other id up in domain_hash.
+- X xen/common/domain.c domain_create() (X4.17 653 "DOMID_{XEN,IO,etc} (other than IDLE) are
+  sufficiently constructed" + 656 "if ( !is_idle_domain(d) )"; X4.20 772 "DOMID_{XEN,IO,IDLE,
+  etc} are sufficiently constructed"): system domains never enter domain_hash, so every id
+  from DOMID_FIRST_RESERVED (0x7FF0) up to DOMID_MASK (0x7FFF, DOMID_IDLE) other than
+  SELF/IO/XEN is "Unknown domain" -> -ESRCH (xen/include/public/xen.h X4.17 562-602).
+- X xen/arch/x86/mm.c get_page_from_l1e() (X4.17 976-992, X4.20 975-991): a guest's RAM page
+  asked with pg_owner dom0 (DOMID_SELF: pg_owner == l1e_owner), dom_xen or dom_io
+  (xsm_priv_mapping: neither is a control domain) goes to could_not_pin -> -EBUSY.
+- X xen/arch/x86/mm/p2m.c p2m_get_page_from_gfn() (X4.17 381, X4.20 375 "Error path: not a
+  suitable GFN at all"): a gfn that is not RAM in the guest's p2m, such as the LAPIC page
+  0xfee00 (emulated by Xen, no RAM behind it) -> NULL -> mod_l1_entry -EINVAL
+  (X4.17 2194-2195, X4.20 2213-2214).
+- X p2m_add_foreign() (X4.17 p2m.c 2355-2378, X4.20 p2m.c 1871-1894), for the PVH dom0
+  predictions: DOMID_XEN -> dom_xen then get_page_from_gfn(dom_xen, mfn) -> -EINVAL; any other
+  id -> rcu_lock_remote_domain_by_id() (X4.17 domain.c 892-897), which does not resolve
+  DOMID_SELF -> -ESRCH.
+Observed under a PV dom0 (2026-12-06, tox -e nested-xen -- plugins/privcmd_mmapbatch.py
+--nx-config configs/bookworm-trixie.yaml, 30 passed) on Xen 4.17.5 + Linux 6.1.0-50 (bookworm)
+and Xen 4.20.5 + Linux 6.12.117 (trixie), PV, PVH and HVM guests: every added row held, the
+same on both versions (no row needs a version split). DOMID_XEN/IO/SELF with the guest's
+MFN: -EBUSY; the PVH/HVM guest's MFN (0xb8851..0xbffba, from the grant dump) as a gfn:
+-EINVAL; gfn 0xfee00: -EINVAL; domids 0x7ff4, 0x7ff5, 0x7ff6, 0x7ffe, 0x7fff, 0x8000: -ESRCH.
 """
 
 from __future__ import annotations
@@ -64,6 +95,13 @@ SPECIAL_END = 0xFF000
 IOREQ_SERVER_PAGES = range(SPECIAL_END - 16, SPECIAL_END - 8)
 SPECIAL_PAGES = range(SPECIAL_END - 8, SPECIAL_END)
 LARGE_BATCH = 16384
+DOMID_SELF = 0x7FF0  # DOMID_FIRST_RESERVED
+LAPIC_FRAME = 0xFEE00  # APIC_DEFAULT_PHYS_BASE >> 12
+# DOMID_INVALID, the unnamed reserved ids, DOMID_IDLE == DOMID_MASK, and one past the mask.
+RESERVED_DOMIDS = (0x7FF4, 0x7FF5, 0x7FF6, 0x7FFE, 0x7FFF, 0x8000)
+NOT_OBSERVED = "not observed"
+# (dom0 mode, guest type) that no run has observed at all: every row is a prediction there.
+NEVER_RUN = frozenset({("pvh", "hvm")})
 
 
 @dataclass(frozen=True)
@@ -83,6 +121,8 @@ class Row:
     rc: int = 0
     why: str = ""
     dom0: tuple[str, ...] = ("pv", "pvh")  # the dom0 modes this row holds for
+    observed: tuple[str, ...] = ("pv", "pvh")  # the dom0 modes a run has observed it under
+    needs: str = ""  # a context key the frames need ("guest_mfn"); without it the row is not asked
 
     def expected(self, guest, asked: Frames) -> list[int]:
         if callable(self.expect):
@@ -133,6 +173,42 @@ def _mixed_pv(g, ctx) -> Frames:
 
 def _dom0_itself(g, ctx) -> Frames:
     return Frames([g.pages[0].gfn], 0)
+
+
+def translated_result(guest, frame: int) -> int:
+    """What get_page_from_gfn finds at gfn ``frame`` of a PVH/HVM guest: the layout the
+    translated rows above observe (RAM below the memory size but HVM's VGA hole, the
+    special pages, HVM's ioreq server pages), -EINVAL anywhere else."""
+    if frame in SPECIAL_PAGES:
+        return 0
+    if frame in IOREQ_SERVER_PAGES:
+        return 0 if guest.type == "hvm" else EINVAL
+    lo, hi = VGA_HOLE
+    if frame >= _pages(guest) or (guest.type == "hvm" and lo <= frame <= hi):
+        return EINVAL
+    return 0
+
+
+def _mfn_as_gfn(guest, asked: Frames) -> list[int]:
+    return [translated_result(guest, f) for f in asked.frames]
+
+
+def _guest_mfn_via(domid: int | None) -> Callable[..., Frames]:
+    """The MFN of a page the guest owns (ctx["guest_mfn"] = (gfn, mfn)), asked of ``domid``."""
+    return lambda g, ctx: Frames([ctx["guest_mfn"][1]], domid)
+
+
+def _reserved(domid: int) -> Callable[..., Frames]:
+    return lambda g, ctx: Frames([g.pages[0].gfn], domid)
+
+
+def is_observed(row: Row, guest_type: str, dom0_mode: str) -> bool:
+    """Has a run observed this row for this guest type under this dom0 mode?"""
+    return dom0_mode in row.observed and (dom0_mode, guest_type) not in NEVER_RUN
+
+
+ALL = ("pv", "pvh", "hvm")
+_UNSEEN = f"{NOT_OBSERVED} under a PVH dom0; the source predicts it:"
 
 ROWS: list[Row] = [
     # ------------------------------------------------------- translated guests: frames are gfns
@@ -190,6 +266,33 @@ ROWS: list[Row] = [
         why="X p2m_add_foreign: rcu_lock_remote_domain_by_id: *d == current->domain -> -EPERM"),
     Row("empty_batch", ("pv", *T), lambda g, ctx: Frames([]), [], rc=-errno.EINVAL,
         why="L 494-495: num <= 0"),
+    # ------------------------------------------------------- a page the guest owns, by its MFN,
+    # asked of Xen's own owners and of dom0 (PV: the probe page; PVH/HVM: Xen's grant dump)
+    Row("domid_xen_guest_mfn", ALL, _guest_mfn_via(DOMID_XEN), EBUSY, dom0=PV_DOM0, observed=PV_DOM0,
+        needs="guest_mfn", why="X get_page_from_l1e: owner is the guest, not dom_xen; xsm_priv_mapping"
+        "(dom_xen) refuses -> could_not_pin"),
+    Row("domid_xen_guest_mfn", ALL, _guest_mfn_via(DOMID_XEN), EINVAL, dom0=PVH_DOM0, observed=(),
+        needs="guest_mfn", why=f"X {_UNSEEN} p2m_add_foreign: get_page_from_gfn(dom_xen, mfn) fails"),
+    Row("domid_io_guest_mfn", ALL, _guest_mfn_via(DOMID_IO), EBUSY, dom0=PV_DOM0, observed=PV_DOM0,
+        needs="guest_mfn", why="X get_page_from_l1e: RAM owned by the guest, not dom_io (no MMIO path); "
+        "xsm_priv_mapping(dom_io) refuses -> could_not_pin"),
+    Row("domid_io_guest_mfn", ALL, _guest_mfn_via(DOMID_IO), ESRCH, dom0=PVH_DOM0, observed=(),
+        needs="guest_mfn", why=f"X {_UNSEEN} rcu_lock_remote_domain_by_id: dom_io is not in domain_hash"),
+    Row("domid_self_guest_mfn", ALL, _guest_mfn_via(DOMID_SELF), EBUSY, dom0=PV_DOM0, observed=PV_DOM0,
+        needs="guest_mfn", why="X get_pg_owner: DOMID_SELF -> dom0; get_page_from_l1e: pg_owner == "
+        "l1e_owner -> could_not_pin"),
+    Row("domid_self_guest_mfn", ALL, _guest_mfn_via(DOMID_SELF), ESRCH, dom0=PVH_DOM0, observed=(),
+        needs="guest_mfn", why=f"X {_UNSEEN} rcu_lock_remote_domain_by_id does not resolve DOMID_SELF"),
+    Row("guest_mfn_as_gfn", T, _guest_mfn_via(None), _mfn_as_gfn, observed=PV_DOM0, needs="guest_mfn",
+        why="X mod_l1_entry: get_page_from_gfn(guest, mfn as a gfn): RAM there maps another page, "
+        "else -EINVAL (PVH dom0, not observed: p2m_add_foreign, the same lookup)"),
+    Row("lapic", T, lambda g, ctx: Frames([LAPIC_FRAME]), EINVAL, observed=PV_DOM0,
+        why="X p2m_get_page_from_gfn: the emulated LAPIC page is not RAM -> NULL -> mod_l1_entry "
+        "-EINVAL (PVH dom0, not observed: p2m_add_foreign -EINVAL)"),
+    *[Row(f"reserved_domid_{d:#x}", ALL, _reserved(d), ESRCH, observed=PV_DOM0,
+          why="X get_pg_owner -> rcu_lock_domain_by_any_id: no reserved id is in domain_hash "
+          "(domain_create) -> 'Unknown domain' (PVH dom0, not observed: rcu_lock_remote_domain_by_id -ESRCH)")
+      for d in RESERVED_DOMIDS],
 ]
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from harness.plugins import check
 
-from ._privcmd_table import LARGE_BATCH, Row, row_for, rows_for
+from ._privcmd_table import LARGE_BATCH, NOT_OBSERVED, Row, is_observed, row_for, rows_for
+from .no_raw_mfn import grant_mfns
 
 ABSURD_BITS = (40, 52, 63)
 
@@ -70,6 +71,9 @@ def mode_table(guest, answers, dom0_mode: str) -> str:
         pvh = _expected_names(row_for(row.cls, guest.type, "pvh"), guest, asked)
         if pv == pvh:
             continue
+        pvh_row = row_for(row.cls, guest.type, "pvh")
+        if pvh_row is not None and not is_observed(pvh_row, guest.type, "pvh"):
+            pvh = [f"{n}?" for n in pvh]  # the source's prediction, not observed
         if not asked.frames:
             got = [f"ioctl {_name(result.rc if result.rc >= 0 else -(result.errno or 0))}"]
         else:
@@ -80,10 +84,49 @@ def mode_table(guest, answers, dom0_mode: str) -> str:
     return "\n".join(lines) if len(lines) > 1 else ""
 
 
-def context(guest, agent) -> dict:
+def context(guest, agent, xl=None) -> dict:
+    """PV: the guest's p2m and its probe page's MFN. PVH/HVM: the (gfn, MFN) of a page the
+    guest granted, as Xen's 'g' debug-key dump prints it, when there is one."""
     if guest.type != "pv":
-        return {}
-    return {"p2m": agent.p2m(guest.domid, list(range(guest.spec.memory_mb * 256)))}
+        pairs = [(g, m) for g, m in grant_mfns(xl.dmesg(), guest.domid) if g != m] if xl else []
+        return {"guest_mfn": pairs[-1]} if pairs else {}
+    return {"p2m": agent.p2m(guest.domid, list(range(guest.spec.memory_mb * 256))),
+            "guest_mfn": (guest.pages[0].gfn, guest.pages[0].mfn)}
+
+
+def askable(rows: list[Row], ctx: dict) -> tuple[list[Row], list[str]]:
+    """The rows whose frames the context can give, and a sentence for each one it cannot."""
+    keep = [r for r in rows if not r.needs or r.needs in ctx]
+    left = [f"{r.cls}: not asked, this guest gave no {r.needs} (no active grant in Xen's 'g' dump)"
+            for r in rows if r.needs and r.needs not in ctx]
+    return keep, left
+
+
+def _got(asked, result) -> str:
+    if not result.ok or result.crashed or result.timed_out:
+        return str(result.crashed or result.error)
+    if not asked.frames:
+        return f"ioctl {_name(result.rc if result.rc >= 0 else -(result.errno or 0))}"
+    return ",".join(dict.fromkeys(_name(f.error) for f in result.frames))
+
+
+def got_lines(answers) -> list[str]:
+    """What this run got, one line per class (distinct per-frame results in order)."""
+    return [f"{row.cls} ({len(asked.frames)} frames, domid {'guest' if asked.domid is None else asked.domid}"
+            f"): {_got(asked, result)}" for row, asked, result in answers]
+
+
+def unobserved(guest, answers, dom0_mode: str) -> list[str]:
+    """One sentence per row no run has observed for this guest under this dom0 mode: what it
+    got beside what the source predicts. These rows are reported, never asserted."""
+    out = []
+    for row, asked, result in answers:
+        if is_observed(row, guest.type, dom0_mode):
+            continue
+        got, want = _got(asked, result), ",".join(dict.fromkeys(_expected_names(row, guest, asked)))
+        out.append(f"{row.cls}: {NOT_OBSERVED} before under a {dom0_mode} dom0 for a {guest.type} "
+                   f"guest, not asserted: got {got}, the source predicts {want}")
+    return out
 
 
 def ask(agent, guest, rows: list[Row], ctx: dict) -> list[tuple[Row, object, object]]:
@@ -104,6 +147,8 @@ def compare(guest, answers: list[tuple[Row, object, object]], dom0_mode: str = "
     probe = {p.gfn: p.sha256 for p in guest.pages}
     out: list[Mismatch] = []
     for row, asked, result in answers:
+        if not is_observed(row, guest.type, dom0_mode):
+            continue  # reported by unobserved(), never asserted
         other_row = row_for(row.cls, guest.type, _other(dom0_mode))
         others = _expected_names(other_row, guest, asked)
         mine = _expected_names(row, guest, asked)
@@ -129,11 +174,19 @@ def compare(guest, answers: list[tuple[Row, object, object]], dom0_mode: str = "
 
 
 @pytest.fixture(scope="module")
-def answers(guest, agent, host_facts):
+def answers(guest, agent, xl, host_facts):
     rows = rows_for(guest.type, host_facts.dom0_mode)
     if not rows:
         pytest.skip(f"the table has no rows for a {guest.type} guest under a {host_facts.dom0_mode} dom0")
-    return ask(agent, guest, rows, context(guest, agent))
+    if guest.type != "pv":
+        xl.debug_keys("g")
+    ctx = context(guest, agent, xl)
+    rows, not_asked = askable(rows, ctx)
+    NOT_ASKED[guest.type] = not_asked
+    return ask(agent, guest, rows, ctx)
+
+
+NOT_ASKED: dict[str, list[str]] = {}
 
 
 def assert_dom0_healthy(xl, agent, guest) -> None:
@@ -149,6 +202,11 @@ def test_frame_classes_match_the_table(guest, answers, xl, agent, host_facts, re
     mismatches = compare(guest, answers, mode)
     record_property("classes", ",".join(sorted({r.cls for r, _, _ in answers})))
     record_property("dom0_mode", mode)
+    print(f"{guest.type} guest {guest.domid} under a {mode} dom0 got:\n  " + "\n  ".join(got_lines(answers)))
+    notes = NOT_ASKED.get(guest.type, []) + unobserved(guest, answers, mode)
+    if notes:
+        record_property("not_asserted", "; ".join(notes))
+        print(f"{guest.type} guest under a {mode} dom0, reported and not asserted:\n  " + "\n  ".join(notes))
     by_mode = mode_table(guest, answers, mode)
     if by_mode:
         record_property("dom0_mode_differences", by_mode)
@@ -176,6 +234,44 @@ def test_negative_control_wrong_frame_content_is_caught(guest, agent):
     wrong = agent.map_foreign(guest.domid, [guest.pages[1].gfn])
     assert wrong.frames[0].error == 0
     assert wrong.frames[0].sha256 != guest.pages[0].sha256
+
+
+# What a wrong expectation would say instead: the answer that the other reading of the
+# source gives (refused before the frame is looked at <-> the frame looked at and refused;
+# mapped <-> no page).
+_WRONG = {-errno.EBUSY: -errno.ESRCH, -errno.ESRCH: -errno.EBUSY, -errno.EINVAL: 0, 0: -errno.EINVAL,
+          -errno.EPERM: -errno.EBUSY}
+
+
+def corrupt(row: Row) -> Row:
+    """The row with every per-frame expectation replaced by its _WRONG counterpart."""
+    def wrong(guest, asked) -> list[int]:
+        return [_WRONG.get(e, 0) for e in row.expected(guest, asked)]
+    return dataclasses.replace(row, expect=wrong)
+
+
+def wrong_expectations_missed(guest, answers, dom0_mode: str) -> list[str]:
+    """Corrupt each asserted row with frames in turn: a sentence for each whose corruption
+    compare() misses, or that makes another row mismatch."""
+    missed = []
+    already = {m.cls for m in compare(guest, answers, dom0_mode)}  # the table check reports those
+    for i, (row, asked, _result) in enumerate(answers):
+        if not asked.frames or row.cls in already or not is_observed(row, guest.type, dom0_mode):
+            continue
+        trial = [(corrupt(r), a, res) if j == i else (r, a, res) for j, (r, a, res) in enumerate(answers)]
+        hits = [m for m in compare(guest, trial, dom0_mode) if m.cls not in already]
+        if {m.cls for m in hits} != {row.cls} or len(hits) != len(asked.frames):
+            missed.append(f"{row.cls}: a wrong expectation gave {len(hits)} mismatches for "
+                          f"{len(asked.frames)} frames: {format_table(hits, dom0_mode)}")
+    return missed
+
+
+@check()
+def test_negative_control_every_row_catches_a_wrong_expectation(guest, answers, host_facts):
+    """Each asserted row, its expectation swapped for the other reading of the source
+    (EBUSY <-> ESRCH, EINVAL <-> mapped), must be caught frame by frame on this run's answers."""
+    missed = wrong_expectations_missed(guest, answers, host_facts.dom0_mode)
+    assert not missed, "\n".join(missed)
 
 
 # Absurd frames may upset dom0: this module gets a host of its own (restored from
