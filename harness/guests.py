@@ -255,6 +255,7 @@ class Guest:
         self.domid, self.report, self.pages = fresh.domid, fresh.report, fresh.pages
         self.timings, self._created_at = fresh.timings, fresh._created_at
         self.released = self.death_recorded = False
+        self.verified_at = time.monotonic()
 
     def resolve_mfns(self, p2m: Callable[[int, list[int]], dict[int, int]]) -> None:
         """For PV guests, look up each probe page's MFN in the guest's p2m."""
@@ -276,6 +277,7 @@ class Guest:
             return False
         detail = self.death(domains)
         if detail is None:
+            self.verified_at = time.monotonic()
             return False
         if not self.death_recorded:
             self.incident("between-checks", f"{detail}, found {why}", "recreated", nodeid=nodeid)

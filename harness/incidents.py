@@ -121,9 +121,11 @@ def load(path: Path) -> list[Incident]:
             for raw in json.loads(Path(path).read_text())]
 
 
-def merge(artifacts: Path) -> list[Incident]:
-    """The xdist workers' ``incidents-gw*.json`` joined into ``incidents.json``."""
-    merged = [i for part in sorted(artifacts.glob("incidents-gw*.json")) for i in load(part)]
+def merge(artifacts: Path, since: float = 0.0) -> list[Incident]:
+    """The xdist workers' ``incidents-gw*.json`` (written after ``since``, a time.time():
+    not an earlier run's) joined into ``incidents.json``."""
+    parts = [p for p in sorted(artifacts.glob("incidents-gw*.json")) if p.stat().st_mtime >= since]
+    merged = [i for part in parts for i in load(part)]
     write(artifacts / "incidents.json", merged)
     return merged
 

@@ -94,6 +94,7 @@ def pytest_configure(config: pytest.Config) -> None:
     LOST_HOSTS.clear()  # one run's lost hosts (an in-process rerun starts afresh)
     incidents.clear()
     FACTS_BY_IMAGE.clear()
+    config.stash[_STARTED_KEY] = time.time()
     for name in ("e2e", *GUEST_TYPES):
         config.addinivalue_line("markers", f"{name}: derived by nested-xen from fixtures")
     config.addinivalue_line("markers", f"{MARKER}(spec): a nested-xen plugin check (use @check)")
@@ -133,6 +134,7 @@ def pytest_configure(config: pytest.Config) -> None:
 _CFG_KEY = pytest.StashKey[RunConfig]()
 _ISSUES_KEY = pytest.StashKey[list]()
 _VERDICTS_KEY = pytest.StashKey[VerdictPlugin]()
+_STARTED_KEY = pytest.StashKey[float]()
 # image -> the booted host's facts, for classifying incidents found outside a check
 # (early boot, between checks) against known_issues.yaml's guest-death entries.
 FACTS_BY_IMAGE: dict[str, object] = {}
@@ -340,7 +342,7 @@ def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
 def _run_incidents(config: pytest.Config) -> list[incidents.Incident]:
     """The run's incidents: this process's, or on the xdist controller the workers' merged."""
     if _is_xdist_controller(config):
-        return incidents.merge(config.stash[_CFG_KEY].artifacts_dir)
+        return incidents.merge(config.stash[_CFG_KEY].artifacts_dir, config.stash[_STARTED_KEY])
     return list(incidents.INCIDENTS)
 
 
@@ -351,9 +353,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if _is_xdist_controller(config) or _CFG_KEY not in config.stash:
         return
     worker = _worker()
-    name = "incidents.json" if worker == "main" else f"incidents-{worker}.json"
+    path = config.stash[_CFG_KEY].artifacts_dir / ("incidents.json" if worker == "main"
+                                                   else f"incidents-{worker}.json")
     if incidents.INCIDENTS or worker != "main":
-        incidents.write(config.stash[_CFG_KEY].artifacts_dir / name)
+        incidents.write(path)
+    else:
+        path.unlink(missing_ok=True)  # no stale record of an earlier run's incidents
 
 
 def _summarise_incidents(terminalreporter, config: pytest.Config) -> None:

@@ -250,7 +250,7 @@ def verify_after(item: pytest.Item) -> list[Incident]:
     return found
 
 
-def verify_before(item: pytest.Item, request: pytest.FixtureRequest, p2m: Callable | None,
+def verify_before(item: pytest.Item, request: pytest.FixtureRequest, p2m: Callable,
                   timeout: float) -> None:
     """Before the call: each of the check's guests alive, with the domid the harness
     created; a dead one is an incident (between checks, unless already recorded) and is
@@ -264,10 +264,7 @@ def verify_before(item: pytest.Item, request: pytest.FixtureRequest, p2m: Callab
         if not guest.death_recorded and time.monotonic() - getattr(guest, "verified_at", -1e9) < FRESH_S:
             continue
         before = len(incidents.INCIDENTS)
-        pool = getattr(request.getfixturevalue("xen_host"), "guest_pool", None)
-        if name == "guest" and pool is not None:
-            pool.get(guest.type, nodeid=item.nodeid)
-        elif p2m is not None:
-            guest.replace_if_dead(p2m, timeout, f"before {item.nodeid}", nodeid=item.nodeid)
+        if name == "guest":
+            guest.released = False  # a shared guest is never a check's to destroy
+        guest.replace_if_dead(p2m, timeout, f"before {item.nodeid}", nodeid=item.nodeid)
         state.incidents += incidents.INCIDENTS[before:]
-        guest.verified_at = time.monotonic()
