@@ -250,3 +250,14 @@ def test_incidents_are_merged_across_workers(tmp_path: Path) -> None:
     assert merged == [one, two, one] and incidents.load(tmp_path / "incidents.json") == merged
     assert incidents.counts(merged) == {("bookworm", "host", "during-check", "-"): 1,
                                         ("bookworm", "pvh", "early-boot", "guest-death"): 2}
+
+
+def test_no_rerun_beyond_the_runs_budget(pytester: pytest.Pytester) -> None:
+    (pytester.path / "run.yaml").write_text("emulator_fault_reruns: 0\n")
+    settings = "RUNS = {}\nMODE = 'once'\nMESSAGE = ''"
+    (project(pytester) / "v.py").write_text(textwrap.dedent(CHECKS).replace("RUNS = {}", settings))
+    (pytester.path / "known.yaml").write_text(DEATH)
+    result = pytester.runpytest_inprocess("plugins", "--host-image", "alpha", "-rA", "--known-issues",
+                                          "known.yaml", "--nx-config", "run.yaml", "-k", "test_refusal")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*emulator fault, no rerun left (0 of 0 this run)*"])
