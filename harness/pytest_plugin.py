@@ -621,7 +621,8 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     facts = request.getfixturevalue("host_facts")
     request.node.stash[FACTS_KEY] = facts
     FACTS_BY_IMAGE[request.getfixturevalue("host_image_name")] = facts
-    request.node.user_properties.extend(host_properties(facts))
+    request.node.user_properties.extend(p for p in host_properties(facts)
+                                        if p not in request.node.user_properties)  # a rerun: once
     _stale_boot_issue(request, facts)
     kind = request.node.callspec.params.get("guest_type") if hasattr(request.node, "callspec") else None
     reason = spec_of(request.node).skip_reason(facts, kind)
