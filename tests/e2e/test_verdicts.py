@@ -74,8 +74,9 @@ def test_a_guest_dying_during_checks_is_an_incident_rerun_or_failed(tmp_path: Pa
     (tmp_path / "plugins" / "dying.py").write_text(textwrap.dedent(CHECKS))
     (tmp_path / "known.yaml").write_text(KNOWN)
     artifacts = tmp_path / "artifacts"
-    command = [sys.executable, "-m", "pytest", "plugins", "-v", "-rA", "-p", "no:cacheprovider",
-               "--host-image", "bookworm", "--known-issues", "known.yaml", "--artifacts-dir", str(artifacts),
+    command = [sys.executable, "-m", "pytest", "plugins", "-k", "dying", "-v", "-rA",
+               "-p", "no:cacheprovider", "--host-image", "bookworm", "--known-issues", "known.yaml",
+               "--artifacts-dir", str(artifacts),
                "--cache-dir", str(e2e_config.resolved_cache_dir())]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     print(run.stdout[-8000:], run.stderr[-3000:])  # the inner run's summary, for the log
