@@ -81,6 +81,9 @@ class RunConfig:
     libvirt_uri: str = "qemu:///system"
     # Shared guests created before the L1 snapshot is saved, so restores bring them up ready.
     snapshot_guests: tuple[str, ...] = ("pv", "pvh", "hvm")
+    # How many checks a run may run again after an emulator fault (a guest death whose
+    # evidence shows a known_issues.yaml guest-death signature); one rerun per check.
+    emulator_fault_reruns: int = 6
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: str = "<defaults>"
@@ -103,6 +106,9 @@ class RunConfig:
             _choice(self.source, "dom0", self.dom0, DOM0_MODES)
         if not self.host_images:
             raise ConfigError(f"{self.source}: host_images: list at least one recipe name")
+        if self.emulator_fault_reruns < 0:
+            raise ConfigError(f"{self.source}: emulator_fault_reruns: must be >= 0 (0: never rerun), "
+                              f"got {self.emulator_fault_reruns}")
         if self.cpus < 1:
             raise ConfigError(f"{self.source}: cpus: must be >= 1, got {self.cpus}")
         if self.memory_mb is not None and self.memory_mb < 1024:
@@ -204,7 +210,7 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
         return Timeouts(**{k: _typed(source, f"timeouts.{k}", v, float) for k, v in items.items()})
     if key in ("artifacts_dir", "cache_dir"):
         return Path(_typed(source, key, value, str)).expanduser()
-    if key in ("memory_mb", "cpus"):
+    if key in ("memory_mb", "cpus", "emulator_fault_reruns"):
         return _typed(source, key, value, int)
     if key == "rebuild":
         return _typed(source, key, value, bool)

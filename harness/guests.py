@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from . import incidents
 from .config import REPO_ROOT, RunConfig
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage
 from .probe_report import ProbeReport, parse_probe_log
@@ -42,7 +43,13 @@ class GuestTimeout(GuestError):
 
 
 class GuestCrashed(GuestError):
-    pass
+    """The domain is gone or crashed; ``evidence`` holds its own `xl dmesg` lines and
+    console tail, ``phase`` when it was seen (create: before it was unpaused)."""
+
+    def __init__(self, message: str, evidence: dict[str, str] | None = None, gone: bool = True,
+                 domid: int = -1, phase: str = "early-boot") -> None:
+        super().__init__(message)
+        self.evidence, self.gone, self.domid, self.phase = evidence or {}, gone, domid, phase
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,10 @@ class Guest:
     report: ProbeReport | None = None
     pages: list[ProbePageInfo] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    image: str = ""  # the host image it runs on, for incidents
+    released: bool = False  # destroyed by the harness or a check: not a death
+    death_recorded: bool = False  # its current death is already an incident
+    verified_at: float = -1e9  # when `xl list` last showed it alive with this domid (monotonic)
 
     @property
     def name(self) -> str:
@@ -149,8 +160,9 @@ class Guest:
         self.remote.run_expect(f"mkdir -p {CONSOLE_DIR} && rm -f {shlex.quote(self.spec.console_log)}",
                                timeout=30)
         started = time.monotonic()
-        try:
-            self.xl.create(cfg)
+        self.released = self.death_recorded = False
+        try:  # paused: its domid is known before it runs, so its death has its own evidence
+            self.xl.create(cfg, paused=True)
         except XlError as exc:
             raise GuestError(f"xl create of {self.name} ({self.type}) was refused:\n"
                              f"{exc.result.stderr.strip() or exc.result.stdout.strip()}") from None
@@ -158,12 +170,10 @@ class Guest:
         self._created_at = started
         try:
             self.domid = self.xl.domid(self.name)
+            self.xl.unpause(self.domid)
         except XlError:
-            # Gone between `xl create` and `xl domid`: it died at once (on_crash=destroy),
-            # as a PVH guest under TCG nested SVM sometimes does in early boot.
-            raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list` right after "
-                               f"`xl create`; last console lines:\n{self.console_tail()}"
-                               f"{self._xen_says()}") from None
+            raise self._crashed(f"{self.name} ({self.type}) is gone from `xl list` right after "
+                                "`xl create -p`", phase="create") from None
 
     def console(self) -> str:
         path = shlex.quote(self.spec.console_log)
@@ -196,29 +206,56 @@ class Guest:
         """The domain as `xl list` shows it; GuestCrashed if it is gone or crashed."""
         dom = self.xl.domain(self.name)
         if dom is None:
-            raise GuestCrashed(f"{self.name} ({self.type}) is gone from `xl list`; "
-                               f"last console lines:\n{self.console_tail()}{self._xen_says()}")
+            raise self._crashed(f"{self.name} ({self.type}) d{self.domid} is gone from `xl list`")
         if dom.crashed:
-            raise GuestCrashed(f"{self.name} ({self.type}) crashed (state {dom.state}); "
-                               f"last console lines:\n{self.console_tail()}{self._xen_says()}")
+            raise self._crashed(f"{self.name} ({self.type}) d{dom.domid} crashed (state {dom.state})",
+                                gone=False)
         return dom
 
-    def _xen_says(self) -> str:
-        """What the hypervisor logged about this domain (a triple fault, say); for a
-        guest whose domid was never learned (gone right after `xl create`), Xen's
-        latest faults."""
+    def death(self, domains: list[Domain] | None = None) -> str | None:
+        """None while the domain the harness created (this domid) runs; else what
+        happened to it. ``domains``: an `xl list` already taken (one command per check)."""
+        doms = self.xl.list() if domains is None else domains
+        dom = next((d for d in doms if d.name == self.name), None)
+        if dom is None:
+            return f"d{self.domid} is gone from `xl list`"
+        if dom.domid != self.domid:
+            return f"was d{self.domid}, now d{dom.domid} (another domain of the same name)"
+        if dom.crashed or dom.dying:
+            return f"d{self.domid} {'crashed' if dom.crashed else 'is dying'} (state {dom.state})"
+        return None
+
+    def evidence(self) -> dict[str, str]:
+        """Xen's lines about this domid only, and the console tail."""
         try:
-            dmesg = self.xl.dmesg().splitlines()
-        except XlError:
-            return ""
-        lines = [line for line in dmesg
-                 if f"d{self.domid}v" in line or f"Dom{self.domid} " in line or f"d{self.domid} " in line]
-        if self.domid < 0 or not lines:
-            # never learned, or it changed since (xl restore gives a new domid)
-            lines = [line for line in dmesg if "Triple fault" in line]
-            return "\nxl dmesg, latest faults:\n" + "\n".join(lines[-3:]) if lines else ""
-        tail = "\n".join(lines[-12:])
-        return f"\nxl dmesg about d{self.domid}:\n{tail}"
+            dmesg = "\n".join(incidents.domain_lines(self.xl.dmesg(), self.domid)[-12:])
+        except XlError as exc:
+            dmesg = f"(xl dmesg failed: {exc})"
+        return {"dmesg": dmesg, "console": self.console_tail()}
+
+    def _crashed(self, what: str, gone: bool = True, phase: str = "early-boot") -> GuestCrashed:
+        evidence = self.evidence()
+        xen = (f"\nxl dmesg about d{self.domid}:\n{evidence['dmesg']}" if evidence["dmesg"]
+               else f"\nxl dmesg has no line about d{self.domid}")
+        return GuestCrashed(f"{what}; last console lines:\n{evidence['console']}{xen}",
+                            evidence, gone=gone, domid=self.domid, phase=phase)
+
+    def incident(self, phase: str, detail: str, action: str, nodeid: str = "",
+                 evidence: dict[str, str] | None = None) -> incidents.Incident:
+        """Record this guest's death (the incidents layer classifies it)."""
+        self.death_recorded = True
+        return incidents.record(incidents.Incident(
+            "guest", self.name, phase, guest_type=self.type, image=self.image, domid=self.domid,
+            nodeid=nodeid, detail=detail, evidence=evidence if evidence is not None else self.evidence(),
+            action=action))
+
+    def adopt(self, fresh: Guest) -> None:
+        """Become ``fresh`` (a new domain from the same spec), so fixtures holding this
+        object see the live guest."""
+        self.domid, self.report, self.pages = fresh.domid, fresh.report, fresh.pages
+        self.timings, self._created_at = fresh.timings, fresh._created_at
+        self.released = self.death_recorded = False
+        self.verified_at = time.monotonic()
 
     def resolve_mfns(self, p2m: Callable[[int, list[int]], dict[int, int]]) -> None:
         """For PV guests, look up each probe page's MFN in the guest's p2m."""
@@ -229,27 +266,31 @@ class Guest:
             page.mfn = table[page.pfn]
 
     def replace_if_dead(self, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float,
-                        why: str) -> bool:
-        """If the domain died since it was last used (gone, or crashed), record that in
-        GUEST_DEATHS and create it again in place from its spec; ``why`` says when it was
-        found (``"before plugins/migration.py::test_x"``). A check that changes a guest
-        then starts from a live one, and a death it did not cause is reported, not blamed
-        on it. Returns whether the guest was replaced."""
-        try:
-            self.check_alive()
+                        why: str, nodeid: str = "", domains: list[Domain] | None = None) -> bool:
+        """If the domain the harness created died since it was last used (gone, crashed,
+        or another domid now has its name), record an incident (between checks; ``why``
+        says when it was found, ``nodeid`` the check about to run) unless its death is
+        already one, and create it again in place from its spec. A check then starts
+        from a live guest, and a death it did not cause is not blamed on it. Returns
+        whether the guest was replaced. ``domains``: an `xl list` already taken."""
+        if self.released:
             return False
-        except GuestCrashed as exc:
-            GUEST_DEATHS.append({"guest": self.name, "type": self.type, "found": why, "error": str(exc)})
-            log.warning("%s (%s) died %s; creating it again: %s", self.name, self.type, why, exc)
+        detail = self.death(domains)
+        if detail is None:
+            self.verified_at = time.monotonic()
+            return False
+        if not self.death_recorded:
+            self.incident("between-checks", f"{detail}, found {why}", "recreated", nodeid=nodeid)
+        log.warning("%s (%s) %s, found %s; creating it again", self.name, self.type, detail, why)
         self.destroy()
-        fresh = start_guest(self.xl, self.spec, timeout)
+        fresh = start_guest(self.xl, self.spec, timeout, image=self.image)
         fresh.resolve_mfns(p2m)
-        self.domid, self.report, self.pages = fresh.domid, fresh.report, fresh.pages
-        self.timings, self._created_at = fresh.timings, fresh._created_at
+        self.adopt(fresh)
         return True
 
     def destroy(self) -> None:
         """Destroy the domain if it exists. Idempotent."""
+        self.released = True
         try:
             if self.xl.domain(self.name) is not None:
                 self.xl.destroy(self.name)
@@ -257,47 +298,50 @@ class Guest:
             log.warning("destroying %s: %s", self.name, exc)
 
 
-# Guests that vanished before their first console line and were created again.
-# Seen here: a PVH guest intermittently triple-faults that early under TCG nested
-# SVM (known_issues.yaml). Every such event is logged, counted and reported at the
-# end of the run (pytest terminal summary, artifacts/guest_boot_crashes.json).
-EARLY_BOOT_CRASHES: list[dict] = []
-# Guests found dead between checks (gone from `xl list`, or crashed) and created again
-# before the next check that uses them: Guest.replace_if_dead. Reported like
-# EARLY_BOOT_CRASHES (artifacts/guest_deaths.json).
-GUEST_DEATHS: list[dict] = []
+# Every death below is an incident (harness/incidents.py): a PVH guest under TCG nested
+# SVM intermittently triple-faults in early boot (known_issues.yaml, guest-death).
 # How many times a shared guest (the one every check of its type reads, created before
 # the L1 snapshot) is created again after such a death: seen twice in a row here.
 SHARED_EARLY_CRASH_RETRIES = 3
 
 
 def died_in_early_boot(exc: GuestCrashed) -> bool:
-    """Gone before its report, silently or by the triple fault this TCG nested-SVM host
-    is known for (``on_reboot=destroy`` removed it)."""
-    text = str(exc)
-    return "is gone from `xl list`" in text and ("(console is empty)" in text or "Triple fault" in text)
+    """Gone before its report, silently or by a triple fault of *its own* domid (the
+    one this TCG nested-SVM host is known for; ``on_reboot=destroy`` removed it).
+    Another domain's fault is not evidence."""
+    console = exc.evidence.get("console", "")
+    silent = console in ("", "(console is empty)")
+    return exc.gone and (silent or "Triple fault" in exc.evidence.get("dmesg", ""))
 
 
-def start_guest(xl: Xl, spec: GuestSpec, timeout: float, early_crash_retries: int = 1) -> Guest:
+def _early_death(guest: Guest, exc: GuestCrashed, retry: bool) -> None:
+    guest.incident(exc.phase, str(exc).splitlines()[0], "recreated" if retry else "failed",
+                   evidence=exc.evidence)
+    log.warning("%s (%s) died in early boot%s: %s", guest.name, guest.type,
+                "; creating it again" if retry else "", exc)
+
+
+def start_guest(xl: Xl, spec: GuestSpec, timeout: float, early_crash_retries: int = 1,
+                image: str = "") -> Guest:
     """Create a guest and wait for its probe; destroy it if it never gets ready.
 
     A guest that disappears before its report, either before printing anything or
     with a triple fault in `xl dmesg` (it died in early boot and ``on_reboot=destroy``
     removed it), is created again, at most ``early_crash_retries`` times, and the
-    event is recorded. A guest that crashes otherwise is never retried.
+    event is an incident. A guest that crashes otherwise is never retried.
     """
     for attempt in range(early_crash_retries + 1):
-        guest = Guest(spec, xl)
+        guest = Guest(spec, xl, image=image)
         try:
             guest.create()
             guest.wait_ready(timeout)
         except GuestCrashed as exc:
             guest.destroy()
-            # Created again (known_issues.yaml), and reported.
-            if not died_in_early_boot(exc) or attempt == early_crash_retries:
+            if not died_in_early_boot(exc):
                 raise
-            EARLY_BOOT_CRASHES.append({"guest": spec.name, "type": spec.type, "error": str(exc)})
-            log.warning("%s (%s) died in early boot; creating it again: %s", spec.name, spec.type, exc)
+            _early_death(guest, exc, retry=attempt < early_crash_retries)
+            if attempt == early_crash_retries:
+                raise
             continue
         except BaseException:
             guest.destroy()
@@ -348,24 +392,22 @@ class GuestPool:
     change a guest (save/restore, migration, destroy) use ``own_guest`` instead.
     """
 
-    def __init__(self, xl: Xl, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float) -> None:
-        self.xl, self.p2m, self.timeout = xl, p2m, timeout
+    def __init__(self, xl: Xl, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float,
+                 image: str = "") -> None:
+        self.xl, self.p2m, self.timeout, self.image = xl, p2m, timeout, image
         self.guests: dict[str, Guest] = {}
 
-    def get(self, guest_type: str) -> Guest:
+    def get(self, guest_type: str, nodeid: str = "", domains: list[Domain] | None = None) -> Guest:
+        """The shared guest of this type, alive and with the domid the harness created
+        (one `xl list`, or ``domains``); a dead one is an incident and is replaced in
+        place, so a fixture holding it sees the new domain."""
         guest = self.guests.get(guest_type)
         if guest is not None:
-            dom = self.xl.domain(guest.name)
-            if dom is not None and not dom.crashed and dom.domid == guest.domid:
-                return guest
-            state = "gone" if dom is None else f"state {dom.state}, domid {dom.domid}"
-            GUEST_DEATHS.append({"guest": guest.name, "type": guest_type,
-                                 "found": "when a check asked for it",
-                                 "error": f"shared guest was d{guest.domid}, now {state}"})
-            log.warning("shared %s guest is gone or crashed (%s); creating another", guest_type, state)
-            guest.destroy()
+            guest.released = False  # a shared guest is never the check's to destroy
+            guest.replace_if_dead(self.p2m, self.timeout, "when a check asked for it", nodeid, domains)
+            return guest
         spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
-        guest = start_guest(self.xl, spec, self.timeout)
+        guest = start_guest(self.xl, spec, self.timeout, image=self.image)
         guest.resolve_mfns(self.p2m)
         self.guests[guest_type] = guest
         return guest
@@ -378,7 +420,7 @@ class GuestPool:
         for guest_type in types:
             spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
             dom = self.xl.domain(spec.name)
-            guest = Guest(spec, self.xl)
+            guest = Guest(spec, self.xl, image=self.image)
             if dom is not None and not dom.crashed:
                 guest.domid = dom.domid
                 guest._created_at = time.monotonic()
@@ -398,14 +440,13 @@ class GuestPool:
                     raise died[guest.type]
                 guest.wait_ready(self.timeout)
             except GuestCrashed as exc:
-                # The same early-boot death start_guest retries (see EARLY_BOOT_CRASHES).
+                # The same early-boot death start_guest retries: an incident.
                 if not died_in_early_boot(exc):
                     raise
-                EARLY_BOOT_CRASHES.append({"guest": guest.name, "type": guest.type, "error": str(exc)})
-                log.warning("shared %s guest died in early boot; creating it again: %s", guest.type, exc)
+                _early_death(guest, exc, retry=True)
                 guest.destroy()
                 guest = start_guest(self.xl, guest.spec, self.timeout,
-                                    early_crash_retries=SHARED_EARLY_CRASH_RETRIES - 1)
+                                    early_crash_retries=SHARED_EARLY_CRASH_RETRIES - 1, image=self.image)
             guest.resolve_mfns(self.p2m)
             self.guests[guest.type] = guest
 
@@ -422,7 +463,8 @@ def attach_pool(host, cfg: RunConfig, create: bool) -> GuestPool:
 
     if host.guest_pool is None:
         agent = Agent(host.remote.as_runner())
-        host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready)
+        image = getattr(getattr(host, "image", None), "name", "")
+        host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready, image=image)
         if cfg.snapshot_guests:
             started = time.monotonic()
             host.guest_pool.adopt_or_create(cfg.snapshot_guests, create=create)
@@ -451,7 +493,8 @@ def guest(xen_host, guest_type: str, artifacts_dir: Path) -> Iterator[Guest]:
 @contextlib.contextmanager
 def owned_guest(xen_host, spec: GuestSpec, agent, artifacts_dir: Path, timeout: float) -> Iterator[Guest]:
     """A guest that lives for the ``with`` block: created, MFNs resolved, console kept, destroyed."""
-    own = start_guest(xen_host.xl, spec, timeout)
+    image = getattr(getattr(xen_host, "image", None), "name", "")
+    own = start_guest(xen_host.xl, spec, timeout, image=image)
     try:
         own.resolve_mfns(agent.p2m)
         yield own

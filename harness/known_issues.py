@@ -1,13 +1,21 @@
-"""Known issues: one versioned file, each entry a strict expected failure where it applies.
+"""Known issues: one versioned file; an entry is versions *and* a signature.
 
-An entry names a check (``plugins/FILE.py::test_name``), optionally the guest
-types, Xen and dom0-kernel version ranges (PEP 440 specifiers against what the
-booted host reports), dom0 modes, accelerators and QEMU versions it applies to, with the reason
-and a link. A matching test is marked ``xfail(strict=True)``: while the issue
-stands the run shows it as XFAIL with the reason; once fixed, the XPASS fails
-the run so the entry gets removed instead of hiding a fix. An entry marked
-``flaky: true`` (the fault is intermittent) is a non-strict xfail: its XPASS
-is shown in the summary but does not fail the run.
+An entry names a check (``plugins/FILE.py::test_name``, ``boot``, or
+``guest-death``), optionally the guest types, Xen and dom0-kernel version ranges
+(PEP 440 specifiers against what the booted host reports), dom0 modes,
+accelerators and QEMU versions it applies to, the reason and a link, and a
+required ``signature:``: a regular expression over the evidence (the check's
+failure text, the dead domain's ``xl dmesg`` lines, its console, the serial
+tail). The decision is taken when the check has run (harness/pytest_plugin.py,
+at report time): a failure whose versions match an entry *and* whose evidence
+shows its signature is an expected failure with the reason; one whose versions
+match but whose evidence lacks the signature stays a failure, and its report
+names the entry considered. A strict entry (not ``flaky: true``) whose check
+passes fails the run (XPASS(strict)) so the entry gets removed.
+
+``guest-death`` entries are not about one check: they say which deaths of a
+guest (or host) are emulator faults (rerun once on a fresh guest) rather than a
+failure of the check that saw them.
 """
 
 from __future__ import annotations
@@ -24,14 +32,19 @@ from .config import REPO_ROOT, ConfigError
 from .plugins import version_of
 
 KNOWN_ISSUES = REPO_ROOT / "known_issues.yaml"
-KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "reason", "link", "flaky", "console"}
+KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "reason", "link", "flaky", "signature",
+        "console"}  # console: the old name of a boot entry's signature, still accepted
 # The check name of an entry about the host itself not coming up (Xen or dom0 does
 # not boot): it is matched against what the image and the run say (Xen version from
 # the image's Xen file, dom0 mode, accelerator) since the host never reports, and its
-# `console:` pattern must appear in the failure or the serial log. Every check on that
+# signature must appear in the failure or the serial log. Every check on that
 # host is then an expected failure with the reason; a host that boots fine fails the
 # first check that uses it, so the stale entry gets removed.
 BOOT_CHECK = "boot"
+# The check name of an entry about a guest's (or host's) death that is not tied to
+# one check: its signature decides whether a death is an emulator fault (the check
+# that saw it is run again on a fresh guest) or a plain failure.
+GUEST_DEATH = "guest-death"
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,7 @@ class KnownIssue:
     accel: tuple[str, ...] = ()
     qemu: SpecifierSet | None = None  # the L1's QEMU version: TCG's nested SVM faults are QEMU's
     flaky: bool = False  # an intermittent fault cannot be a strict xfail: it would XPASS at random
-    console: re.Pattern[str] | None = None  # boot entries: what the failure or serial log shows
+    signature: re.Pattern[str] | None = None  # what the evidence of this issue shows
 
     def applies(self, check: str, guest_type: str | None, facts: Any) -> bool:
         if check != self.check:
@@ -68,8 +81,15 @@ class KnownIssue:
         return f"known issue: {self.reason}" + (f" ({self.link})" if self.link else "")
 
     def seen_in(self, text: str) -> bool:
-        """Does a boot failure's text show this issue (always, without a ``console:`` pattern)?"""
-        return self.console is None or self.console.search(text) is not None
+        """Does this evidence (failure text, dmesg lines, console, serial) show the signature?"""
+        return self.signature is None or self.signature.search(text) is not None
+
+    def label(self) -> str:
+        """How reports name the entry: its check, scope and signature."""
+        scope = ",".join(self.guests) if self.guests else "any guest"
+        versions = " ".join(f"{k} {v}" for k, v in (("xen", self.xen), ("qemu", self.qemu)) if v is not None)
+        pattern = self.signature.pattern if self.signature is not None else ""
+        return f"{self.check} [{scope}{', ' + versions if versions else ''}] /{pattern}/"
 
 
 def _tuple(value: Any) -> tuple[str, ...]:
@@ -95,6 +115,14 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
         for key in ("check", "reason"):
             if not entry.get(key):
                 raise ConfigError(f"{where}: `{key}` is required")
+        where = f"{where} ({entry['check']})"
+        if "signature" in entry and "console" in entry:
+            raise ConfigError(f"{where}: give `signature` only (`console` is its old name)")
+        pattern = entry.get("signature", entry.get("console"))
+        if not pattern:
+            raise ConfigError(f"{where}: `signature` is required: a regular expression that the "
+                              "evidence of this issue shows (the failure text, the dead domain's "
+                              "xl dmesg lines, its console or the serial log), e.g. 'Triple fault'")
         try:
             xen = SpecifierSet(entry["xen"]) if entry.get("xen") else None
             kernel = SpecifierSet(entry["kernel"]) if entry.get("kernel") else None
@@ -102,26 +130,62 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
         except InvalidSpecifier as exc:
             raise ConfigError(f"{where}: {exc}") from None
         try:
-            console = re.compile(entry["console"]) if entry.get("console") else None
+            signature = re.compile(str(pattern))
         except re.error as exc:
-            raise ConfigError(f"{where}: console: not a regular expression: {exc}") from None
+            raise ConfigError(f"{where}: signature: not a regular expression: {exc}") from None
         issues.append(KnownIssue(
             check=entry["check"], reason=entry["reason"], link=entry.get("link", ""),
             guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,
             dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")), qemu=qemu,
-            flaky=bool(entry.get("flaky", False)), console=console,
+            flaky=bool(entry.get("flaky", False)), signature=signature,
         ))
     return issues
 
 
 def match(issues: list[KnownIssue], check: str, guest_type: str | None, facts: Any) -> KnownIssue | None:
+    """The first entry whose versions (and scope) match, whatever the evidence."""
     return next((i for i in issues if i.applies(check, guest_type, facts)), None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What known_issues.yaml says about one failure: the entry matched (versions and
+    signature), and the entries whose versions matched but whose signature was absent."""
+
+    matched: KnownIssue | None
+    considered: tuple[KnownIssue, ...] = ()
+
+    def note(self) -> str:
+        """For the report of a failure that stays a failure although entries were considered."""
+        return "\n".join(f"known issue considered: {i.label()}: versions match, but its signature is "
+                         f"absent from the evidence, so this is not that issue ({i.reason})"
+                         for i in self.considered)
+
+
+def decide(issues: list[KnownIssue], check: str, guest_type: str | None, facts: Any,
+           evidence: str) -> Decision:
+    """The entry for ``check`` whose versions match and whose signature ``evidence`` shows."""
+    applicable = [i for i in issues if i.applies(check, guest_type, facts)]
+    matched = next((i for i in applicable if i.seen_in(evidence)), None)
+    return Decision(matched, tuple(i for i in applicable if i is not matched) if matched is None else ())
+
+
+def emulator_fault(issues: list[KnownIssue], guest_type: str | None, facts: Any,
+                   evidence: str, check: str | None = None) -> KnownIssue | None:
+    """The ``guest-death`` entry (or, given ``check``, that check's own entry) whose versions
+    match and whose signature this death's evidence shows: an emulator fault."""
+    for name in (GUEST_DEATH, check):
+        if name is None:
+            continue
+        found = decide(issues, name, guest_type, facts, evidence).matched
+        if found is not None:
+            return found
+    return None
 
 
 def boot_issue(issues: list[KnownIssue], facts: Any, failure: str | None = None) -> KnownIssue | None:
     """The ``check: boot`` entry for a host with these facts; with ``failure`` (the
-    error and serial log of a host that did not come up), only one whose ``console:``
-    pattern it shows."""
+    error and serial log of a host that did not come up), only one whose signature it shows."""
     for issue in issues:
         if issue.applies(BOOT_CHECK, None, facts) and (failure is None or issue.seen_in(failure)):
             return issue

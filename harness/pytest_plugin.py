@@ -28,15 +28,17 @@ from pathlib import Path
 
 import pytest
 
+from . import incidents
 from .config import ConfigError, RunConfig, load_run_config
 from .discovery import SOURCES_KEY, Sources, collect_directory, entry_point_plugins, report_header
 from .host import XenHost
-from .known_issues import load_known_issues, match
+from .known_issues import emulator_fault, load_known_issues
 from .metrics import MetricsSink
 from .plugins import GUEST_TYPES, MARKER, PluginError, spec_of
 from .provision import Provisioner
 from .results import ResultsPlugin, check_properties, host_properties
 from .selection import narrow
+from .verdict import FACTS_KEY, VerdictPlugin, check_id, verify_before
 
 log = logging.getLogger("nested_xen")
 
@@ -66,6 +68,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="rebuild images and drop snapshots")
     group.addoption("--memory-mb", type=int, help="L1 memory in MiB")
     group.addoption("--print-config", action="store_true", help="print the effective config and exit")
+    group.addoption("--known-issues", metavar="YAML",
+                    help="known issues file (default: the repository's known_issues.yaml)")
     group.addoption("--nx-no-entry-points", action="store_true",
                     help="do not collect checks from installed packages' nested_xen.plugins entry points")
 
@@ -89,6 +93,9 @@ def _build_config(config: pytest.Config) -> RunConfig:
 
 def pytest_configure(config: pytest.Config) -> None:
     LOST_HOSTS.clear()  # one run's lost hosts (an in-process rerun starts afresh)
+    incidents.clear()
+    FACTS_BY_IMAGE.clear()
+    config.stash[_STARTED_KEY] = time.time()
     for name in ("e2e", *GUEST_TYPES):
         config.addinivalue_line("markers", f"{name}: derived by nested-xen from fixtures")
     config.addinivalue_line("markers", f"{MARKER}(spec): a nested-xen plugin check (use @check)")
@@ -100,15 +107,22 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         config.stash[_CFG_KEY] = _build_config(config)
-        config.stash[_ISSUES_KEY] = load_known_issues()
+        known = config.getoption("--known-issues")
+        config.stash[_ISSUES_KEY] = load_known_issues(Path(known)) if known else load_known_issues()
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     artifacts = config.stash[_CFG_KEY].artifacts_dir.resolve()
     config.stash[SOURCES_KEY] = Sources(
         entry_points=() if config.getoption("--nx-no-entry-points") else tuple(entry_point_plugins()),
         example_dir=artifacts / "readme-example")
-    config.pluginmanager.register(ResultsPlugin(artifacts, lambda: _measurements(config)),
+    config.pluginmanager.register(ResultsPlugin(artifacts, lambda: _measurements(config),
+                                                lambda: _run_incidents(config)),
                                   "nested-xen-results")
+    issues = config.stash[_ISSUES_KEY]
+    verdicts = VerdictPlugin(issues, config.stash[_CFG_KEY].emulator_fault_reruns, _host_lost)
+    config.stash[_VERDICTS_KEY] = verdicts
+    config.pluginmanager.register(verdicts, "nested-xen-verdicts")
+    incidents.set_classifier(lambda incident: _classify(issues, incident))
     if config.getoption("--print-config"):
         import dataclasses
         import json
@@ -120,6 +134,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 _CFG_KEY = pytest.StashKey[RunConfig]()
 _ISSUES_KEY = pytest.StashKey[list]()
+_VERDICTS_KEY = pytest.StashKey[VerdictPlugin]()
+_STARTED_KEY = pytest.StashKey[float]()
+# image -> the booted host's facts, for classifying incidents found outside a check
+# (early boot, between checks) against known_issues.yaml's guest-death entries.
+FACTS_BY_IMAGE: dict[str, object] = {}
+
+
+def _classify(issues: list, incident: incidents.Incident) -> str | None:
+    facts = FACTS_BY_IMAGE.get(incident.image)
+    if facts is None:
+        return None
+    fault = emulator_fault(issues, incident.guest_type or None, facts, incident.text())
+    return fault.label() if fault is not None else None
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -194,16 +221,16 @@ def _check_properties(items: list[pytest.Item]) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
     report = yield
     item.stash.setdefault(OUTCOME_KEY, {})[report.when] = report
-    if report.when == "call" and (report.failed or hasattr(report, "wasxfail")):
-        _note_lost_host(item, report)
     return report
 
 
-# (module, image) -> how its host was lost: a check failed (or failed as expected) and
-# dom0 no longer answered. Seen here: an L1 froze for good during a PVH guest's
-# localhost migration under TCG nested SVM. The module's later checks cannot run on it;
-# the next module gets a fresh host (xen_host's health check).
-LOST_HOSTS: dict[tuple[str, str], dict] = {}
+# (module, image) -> the incident of a host lost during one of the module's checks (it
+# failed and dom0 no longer answered). Seen here: an L1 froze for good during a PVH
+# guest's localhost migration under TCG nested SVM. The module's later checks on it fail
+# naming that incident (never a blanket expected failure); the next module gets a fresh
+# host (xen_host's health check).
+LOST_HOSTS: dict[tuple[str, str], incidents.Incident] = {}
+SERIAL_TAIL_LINES = 60
 
 
 def _lost_key(node: pytest.Item) -> tuple[str, str] | None:
@@ -214,27 +241,34 @@ def _lost_key(node: pytest.Item) -> tuple[str, str] | None:
     return (module, image) if image and module else None
 
 
-def _note_lost_host(item: pytest.Item, report: pytest.TestReport) -> None:
-    host = item.funcargs.get("xen_host") if hasattr(item, "funcargs") else None
+def _host_lost(item: pytest.Item, report: pytest.TestReport) -> incidents.Incident | None:
+    """After a failed check: an incident (subject host, with its serial tail) if dom0
+    stopped answering; None while it answers."""
+    host = (item.funcargs or {}).get("xen_host") if hasattr(item, "funcargs") else None
     key = _lost_key(item)
     if host is None or key is None or key in LOST_HOSTS or _healthy(host):
-        return
-    LOST_HOSTS[key] = {"host": host.name, "check": item.nodeid, "expected": getattr(report, "wasxfail", None)}
+        return None
+    try:
+        serial = "\n".join(host.machine.read_serial().splitlines()[-SERIAL_TAIL_LINES:])
+    except Exception as exc:  # noqa: BLE001 - the serial log is evidence, not a must
+        serial = f"(serial log unreadable: {exc})"
+    lost = incidents.record(incidents.Incident(
+        "host", host.name, "during-check", image=key[1], nodeid=item.nodeid,
+        detail="dom0 stopped answering (`xl list` over SSH)", evidence={"serial": serial}))
+    LOST_HOSTS[key] = lost
     log.warning("%s stopped answering during %s; the rest of %s on it cannot run", host.name,
                 item.nodeid, item.module.__name__)
+    return lost
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A check whose module's host was lost by an earlier check does not try it: it fails
-    naming that check, or, when that check's failure was expected (a known issue), is an
-    expected failure for the same reason."""
+    naming that incident (whatever that check's outcome, never an expected failure)."""
     lost = LOST_HOSTS.get(_lost_key(item))
     if lost is None:
         return
-    what = f"{lost['host']} stopped answering during {lost['check']}"
-    if lost["expected"]:
-        pytest.xfail(f"{what}, an expected failure: {lost['expected']}")
-    pytest.fail(f"{what}, which failed; this check could not run", pytrace=False)
+    pytest.fail(f"{lost.name} stopped answering during {lost.nodeid} (incident: {lost.line()}); "
+                "this check could not run on it; the next module gets a fresh host", pytrace=False)
 
 
 def failed(request: pytest.FixtureRequest) -> bool:
@@ -307,26 +341,44 @@ def metrics(pytestconfig: pytest.Config, artifacts_dir: Path):
     return sink
 
 
+def _run_incidents(config: pytest.Config) -> list[incidents.Incident]:
+    """The run's incidents: this process's, or on the xdist controller the workers' merged."""
+    if _is_xdist_controller(config):
+        return incidents.merge(config.stash[_CFG_KEY].artifacts_dir, config.stash[_STARTED_KEY])
+    return list(incidents.INCIDENTS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Each process writes its incidents: incidents-<worker>.json (xdist) or incidents.json."""
+    config = session.config
+    if _is_xdist_controller(config) or _CFG_KEY not in config.stash:
+        return
+    worker = _worker()
+    path = config.stash[_CFG_KEY].artifacts_dir / ("incidents.json" if worker == "main"
+                                                   else f"incidents-{worker}.json")
+    if incidents.INCIDENTS or worker != "main":
+        incidents.write(path)
+    else:
+        path.unlink(missing_ok=True)  # no stale record of an earlier run's incidents
+
+
+def _summarise_incidents(terminalreporter, config: pytest.Config) -> None:
+    found = _run_incidents(config)
+    verdicts = config.stash.get(_VERDICTS_KEY, None)
+    if found:
+        terminalreporter.section(f"nested-xen incidents: {len(found)} death(s) the harness did not cause")
+        for incident in found:
+            terminalreporter.write_line(incident.line())
+        terminalreporter.write_line(f"incidents: {config.stash[_CFG_KEY].artifacts_dir / 'incidents.json'}")
+    if verdicts is not None and verdicts.reruns:
+        cap = config.stash[_CFG_KEY].emulator_fault_reruns
+        terminalreporter.write_line(f"emulator-fault reruns: {len(verdicts.reruns)} of {cap} this run "
+                                    "(1 per check): " + ", ".join(verdicts.reruns))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    import json
-
-    from .guests import EARLY_BOOT_CRASHES, GUEST_DEATHS
-
-    for events, title, name in (
-            (EARLY_BOOT_CRASHES, "guests that died in early boot and were created again",
-             "guest_boot_crashes"),
-            (GUEST_DEATHS, "guests found dead between checks and created again", "guest_deaths")):
-        if not events:
-            continue
-        terminalreporter.section(title)
-        for event in events:
-            first = event["error"].splitlines()[0]
-            triple = "triple fault" if "Triple fault" in event["error"] else "no Xen message"
-            found = f" {event['found']}" if "found" in event else ""
-            terminalreporter.write_line(f"{event['guest']} ({event['type']}){found}: {triple}: {first}")
-        path = config.stash[_CFG_KEY].artifacts_dir / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(events, indent=2) + "\n")
+    _summarise_incidents(terminalreporter, config)
     _measurements(config)  # under xdist: join the workers' metrics first
     sink = config.stash.get(_METRICS_KEY, None)
     if sink is None or not sink.records:
@@ -569,15 +621,29 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     if not set(request.fixturenames) & HOST_FIXTURES:
         return
     facts = request.getfixturevalue("host_facts")
-    request.node.user_properties.extend(host_properties(facts))
+    request.node.stash[FACTS_KEY] = facts
+    FACTS_BY_IMAGE[request.getfixturevalue("host_image_name")] = facts
+    request.node.user_properties.extend(p for p in host_properties(facts)
+                                        if p not in request.node.user_properties)  # a rerun: once
     _stale_boot_issue(request, facts)
     kind = request.node.callspec.params.get("guest_type") if hasattr(request.node, "callspec") else None
     reason = spec_of(request.node).skip_reason(facts, kind)
     if reason:
         pytest.skip(reason)
-    issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node), kind, facts)
-    if issue:
-        request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
+    # Known issues are decided once the check has run, by its evidence: harness/verdict.py.
+
+
+@pytest.fixture(autouse=True)
+def _nx_alive(request: pytest.FixtureRequest, _nx_gate: None) -> None:
+    """A check's guest is alive and is the domain the harness created: one `xl list`
+    (skipped when the previous check verified it moments ago); a dead one is an
+    incident and is created again in place (harness/verdict.py: verify_before)."""
+    if request.node.get_closest_marker(MARKER) is None:
+        return
+    if not {"guest", "own_guest"} & set(request.fixturenames):
+        return
+    agent = request.getfixturevalue("agent")
+    verify_before(request.node, request, agent.p2m, request.getfixturevalue("nx_config").timeouts.guest_ready)
 
 
 _STALE_BOOT_REPORTED: set[str] = set()
@@ -597,12 +663,7 @@ def _stale_boot_issue(request: pytest.FixtureRequest, facts) -> None:
                 "-- remove its `check: boot` entry from known_issues.yaml", pytrace=False)
 
 
-def _check_id(item: pytest.Item) -> str:
-    """``plugins/FILE.py::test_name`` (no parameters), as known_issues.yaml names checks; an
-    entry-point plugin's is ``package/module.py::test_name``, the README example's
-    ``README.md::test_name`` (their node ids, harness/discovery.py)."""
-    module = item.nodeid.split("::", 1)[0]
-    return f"{module}::{item.originalname if hasattr(item, 'originalname') else item.name}"
+_check_id = check_id  # ``plugins/FILE.py::test_name``: harness/verdict.py
 
 
 @pytest.fixture

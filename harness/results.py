@@ -50,6 +50,8 @@ class CheckResult:
     outcome: str = ""  # a key of OUTCOMES
     duration: float = 0.0  # seconds: setup + call + teardown, as in the JUnit XML
     reason: str = ""  # why it was skipped, expected to fail, or failed (first line)
+    verdict: str = ""  # "passed after emulator fault" when a rerun passed (harness/verdict.py)
+    incidents: list[dict] = dataclasses.field(default_factory=list)  # deaths that hit it
 
 
 def plugin_name(nodeid: str) -> str:
@@ -107,9 +109,12 @@ class Results:
         if result is None:
             result = self._by_nodeid[report.nodeid] = CheckResult(report.nodeid, str(props["plugin"]),
                                                                  str(props.get("check", "")))
-        for key in (*CHECK_PROPERTIES[2:], *HOST_PROPERTIES):
+        for key in (*CHECK_PROPERTIES[2:], *HOST_PROPERTIES, "verdict"):
             if key in props:
                 setattr(result, key, str(props[key]))
+        for key, value in report.user_properties:
+            if key == "incident" and json.loads(str(value)) not in result.incidents:
+                result.incidents.append(json.loads(str(value)))
         result.duration = round(result.duration + report.duration, 3)
         decided = _outcome(report)
         # A teardown error turns a passed (or skipped) test into an error; a failure stays one.
@@ -117,9 +122,12 @@ class Results:
             result.outcome, result.reason = decided
 
 
-def write_json(results: list[CheckResult], path: Path) -> None:
+def write_json(results: list[CheckResult], path: Path, found: Sequence[Any] = ()) -> None:
+    from .incidents import as_dicts
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"version": 1, "results": [dataclasses.asdict(r) for r in results]}
+    data = {"version": 1, "results": [dataclasses.asdict(r) for r in results],
+            "incidents": as_dicts(found)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
@@ -197,8 +205,26 @@ def image_times(results: Iterable[CheckResult]) -> dict[str, tuple[int, float]]:
     return out
 
 
-def markdown(results: list[CheckResult], records: Sequence[Record] = ()) -> str:
-    """The run as Markdown: hosts, the matrix, every test that did not pass, measurements."""
+def incidents_markdown(found: Sequence[Any], results: Sequence[CheckResult] = ()) -> list[str]:
+    """Incidents per image and guest type, by phase and signature (harness/incidents.py),
+    and the checks that passed only after an emulator fault."""
+    from .incidents import TABLE_HEADER, table_rows
+
+    parts = []
+    if found:
+        parts += [f"### Incidents: {len(found)} death(s) the harness did not cause", "",
+                  markdown_table(TABLE_HEADER, table_rows(found)), ""]
+    rerun = [r for r in results if r.verdict]
+    if rerun:
+        parts += ["### Passed after an emulator fault", "",
+                  markdown_table(("test", "verdict", "incidents"),
+                                 [(f"`{r.nodeid}`", r.verdict, str(len(r.incidents))) for r in rerun]), ""]
+    return parts
+
+
+def markdown(results: list[CheckResult], records: Sequence[Record] = (), found: Sequence[Any] = ()) -> str:
+    """The run as Markdown: hosts, the matrix, every test that did not pass, incidents,
+    measurements."""
     parts = ["## nested-xen results", ""]
     if results:
         times = image_times(results)
@@ -217,6 +243,7 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = ()) -> str:
             parts += ["### Not passed", "",
                       markdown_table(("test", "outcome", "reason"),
                                      [(f"`{r.nodeid}`", r.outcome, r.reason) for r in others]), ""]
+    parts += incidents_markdown(found, results)
     if records:
         parts += ["### Measurements", "", summary_markdown(list(records)), ""]
     if not results and not records:
@@ -227,10 +254,12 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = ()) -> str:
 class ResultsPlugin:
     """Registered by the pytest plugin: collects results, writes them, prints the matrix."""
 
-    def __init__(self, artifacts_dir: Path, measurements: Callable[[], list[Record]]) -> None:
+    def __init__(self, artifacts_dir: Path, measurements: Callable[[], list[Record]],
+                 incidents: Callable[[], list[Any]] = list) -> None:
         self.json_path = artifacts_dir / "results.json"
         self.markdown_path = artifacts_dir / "summary.md"
         self.measurements = measurements
+        self.incidents = incidents
         self.results = Results()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -239,8 +268,9 @@ class ResultsPlugin:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(session.config, "workerinput") or not self.results.results:
             return  # an xdist worker (the controller writes), or no check ran
-        write_json(self.results.results, self.json_path)
-        self.markdown_path.write_text(markdown(self.results.results, self.measurements()))
+        found = self.incidents()
+        write_json(self.results.results, self.json_path, found)
+        self.markdown_path.write_text(markdown(self.results.results, self.measurements(), found))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         results = self.results.results
@@ -248,6 +278,9 @@ class ResultsPlugin:
             return
         terminalreporter.section("nested-xen results: plugin x image x guest type")
         terminalreporter.write_line(matrix_table(results))
+        for r in results:
+            if r.verdict:
+                terminalreporter.write_line(f"{r.verdict}: {r.nodeid} ({len(r.incidents)} incident(s))")
         for image, (n, seconds) in image_times(results).items():
             terminalreporter.write_line(f"image {image or '(none)'}: {n} tests in {seconds:.0f} s")
         terminalreporter.write_line(f"results: {self.json_path}  summary: {self.markdown_path}")

@@ -137,8 +137,13 @@ class Xl:
     def dmesg(self, clear: bool = False) -> str:
         return self._xl("dmesg -c" if clear else "dmesg").stdout
 
-    def create(self, config_path: str, timeout: float = 300.0) -> CommandResult:
-        return self._xl(f"create {shlex.quote(config_path)}", timeout=timeout)
+    def create(self, config_path: str, timeout: float = 300.0, paused: bool = False) -> CommandResult:
+        """`xl create`; ``paused`` (`-p`) leaves the domain paused until :meth:`unpause`, so
+        its domid is known before it runs a single instruction."""
+        return self._xl(f"create {'-p ' if paused else ''}{shlex.quote(config_path)}", timeout=timeout)
+
+    def unpause(self, domain: int | str) -> None:
+        self._xl(f"unpause {shlex.quote(str(domain))}")
 
     def destroy(self, name: str, timeout: float = 120.0) -> None:
         self._xl(f"destroy {shlex.quote(name)}", timeout=timeout)

@@ -76,7 +76,8 @@ def _mig_guest(xen_host, guest_type, case, nx_config, agent, artifacts_dir):
 def mig_guest(request, _mig_guest, agent, nx_config):
     """The module's guest, alive: one that died since the last check (a crash in an
     operation, or idle) is recorded and created again, so no check starts on a corpse."""
-    _mig_guest.replace_if_dead(agent.p2m, nx_config.timeouts.guest_ready, f"before {request.node.name}")
+    _mig_guest.replace_if_dead(agent.p2m, nx_config.timeouts.guest_ready, f"before {request.node.name}",
+                               nodeid=request.node.nodeid)
     return _mig_guest
 
 

@@ -66,10 +66,10 @@ def test_bad_probe_option_is_reported_as_probe_error(host):
 def test_guest_gone_between_checks_is_created_again(host, monkeypatch):
     """A module's own guest that died between two checks is replaced in place before the
     next one (Guest.replace_if_dead), and the replacement's pages are what dom0 maps."""
-    from harness import guests
+    from harness import incidents
     from harness.agent.client import Agent
 
-    monkeypatch.setattr(guests, "GUEST_DEATHS", [])
+    monkeypatch.setattr(incidents, "INCIDENTS", [])
     agent = Agent(host.remote.as_runner())
     guest = start_guest(host.xl, GuestSpec(type="pv", name="nx-fault-revive"), timeout=240)
     try:
@@ -78,8 +78,9 @@ def test_guest_gone_between_checks_is_created_again(host, monkeypatch):
         host.xl.destroy(guest.name)
         assert guest.replace_if_dead(agent.p2m, 240, why="before the next check") is True
         assert guest.domid != old_domid and host.xl.domain(guest.name).domid == guest.domid
-        [event] = guests.GUEST_DEATHS
-        assert event["found"] == "before the next check" and "gone from `xl list`" in event["error"]
+        [event] = incidents.INCIDENTS
+        assert event.phase == "between-checks" and event.domid == old_domid
+        assert "gone from `xl list`, found before the next check" in event.detail
         assert [p.mfn for p in guest.pages] != old_mfns
         mapped = agent.map_foreign(guest.domid, [p.gfn for p in guest.pages])
         assert mapped.ok and [f.sha256 for f in mapped.frames] == [p.sha256 for p in guest.pages]

@@ -20,3 +20,14 @@ def restore_process_state() -> Iterator[None]:
     signal.signal(signal.SIGTERM, handler)
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _no_incidents_left() -> Iterator[None]:
+    """In-process pytest runs (pytester) record incidents in the harness's module list:
+    none may leak into the next test or the outer run's summary."""
+    from harness import incidents
+
+    yield
+    incidents.clear()
+    incidents.set_classifier(None)

@@ -160,7 +160,7 @@ def test_bad_console_pattern_is_a_config_error(tmp_path: Path) -> None:
 
     path = tmp_path / "k.yaml"
     path.write_text("- check: boot\n  reason: r\n  console: '(unclosed'\n")
-    with pytest.raises(ConfigError, match="console: not a regular expression"):
+    with pytest.raises(ConfigError, match="signature: not a regular expression"):
         load_known_issues(path)
 
 

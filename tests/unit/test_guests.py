@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from harness.guests import Guest, GuestCrashed, GuestError, GuestSpec, GuestTimeout
+from harness import incidents
+from harness.guests import Guest, GuestCrashed, GuestError, GuestSpec, GuestTimeout, died_in_early_boot
 from harness.probe_report import format_probe_line, page_digest
 from harness.remote import CommandResult
+
+
+@pytest.fixture(autouse=True)
+def _no_incidents():
+    incidents.clear()
+    yield
+    incidents.clear()
 
 
 def parse(cfg: str) -> dict[str, str]:
@@ -55,8 +63,14 @@ class FakeXl:
     def domain(self, name):
         return self._domain
 
+    def list(self):
+        return [self._domain] if self._domain is not None else []
+
     def dmesg(self):
         return self._dmesg
+
+    def unpause(self, domid):
+        pass
 
 
 def report_text(pages: int = 2) -> str:
@@ -92,6 +106,23 @@ def test_vanished_guest_fails_fast_with_console_and_xen_lines():
         guest.wait_ready(timeout=30)
     assert "gone from `xl list`" in str(err.value) and "booting..." in str(err.value)
     assert "Triple fault" in str(err.value)
+    assert died_in_early_boot(err.value)
+
+
+def test_another_domains_triple_fault_does_not_count():
+    """Issue 16: a vanished guest without lines of its own was taken for an early-boot
+    death on another domain's triple fault. Only d7's own lines are its evidence."""
+    other = "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1\n(XEN) d17v0 Triple fault\n"
+    xl = FakeXl(FakeRemote("booting...\n"), None, dmesg=other)
+    guest = Guest(GuestSpec(type="pvh", name="g"), xl, domid=7)
+    with pytest.raises(GuestCrashed) as err:
+        guest.wait_ready(timeout=30)
+    assert "Triple fault" not in str(err.value) and "no line about d7" in str(err.value)
+    assert err.value.evidence["dmesg"] == ""
+    assert not died_in_early_boot(err.value)
+    assert incidents.domain_lines(other + "(XEN) d7v1 Triple fault\n", 7) == ["(XEN) d7v1 Triple fault"]
+    others = "(XEN) Dom7 ready\n(XEN) d77v0 x\n(XEN) Dom71 y\n"
+    assert incidents.domain_lines(others, 7) == ["(XEN) Dom7 ready"]
 
 
 def test_probe_error_line_is_reported():
@@ -123,7 +154,8 @@ class CreatingXl(FakeXl):
         super().__init__(CreatingRemote(first_console), None)
         self.created, self.failures = 0, failures
 
-    def create(self, path):
+    def create(self, path, paused=False):
+        assert paused, "guests are created paused, so their domid is known first"
         self.created += 1
         if self.created > self.failures:
             self.remote.console, self._domain = report_text(), running()
@@ -138,21 +170,20 @@ class CreatingXl(FakeXl):
 def test_early_boot_death_is_retried_once_and_recorded(monkeypatch):
     from harness import guests
 
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = CreatingXl(first_console="")
     guest = guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
     assert xl.created == 2 and guest.report is not None
-    assert [e["type"] for e in guests.EARLY_BOOT_CRASHES] == ["pvh"]
+    [incident] = incidents.INCIDENTS
+    assert (incident.guest_type, incident.phase, incident.action) == ("pvh", "early-boot", "recreated")
 
 
 def test_a_guest_that_printed_something_is_not_retried(monkeypatch):
     from harness import guests
 
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = CreatingXl(first_console="Linux version 6.1\n")
     with pytest.raises(GuestCrashed):
         guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
-    assert xl.created == 1 and guests.EARLY_BOOT_CRASHES == []
+    assert xl.created == 1 and incidents.INCIDENTS == []
 
 
 def test_shared_guest_is_created_again_until_it_boots(monkeypatch):
@@ -160,16 +191,15 @@ def test_shared_guest_is_created_again_until_it_boots(monkeypatch):
     row here: the pool creates it again up to SHARED_EARLY_CRASH_RETRIES times."""
     from harness import guests
 
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES)
     pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
     pool.adopt_or_create(("pvh",))
     assert xl.created == guests.SHARED_EARLY_CRASH_RETRIES + 1
     assert pool.guests["pvh"].report is not None
-    assert len(guests.EARLY_BOOT_CRASHES) == guests.SHARED_EARLY_CRASH_RETRIES
+    assert len(incidents.INCIDENTS) == guests.SHARED_EARLY_CRASH_RETRIES
+    incidents.clear()
 
     # one more early death than that is an error, not an endless loop
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES + 1)
     with pytest.raises(GuestCrashed):
         guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5).adopt_or_create(("pvh",))
@@ -191,13 +221,12 @@ def test_guest_gone_before_xl_domid_is_an_early_death_retried(monkeypatch):
     is the same early-boot death as one that vanishes later, and is created again."""
     from harness import guests
 
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = VanishingXl(first_console="")
     guest = guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
     assert xl.created == 2 and guest.report is not None
-    assert "right after `xl create`" in guests.EARLY_BOOT_CRASHES[0]["error"]
+    assert "right after `xl create -p`" in incidents.INCIDENTS[0].detail
+    assert incidents.INCIDENTS[0].phase == "create"
 
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = VanishingXl(first_console="")
     pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
     pool.adopt_or_create(("pvh",))
@@ -207,10 +236,7 @@ def test_guest_gone_before_xl_domid_is_an_early_death_retried(monkeypatch):
 def test_guest_found_dead_between_checks_is_recorded_and_created_again(monkeypatch):
     """Seen in CI: the migration module's PVH guest was gone when its next check began.
     The check gets a live guest (same object, new domid and pages); the death is recorded."""
-    from harness import guests
 
-    monkeypatch.setattr(guests, "GUEST_DEATHS", [])
-    monkeypatch.setattr(guests, "EARLY_BOOT_CRASHES", [])
     xl = CreatingXl(first_console="", failures=0)
     xl._domain = None  # the old domain is gone
     triple = "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1\n"
@@ -218,19 +244,18 @@ def test_guest_found_dead_between_checks_is_recorded_and_created_again(monkeypat
     old = Guest(GuestSpec(type="pvh", name="g"), xl, domid=3)
     assert old.replace_if_dead(lambda domid, pfns: {}, timeout=5, why="before test_x") is True
     assert xl.created == 1 and old.domid == 5 and [p.pfn for p in old.pages] == [100, 101]
-    [event] = guests.GUEST_DEATHS
-    assert event["found"] == "before test_x" and "Triple fault" in event["error"]
+    [event] = incidents.INCIDENTS
+    assert event.phase == "between-checks" and "before test_x" in event.detail
+    assert "d3v0 Triple fault" in event.evidence["dmesg"] and event.domid == 3
 
     # a live guest is left alone
     assert old.replace_if_dead(lambda domid, pfns: {}, timeout=5, why="before test_y") is False
-    assert xl.created == 1 and len(guests.GUEST_DEATHS) == 1
+    assert xl.created == 1 and len(incidents.INCIDENTS) == 1
 
 
 def test_a_crashed_guest_is_destroyed_before_it_is_created_again(monkeypatch):
-    from harness import guests
     from harness.xen import Domain
 
-    monkeypatch.setattr(guests, "GUEST_DEATHS", [])
     xl = CreatingXl(first_console="", failures=0)
     xl._domain = Domain("g", 3, 256, 1, "-----c")
     destroyed = []
@@ -238,4 +263,4 @@ def test_a_crashed_guest_is_destroyed_before_it_is_created_again(monkeypatch):
     guest = Guest(GuestSpec(type="pv", name="g"), xl, domid=3)
     assert guest.replace_if_dead(lambda domid, pfns: {p: p + 1000 for p in pfns}, timeout=5, why="w")
     assert destroyed == ["g"] and guest.pages[0].mfn == 1100
-    assert "crashed" in guests.GUEST_DEATHS[0]["error"]
+    assert "crashed" in incidents.INCIDENTS[0].detail

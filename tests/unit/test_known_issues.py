@@ -8,7 +8,15 @@ from types import SimpleNamespace
 import pytest
 
 from harness.config import ConfigError
-from harness.known_issues import BOOT_CHECK, KNOWN_ISSUES, load_known_issues, match
+from harness.known_issues import (
+    BOOT_CHECK,
+    GUEST_DEATH,
+    KNOWN_ISSUES,
+    decide,
+    emulator_fault,
+    load_known_issues,
+    match,
+)
 
 FACTS = SimpleNamespace(xen_version="4.17.5", kernel_release="6.1.0-50-amd64", dom0_mode="pv",
                         accel="tcg")
@@ -22,8 +30,63 @@ def write(tmp_path, text):
 
 def test_repository_file_loads():
     for issue in load_known_issues(KNOWN_ISSUES):
-        assert issue.check == BOOT_CHECK or (issue.check.startswith("plugins/") and "::test_" in issue.check)
-        assert issue.reason
+        assert issue.check in (BOOT_CHECK, GUEST_DEATH) or (issue.check.startswith("plugins/")
+                                                           and "::test_" in issue.check)
+        assert issue.reason and issue.signature is not None and issue.signature.pattern
+
+
+def test_an_entry_without_a_signature_is_rejected_naming_it(tmp_path):
+    text = """
+- check: plugins/a.py::test_a
+  signature: x
+  reason: r
+- check: plugins/migration.py::test_save_restore
+  guests: [pvh]
+  reason: a triple fault
+"""
+    with pytest.raises(ConfigError, match=r"entry 2 \(plugins/migration.py::test_save_restore\): "
+                                          r"`signature` is required"):
+        load_known_issues(write(tmp_path, text))
+
+
+def test_boot_entries_may_still_say_console(tmp_path):
+    [issue] = load_known_issues(write(tmp_path, "- check: boot\n  reason: r\n  console: 'guard page'\n"))
+    assert issue.seen_in("... stack guard page was hit") and not issue.seen_in("all fine")
+
+
+def test_decide_needs_versions_and_signature(tmp_path):
+    issues = load_known_issues(write(tmp_path, """
+- check: plugins/t.py::test_x
+  xen: ">=4.17,<4.18"
+  signature: 'd\\d+v\\d+ Triple fault'
+  reason: triple fault
+"""))
+    check = "plugins/t.py::test_x"
+    hit = decide(issues, check, "pvh", FACTS, "(XEN) d3v0 Triple fault")
+    assert hit.matched is issues[0] and hit.considered == ()
+    miss = decide(issues, check, "pvh", FACTS, "memory corrupted after restore")
+    assert miss.matched is None and miss.considered == (issues[0],)
+    assert "signature is absent" in miss.note() and "Triple fault" in miss.note()
+    newer = SimpleNamespace(**{**vars(FACTS), "xen_version": "4.20.0"})
+    assert decide(issues, check, "pvh", newer, "(XEN) d3v0 Triple fault") == decide(issues, check, "pvh",
+                                                                                     newer, "")
+
+
+def test_emulator_fault_is_a_guest_death_entry_or_the_checks_own(tmp_path):
+    issues = load_known_issues(write(tmp_path, """
+- check: guest-death
+  guests: [pvh]
+  signature: 'd\\d+v\\d+ Triple fault'
+  reason: TCG nested SVM
+- check: plugins/t.py::test_x
+  signature: 'Failed to get types for pfn batch'
+  reason: log-dirty
+"""))
+    assert emulator_fault(issues, "pvh", FACTS, "(XEN) d9v0 Triple fault").check == GUEST_DEATH
+    assert emulator_fault(issues, "pv", FACTS, "(XEN) d9v0 Triple fault") is None
+    assert emulator_fault(issues, "pvh", FACTS, "Failed to get types for pfn batch") is None
+    assert emulator_fault(issues, "pv", FACTS, "Failed to get types for pfn batch",
+                          check="plugins/t.py::test_x").check == "plugins/t.py::test_x"
 
 
 def test_match_by_guest_versions_and_accel(tmp_path):
@@ -33,6 +96,7 @@ def test_match_by_guest_versions_and_accel(tmp_path):
   xen: ">=4.17,<4.18"
   kernel: "<6.2"
   accel: tcg
+  signature: 'd\\d+v\\d+ Triple fault'
   reason: PVH guest triple-faults
 """))
     check = "plugins/migration.py::test_localhost_migration"
@@ -51,6 +115,7 @@ def test_match_by_qemu_version(tmp_path):
   guests: [pvh, hvm]
   accel: tcg
   qemu: "<8"
+  signature: Triple fault
   reason: QEMU 7.2's nested SVM
 """))
     check = "plugins/guests_smoke.py::test_probe_reported_every_page"
@@ -63,7 +128,9 @@ def test_match_by_qemu_version(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("- check: x\n", "`reason` is required"),
     ("- check: x\n  reason: r\n  colour: red\n", "unknown key"),
-    ("- check: x\n  reason: r\n  xen: 'about 4.17'\n", "Invalid specifier"),
+    ("- check: x\n  reason: r\n  signature: s\n  xen: 'about 4.17'\n", "Invalid specifier"),
+    ("- check: x\n  reason: r\n  signature: s\n  console: s\n", "give `signature` only"),
+    ("- check: x\n  reason: r\n  signature: '(unclosed'\n", "signature: not a regular expression"),
     ("check: x\n", "expected a list"),
 ])
 def test_bad_entries_name_the_problem(tmp_path, text, message):

@@ -1,0 +1,102 @@
+"""Verdicts on a real Xen: a shared guest that dies during a check is an incident, and
+the check is rerun on a fresh guest (an emulator-fault signature) or fails at once
+saying the guest died (none); the next check gets a live guest.
+
+A real run of the harness (a pytest subprocess, real L1, real shared PV guest) on a
+small plugin whose checks kill their guest from dom0: ``xl sysrq <guest> b`` (the guest
+kernel resets at once, "sysrq: Resetting" on its console, and ``on_reboot=destroy``
+removes it; Debian's default sysrq mask allows 'b' but not the crash 'c') and
+``xl destroy`` (gone, no evidence of a fault). A known-issues file names the first as
+an emulator fault.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CHECKS = '''
+import time
+
+from harness.plugins import check
+
+CRASHED = []
+
+
+def wait_dead(xl, name, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dom = xl.domain(name)
+        if dom is None or dom.crashed:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{name} did not die within {timeout} s")
+
+
+@check(guests=["pv"])
+def test_a_refusal_while_the_guest_crashes(guest, xl):
+    """Passes whatever happens, as a refusal read from a dead domain would."""
+    if not CRASHED:
+        CRASHED.append(guest.domid)
+        xl.remote.run_expect(f"xl sysrq {guest.name} b", timeout=60)
+        wait_dead(xl, guest.name)
+
+
+@check(guests=["pv"])
+def test_b_guest_destroyed_during_the_check(guest, xl):
+    xl.destroy(guest.name)
+
+
+@check(guests=["pv"])
+def test_c_the_next_check_gets_a_live_guest(guest, xl):
+    dom = xl.domain(guest.name)
+    assert dom is not None and dom.domid == guest.domid and dom.running, dom
+'''
+
+KNOWN = """
+- check: guest-death
+  guests: [pv]
+  signature: '(?i)sysrq.{0,3}resetting'
+  reason: injected by tests/e2e/test_verdicts.py (xl sysrq b)
+"""
+
+
+def test_a_guest_dying_during_checks_is_an_incident_rerun_or_failed(tmp_path: Path, e2e_config) -> None:
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "__init__.py").write_text("")
+    (tmp_path / "plugins" / "dying.py").write_text(textwrap.dedent(CHECKS))
+    (tmp_path / "known.yaml").write_text(KNOWN)
+    artifacts = tmp_path / "artifacts"
+    command = [sys.executable, "-m", "pytest", "plugins", "-k", "dying", "-v", "-rA",
+               "-p", "no:cacheprovider", "--host-image", "bookworm", "--known-issues", "known.yaml",
+               "--artifacts-dir", str(artifacts),
+               "--cache-dir", str(e2e_config.resolved_cache_dir())]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    print(run.stdout[-8000:], run.stderr[-3000:])  # the inner run's summary, for the log
+    results = {r["check"]: r for r in json.loads((artifacts / "results.json").read_text())["results"]}
+
+    crashed = results["test_a_refusal_while_the_guest_crashes"]
+    assert (crashed["outcome"], crashed["verdict"]) == ("passed", "passed after emulator fault")
+    [incident] = crashed["incidents"]
+    assert (incident["phase"], incident["action"]) == ("during-check", "rerun")
+    assert incident["signature"].startswith("guest-death")
+
+    destroyed = results["test_b_guest_destroyed_during_the_check"]
+    assert destroyed["outcome"] == "failed" and "died during this check" in destroyed["reason"]
+    assert [i["action"] for i in destroyed["incidents"]] == ["failed"]
+    assert "No known emulator-fault signature matches this death" in run.stdout
+
+    assert results["test_c_the_next_check_gets_a_live_guest"]["outcome"] == "passed"
+    assert "emulator-fault reruns: 1 of 6 this run" in run.stdout
+    saved = json.loads((artifacts / "incidents.json").read_text())
+    assert [(i["phase"], i["action"]) for i in saved] == [("during-check", "rerun"),
+                                                          ("during-check", "failed")]
+    assert "Resetting" in saved[0]["evidence"]["console"]
+    assert run.returncode == 1  # test_b
