@@ -50,6 +50,7 @@ class CheckResult:
     outcome: str = ""  # a key of OUTCOMES
     duration: float = 0.0  # seconds: setup + call + teardown, as in the JUnit XML
     reason: str = ""  # why it was skipped, expected to fail, or failed (first line)
+    finding: str = ""  # what the check measured about the host (its "finding" property)
 
 
 def plugin_name(nodeid: str) -> str:
@@ -110,6 +111,8 @@ class Results:
         for key in (*CHECK_PROPERTIES[2:], *HOST_PROPERTIES):
             if key in props:
                 setattr(result, key, str(props[key]))
+        if "finding" in props:
+            result.finding = str(props["finding"])
         result.duration = round(result.duration + report.duration, 3)
         decided = _outcome(report)
         # A teardown error turns a passed (or skipped) test into an error; a failure stays one.
@@ -217,6 +220,10 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = ()) -> str:
             parts += ["### Not passed", "",
                       markdown_table(("test", "outcome", "reason"),
                                      [(f"`{r.nodeid}`", r.outcome, r.reason) for r in others]), ""]
+    found = [(f"`{r.nodeid}`", r.finding) for r in results if r.finding]
+    if found:
+        parts += ["### Findings", "", "Measured on the host that ran the check.", "",
+                  markdown_table(("test", "finding"), found), ""]
     if records:
         parts += ["### Measurements", "", summary_markdown(list(records)), ""]
     if not results and not records:
