@@ -211,7 +211,7 @@ def positive_controls(agent, domid: int, frame: int, sha: str, m2p_extent: int) 
 def findings(facts, statuses: dict[str, PathStatus], guest_type: str) -> str:
     """What this host showed, with its versions: which paths map, which map nothing."""
     proven = [s.path for s in statuses.values() if s.proves]
-    idle = [s.path for s in statuses.values() if not s.proves]
+    idle = [f"{s.path} ({s.detail})" for s in statuses.values() if not s.proves]
     kernel_path = ("a PV dom0 kernel can write any MFN into a PTE (HYPERVISOR_mmu_update, "
                    "MMU_PT_UPDATE_NO_TRANSLATE)" if facts.dom0_mode == "pv"
                    else "a PVH dom0 has no PV page tables")
