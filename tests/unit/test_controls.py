@@ -181,6 +181,12 @@ def test_path_positive_control_fails_when_the_path_maps_nothing(mode: str, broke
         no_raw_mfn.assert_paths_can_map(statuses, mode)
 
 
+def test_an_ioctl_refused_whole_names_its_errno() -> None:
+    answer = MapResult.from_json({"ok": True, "call": "restrict_then_map", "rc": -1, "errno_name": "EPERM",
+                                  "pages": [{"frame": 0x100, "sha256": None}]})
+    assert no_raw_mfn.refusal(answer) == "EPERM"
+
+
 def test_domid_io_content_must_match_dev_mem() -> None:
     page = _sha("page 0")
     plan = no_raw_mfn.allowed_frames(5, 0x100, page, 0x7000)
