@@ -52,6 +52,7 @@ class CheckResult:
     reason: str = ""  # why it was skipped, expected to fail, or failed (first line)
     verdict: str = ""  # "passed after emulator fault" when a rerun passed (harness/verdict.py)
     incidents: list[dict] = dataclasses.field(default_factory=list)  # deaths that hit it
+    finding: str = ""  # what the check measured about the host (its "finding" property)
 
 
 def plugin_name(nodeid: str) -> str:
@@ -115,6 +116,8 @@ class Results:
         for key, value in report.user_properties:
             if key == "incident" and json.loads(str(value)) not in result.incidents:
                 result.incidents.append(json.loads(str(value)))
+        if "finding" in props:
+            result.finding = str(props["finding"])
         result.duration = round(result.duration + report.duration, 3)
         decided = _outcome(report)
         # A teardown error turns a passed (or skipped) test into an error; a failure stays one.
@@ -244,6 +247,10 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = (), found: 
                       markdown_table(("test", "outcome", "reason"),
                                      [(f"`{r.nodeid}`", r.outcome, r.reason) for r in others]), ""]
     parts += incidents_markdown(found, results)
+    findings = [(f"`{r.nodeid}`", r.finding) for r in results if r.finding]
+    if findings:
+        parts += ["### Findings", "", "Measured on the host that ran the check.", "",
+                  markdown_table(("test", "finding"), findings), ""]
     if records:
         parts += ["### Measurements", "", summary_markdown(list(records)), ""]
     if not results and not records:

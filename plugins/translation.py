@@ -16,16 +16,24 @@ from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.plugins import check
 
 
-def content_mismatches(guest, agent, frames: list[int], domid: int | None = None) -> list[str]:
-    """Probe pages whose frame does not map to the probe's SHA-256 (one line each)."""
-    result = agent.map_foreign(guest.domid if domid is None else domid, frames)
-    assert not result.crashed and result.ok, result.raw
+def differences(pages, frames) -> list[str]:
+    """Probe pages whose mapped frame does not carry the probe's SHA-256 (one line each).
+
+    ``frames`` are the agent's per-frame results, in the order of ``pages``.
+    """
     bad = []
-    for page, res in zip(guest.pages, result.frames, strict=True):
+    for page, res in zip(pages, frames, strict=True):
         if res.error != 0 or res.sha256 != page.sha256:
             got = f"error {res.error}" if res.error else f"sha {res.sha256[:16]}"
             bad.append(f"page {page.index:3} frame {res.frame:#10x}: expected {page.sha256[:16]}, got {got}")
     return bad
+
+
+def content_mismatches(guest, agent, frames: list[int], domid: int | None = None) -> list[str]:
+    """Probe pages whose frame does not map to the probe's SHA-256 (one line each)."""
+    result = agent.map_foreign(guest.domid if domid is None else domid, frames)
+    assert not result.crashed and result.ok, result.raw
+    return differences(guest.pages, result.frames)
 
 
 @check()
@@ -34,12 +42,23 @@ def test_probe_pages_map_by_frame(guest, agent):
     assert not bad, f"{guest.type}: {len(bad)} of {len(guest.pages)} pages differ:\n" + "\n".join(bad)
 
 
+def assert_shift_caught(pages, frames) -> None:
+    """The control's verdict: every shifted frame MAPPED, and the real comparison
+    (:func:`differences`) reports each one as other content. A frame that failed
+    to map is no evidence that the comparison looks at content."""
+    unmapped = [f"frame {r.frame:#x}: error {r.error}" for r in frames if r.error != 0]
+    assert not unmapped, "shifted frames must map, or the control proves nothing:\n" + "\n".join(unmapped)
+    bad = differences(pages, frames)
+    assert len(bad) == len(pages), (f"only {len(bad)} of {len(pages)} shifted frames were reported: "
+                                    "mapping page i+1's frame for page i must not match")
+
+
 @check()
 def test_negative_control_shifted_frames_are_caught(guest, agent):
     frames = [p.gfn for p in guest.pages]
-    shifted = frames[1:] + frames[:1]
-    bad = content_mismatches(guest, agent, shifted)
-    assert len(bad) == len(frames), "mapping page i+1's frame for page i must not match"
+    result = agent.map_foreign(guest.domid, frames[1:] + frames[:1])
+    assert not result.crashed and result.ok, result.raw
+    assert_shift_caught(guest.pages, result.frames)
 
 
 def save_and_restore(guest, xl) -> dict:
