@@ -24,7 +24,8 @@ from .config import REPO_ROOT, ConfigError
 from .plugins import version_of
 
 KNOWN_ISSUES = REPO_ROOT / "known_issues.yaml"
-KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "reason", "link", "flaky", "console"}
+KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "reason", "link", "flaky", "console",
+        "signature"}
 # The check name of an entry about the host itself not coming up (Xen or dom0 does
 # not boot): it is matched against what the image and the run say (Xen version from
 # the image's Xen file, dom0 mode, accelerator) since the host never reports, and its
@@ -47,6 +48,9 @@ class KnownIssue:
     qemu: SpecifierSet | None = None  # the L1's QEMU version: TCG's nested SVM faults are QEMU's
     flaky: bool = False  # an intermittent fault cannot be a strict xfail: it would XPASS at random
     console: re.Pattern[str] | None = None  # boot entries: what the failure or serial log shows
+    # What the failure shows, decided when the check has run: a failure without it is a
+    # plain failure; a pass is an XPASS (strict unless flaky).
+    signature: re.Pattern[str] | None = None
 
     def applies(self, check: str, guest_type: str | None, facts: Any) -> bool:
         if check != self.check:
@@ -68,14 +72,23 @@ class KnownIssue:
         return f"known issue: {self.reason}" + (f" ({self.link})" if self.link else "")
 
     def seen_in(self, text: str) -> bool:
-        """Does a boot failure's text show this issue (always, without a ``console:`` pattern)?"""
-        return self.console is None or self.console.search(text) is not None
+        """Does a failure's text show this issue (always, without a ``console:`` or
+        ``signature:`` pattern)?"""
+        pattern = self.console or self.signature
+        return pattern is None or pattern.search(text) is not None
 
 
 def _tuple(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _regex(entry: dict, key: str, where: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(entry[key]) if entry.get(key) else None
+    except re.error as exc:
+        raise ConfigError(f"{where}: {key}: not a regular expression: {exc}") from None
 
 
 def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
@@ -101,15 +114,12 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
             qemu = SpecifierSet(entry["qemu"]) if entry.get("qemu") else None
         except InvalidSpecifier as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        try:
-            console = re.compile(entry["console"]) if entry.get("console") else None
-        except re.error as exc:
-            raise ConfigError(f"{where}: console: not a regular expression: {exc}") from None
+        console, signature = (_regex(entry, key, where) for key in ("console", "signature"))
         issues.append(KnownIssue(
             check=entry["check"], reason=entry["reason"], link=entry.get("link", ""),
             guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,
             dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")), qemu=qemu,
-            flaky=bool(entry.get("flaky", False)), console=console,
+            flaky=bool(entry.get("flaky", False)), console=console, signature=signature,
         ))
     return issues
 

@@ -191,10 +191,31 @@ def _check_properties(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
     report = yield
+    issue = item.stash.get(SIGNATURE_ISSUE_KEY, None)
+    if issue is not None and report.when == "call":
+        judge_by_signature(report, issue)
     item.stash.setdefault(OUTCOME_KEY, {})[report.when] = report
     if report.when == "call" and (report.failed or hasattr(report, "wasxfail")):
         _note_lost_host(item, report)
     return report
+
+
+SIGNATURE_ISSUE_KEY = pytest.StashKey[object]()
+
+
+def judge_by_signature(report: pytest.TestReport, issue) -> None:
+    """A known issue with a ``signature:``: the check's failure is expected only when its
+    text shows the signature; a pass means the issue did not happen (an XPASS, which
+    fails the run unless the entry is flaky)."""
+    if report.failed and issue.signature.search(report.longreprtext):
+        report.outcome, report.wasxfail = "skipped", issue.describe()
+    elif report.passed and issue.flaky:
+        report.wasxfail = issue.describe()
+    elif report.passed:
+        report.outcome = "failed"
+        report.longrepr = (f"[XPASS(strict)] {issue.describe()}: its signature "
+                           f"{issue.signature.pattern!r} did not show, the check passed; "
+                           "remove the entry from known_issues.yaml")
 
 
 # (module, image) -> how its host was lost: a check failed (or failed as expected) and
@@ -574,7 +595,9 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     if reason:
         pytest.skip(reason)
     issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node), kind, facts)
-    if issue:
+    if issue and issue.signature is not None:
+        request.node.stash[SIGNATURE_ISSUE_KEY] = issue  # decided once the check has run
+    elif issue:
         request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
 
 
