@@ -50,6 +50,8 @@ class CheckResult:
     outcome: str = ""  # a key of OUTCOMES
     duration: float = 0.0  # seconds: setup + call + teardown, as in the JUnit XML
     reason: str = ""  # why it was skipped, expected to fail, or failed (first line)
+    # the check's own record_property values (an exit status, a duration, an output tail)
+    properties: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def plugin_name(nodeid: str) -> str:
@@ -110,6 +112,9 @@ class Results:
         for key in (*CHECK_PROPERTIES[2:], *HOST_PROPERTIES):
             if key in props:
                 setattr(result, key, str(props[key]))
+        for key, value in props.items():
+            if key not in (*CHECK_PROPERTIES, *HOST_PROPERTIES):
+                result.properties[key] = value if isinstance(value, (int, float, bool)) else str(value)
         result.duration = round(result.duration + report.duration, 3)
         decided = _outcome(report)
         # A teardown error turns a passed (or skipped) test into an error; a failure stays one.
