@@ -108,7 +108,7 @@ def test_a_failing_program_fails_its_case_with_its_own_output(tmp_path):
 
 
 def test_a_hung_program_is_killed_at_its_timeout_with_its_children(tmp_path):
-    marker = f"sleep 6{time.monotonic_ns() % 1000:03d}"
+    marker = f"sleep 6{time.monotonic_ns() % 1000:03d}"  # pgrep with [x] below: not itself
     path = script(tmp_path, "hangs", f"echo 'NXNEG: started'\n{marker}\necho never\n")
     started = time.monotonic()
     case = tt.run_case(ShellRemote(), FakeXl([dom("Domain-0", 0)]), "hangs", path, 1)
@@ -211,3 +211,14 @@ def test_signature_decides_after_the_check_ran(pytester, tmp_path, body, flaky, 
     pytester.makepyfile(f"def test_tsx():\n    {body}\n")
     result = pytester.runpytest("-p", "no:nested_xen", "-p", "no:cacheprovider")
     result.assert_outcomes(**outcome)
+
+
+def test_programs_installed_where_the_plugin_does_not_look_are_found(tmp_path):
+    looked = tmp_path / "lib" / "xen-4.21" / "bin"
+    other = tmp_path / "libexec" / "xen-4.21" / "tests"
+    for d in (looked, other):
+        d.mkdir(parents=True)
+    script(looked, "test-tsx", "true\n")
+    script(other, "test-new", "true\n")
+    script(tmp_path / "libexec", "test-not-xen", "true\n")
+    assert tt.stray_programs(ShellRemote(), [str(looked)], root=str(tmp_path)) == [f"{other}/test-new"]
