@@ -220,5 +220,5 @@ def test_programs_installed_where_the_plugin_does_not_look_are_found(tmp_path):
         d.mkdir(parents=True)
     script(looked, "test-tsx", "true\n")
     script(other, "test-new", "true\n")
-    script(tmp_path / "libexec", "test-not-xen", "true\n")
+    script(tmp_path / "libexec", "test-other", "true\n")  # not under a *xen* directory
     assert tt.stray_programs(ShellRemote(), [str(looked)], root=str(tmp_path)) == [f"{other}/test-new"]
