@@ -324,7 +324,7 @@ def test_negative_control_created_domain_is_destroyed(xen_host):
     """A failing program that leaves a (paused) domain behind: its case destroys it and the
     shared guests keep their domids."""
     name = "tooltests-negative-control"
-    config = (f'name = "{name}"\ntype = "pv"\nmemory = 64\nvcpus = 1\n'
+    config = (f'name = "{name}"\ntype = "pv"\nmemory = 256\nvcpus = 1\n'
               f'kernel = "{GUEST_DIR}/vmlinuz"\nramdisk = "{GUEST_DIR}/initramfs.gz"\n')
     xen_host.remote.put_text(config, f"{NEGATIVE_DIR}/{name}.cfg")
     path = _script(xen_host, "nx-leaks-a-domain",
