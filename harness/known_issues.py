@@ -98,6 +98,13 @@ def _tuple(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
 
 
+def _regex(entry: dict, key: str, where: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(entry[key]) if entry.get(key) else None
+    except re.error as exc:
+        raise ConfigError(f"{where}: {key}: not a regular expression: {exc}") from None
+
+
 def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
     if not path.exists():
         return []

@@ -18,7 +18,12 @@ def _spread(values: list[float]) -> str:
     if not values:
         return "-"
     med = statistics.median(values)
-    return f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]"
+    return f"{_num(med)} [{_num(min(values))}-{_num(max(values))}]"
+
+
+def _num(value: float) -> str:
+    """Two decimals; two significant digits below 0.1 (xenstore timings are milliseconds)."""
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
 
 
 SUMMARY_HEADER = ("image", "kind", "guest", "MiB", "workload", "ok", "failed", "total s med [min-max]",
@@ -141,6 +146,6 @@ def compare(old: list[Record], new: list[Record], threshold: float = 0.2) -> lis
         for metric, was in before[key].items():
             now = after[key].get(metric)
             if now is not None and was > 0 and (now - was) / was > threshold:
-                found.append(f"{' '.join(map(str, key))}: {metric} {was:.2f} -> {now:.2f} "
+                found.append(f"{' '.join(map(str, key))}: {metric} {_num(was)} -> {_num(now)} "
                              f"(+{(now - was) / was:.0%}, threshold {threshold:.0%})")
     return found

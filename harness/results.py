@@ -53,6 +53,8 @@ class CheckResult:
     verdict: str = ""  # "passed after emulator fault" when a rerun passed (harness/verdict.py)
     incidents: list[dict] = dataclasses.field(default_factory=list)  # deaths that hit it
     finding: str = ""  # what the check measured about the host (its "finding" property)
+    # the check's own record_property values (an exit status, a duration, an output tail)
+    properties: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def plugin_name(nodeid: str) -> str:
@@ -118,6 +120,9 @@ class Results:
                 result.incidents.append(json.loads(str(value)))
         if "finding" in props:
             result.finding = str(props["finding"])
+        for key, value in props.items():
+            if key not in (*CHECK_PROPERTIES, *HOST_PROPERTIES, "verdict", "incident", "finding"):
+                result.properties[key] = value if isinstance(value, (int, float, bool)) else str(value)
         result.duration = round(result.duration + report.duration, 3)
         decided = _outcome(report)
         # A teardown error turns a passed (or skipped) test into an error; a failure stays one.

@@ -131,7 +131,25 @@ def test_results_json_round_trip(tmp_path: Path) -> None:
     assert load(tmp_path / "results.json") == RUN
     assert set(json.loads((tmp_path / "results.json").read_text())["results"][0]) == {
         "nodeid", "plugin", "check", "image", "guest_type", "dom0_mode", "xen_version", "kernel_release",
-        "accel", "outcome", "duration", "reason", "verdict", "incidents", "finding"}
+        "accel", "outcome", "duration", "reason", "verdict", "incidents", "finding", "properties"}
+
+
+def test_a_checks_own_properties_are_kept() -> None:
+    """record_property values beyond the standard ones (an exit status, an output tail)
+    reach results.json; the standard ones stay in their fields."""
+    from types import SimpleNamespace
+
+    from harness.results import Results
+
+    results = Results()
+    props = [("plugin", "xen_tools_tests"), ("check", "test_tsx"), ("image", "bookworm"),
+             ("exit_status", 1), ("output", "Host reports no RTM"), ("timed_out", False)]
+    results.add(SimpleNamespace(nodeid="plugins/xen_tools_tests.py::test_tsx[img=bookworm]", when="call",
+                                user_properties=props, duration=2.5, passed=False, failed=True,
+                                skipped=False, longrepr=None, longreprtext="exit 1"))
+    (result,) = results.results
+    assert result.properties == {"exit_status": 1, "output": "Host reports no RTM", "timed_out": False}
+    assert result.image == "bookworm" and result.outcome == "failed"
 
 
 # ---------------------------------------------------------------------- nested-xen report
