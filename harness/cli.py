@@ -82,11 +82,26 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
                          "rootless image builds: mmdebstrap --mode=unshare needs user namespaces "
                          "and newuidmap",
                          "apt-get install uidmap; sysctl kernel.unprivileged_userns_clone=1"))
+    findings.append(_mirror_finding())
     cache.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(cache).free / 2**30
     findings.append((free_gb >= 10, f"disk: {free_gb:.0f} GiB free in {cache} (an image takes ~3, "
                      "a snapshot ~0.5)", "free space or set NESTED_XEN_CACHE to a larger disk"))
     return findings
+
+
+def _mirror_finding() -> tuple[bool, str, str]:
+    """The Debian mirror image builds would use, and where that choice came from."""
+    from .imaging import ImageError, mirror_and_source
+
+    cfg = RunConfig()
+    try:
+        mirror, where = mirror_and_source(cfg.mirror, load_recipe(cfg.host_images[0]))
+    except (ImageError, ConfigError) as exc:
+        return False, f"image mirror: none ({exc})", "set `mirror:` in the run config or --mirror URL"
+    return (True, f"image mirror: {mirror} (from {where}; a recipe's `mirror:` or --mirror overrides; "
+            "allow_expired_release: true builds against Release files past Valid-Until)",
+            "set `mirror:` in the run config or --mirror URL")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
