@@ -57,11 +57,16 @@ NO_VALID_UNTIL = 'Acquire::Check-Valid-Until "false"'
 
 
 def expired_release(exc: CommandError) -> str | None:
-    """The apt line saying a Release file has expired, when that is why the build
-    failed (mmdebstrap exit 25); else None."""
+    """What apt said about the expired Release file ("Release file for URL is expired
+    (invalid since 25d 8h)"), when that is why the build failed (mmdebstrap exit 25);
+    else None."""
     if exc.rc != MMDEBSTRAP_APT_UPDATE_FAILED:
         return None
-    return next((line.strip() for line in exc.tail if "is expired" in line), None)
+    line = next((line for line in exc.tail if "is expired" in line), None)
+    if line is None:
+        return None
+    match = re.search(r"Release file for \S+ is expired(?: \([^)]*\))?", line)
+    return match.group(0) if match else line.strip()
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from harness.config import ConfigError, load_recipe, load_run_config
 from harness.imaging import NO_VALID_UNTIL, CommandError, ImageBuilder, build_command, expired_release
 
 MIRROR = "file:/srv/apt/debian"
-EXPIRED = ("E: Release file for file:/srv/apt/debian/dists/testing/InRelease is expired "
-           "(invalid since 25d 8h 32min). Updates for this repository will not be applied.")
+SAID = "Release file for file:/srv/apt/debian/dists/testing/InRelease is expired (invalid since 25d 8h 32min)"
+EXPIRED = f"E: {SAID}. Updates for this repository will not be applied."
 
 
 def fails(rc: int, *lines: str) -> CommandError:
@@ -21,8 +21,8 @@ def fails(rc: int, *lines: str) -> CommandError:
 
 
 def test_expired_release_is_exit_25_saying_is_expired() -> None:
-    assert expired_release(fails(25, "I: running apt-get update...", EXPIRED, "E: apt-get update failed")) \
-        == EXPIRED
+    said = fails(25, "I: running apt-get update...", EXPIRED, "E: apt-get update failed")
+    assert expired_release(said) == SAID
     assert expired_release(fails(25, "E: Failed to fetch file:/x/InRelease  404 Not Found")) is None
     assert expired_release(fails(1, EXPIRED)) is None  # another failure that mentions it
 
@@ -31,7 +31,7 @@ def test_a_real_command_failing_so_is_recognised() -> None:
     script = f"echo 'I: running apt-get update...'; echo '{EXPIRED}'; exit 25"
     with pytest.raises(CommandError) as info:
         imaging._run_streaming(["sh", "-c", script], lambda line: None)
-    assert info.value.rc == 25 and expired_release(info.value) == EXPIRED
+    assert info.value.rc == 25 and expired_release(info.value) == SAID
 
 
 def test_build_command_without_valid_until(tmp_path: Path) -> None:
