@@ -25,7 +25,8 @@ from .stages import StageEvent, bars, load_events
 TAIL_LINES = 40
 INCIDENT_FIELDS = ("subject", "name", "type", "image", "phase", "check", "signature", "action", "evidence")
 COLOURS = {"image": "#8e6c8a", "boot": "#3b75af", "snapshot": "#519e3e", "guest": "#ef8636",
-           "peer": "#c53a32", "check": "#7f7f7f", "setup": "#bcbd22", "incident": "#d62728"}
+           "peer": "#c53a32", "measure": "#17becf",
+           "check": "#7f7f7f", "setup": "#bcbd22", "incident": "#d62728"}
 OUTCOME_COLOURS = {"passed": "#d7f0d2", "failed": "#f6c7c3", "error": "#f6c7c3", "skipped": "#eeeeee",
                    "xfailed": "#fbe8b5", "xpassed": "#f6c7c3"}
 STYLE = """
@@ -211,7 +212,7 @@ def timeline_svg(events: list[StageEvent], width: int = 1300, row: int = 15, lab
         return "<p class=none>no timed stages (stages.jsonl)</p>"
     t0 = min(e.start for e in events)
     span = max(max(e.t for e in events) - t0, 1.0)
-    scale = (width - label_w - 20) / span
+    scale = (width - label_w - 50) / span  # room for the last bar's "N s"
     height = row * len(events) + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="11">']

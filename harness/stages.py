@@ -27,7 +27,7 @@ DONE = 0  # a stage finished (usually with its time): shown even with -q
 STEP = 1  # a step inside a stage, a heartbeat: shown by default and with -v
 DETAIL = 2  # a tool's own output (mmdebstrap's apt lines): shown with -vv
 
-KINDS = ("image", "boot", "guest", "snapshot", "peer", "check", "incident", "alive")
+KINDS = ("image", "boot", "guest", "snapshot", "peer", "measure", "check", "incident", "alive")
 _SECONDS = re.compile(r"\bin (\d+(?:\.\d+)?) s\b")
 
 
@@ -78,9 +78,12 @@ RULES: tuple[tuple[str, str, str, int, bool], ...] = (
     ("harness.guests", r"(died|gone or crashed)", "incident", DONE, False),
     ("harness.provision", r"(discarding L1 snapshot|could not save an L1 snapshot)", "snapshot", STEP, False),
     ("nested_xen", r"(stopped answering|is unhealthy after)", "incident", DONE, False),
+    # a measured migration or save/restore (harness/metrics.py describe())
+    ("harness.metrics", r": \w+ (done|FAILED)", "measure", STEP, True),
 )
 _SUBJECT = re.compile(r"^\[([^]]+)\] (.*)$", re.S)
 _HOST_SUBJECT = re.compile(r"^([\w.=-]+): (.*)$", re.S)
+_MEASURED = re.compile(r"^([^:]{1,60}): (.*)$", re.S)  # "bookworm pv 256 MiB: ..."
 _GUEST_SUBJECT = re.compile(r"^([\w.=-]+) (\(\w+\) .*)$", re.S)
 
 
@@ -91,15 +94,15 @@ def classify(logger: str, message: str, now: float | None = None, worker: str = 
         return None
     _prefix, _pattern, kind, level, bar = rule
     first = message.splitlines()[0] if message else message
-    subject, text = _split_subject(first)
+    subject, text = _split_subject(first, _MEASURED if kind == "measure" else None)
     if kind == "image" and subject.startswith("image "):
         subject = subject.removeprefix("image ")
     seconds = _seconds(text) if bar else None
     return StageEvent(subject, text, kind, level, seconds, time.time() if now is None else now, worker)
 
 
-def _split_subject(line: str) -> tuple[str, str]:
-    for pattern in (_SUBJECT, _HOST_SUBJECT, _GUEST_SUBJECT):
+def _split_subject(line: str, extra: re.Pattern | None = None) -> tuple[str, str]:
+    for pattern in (_SUBJECT, _HOST_SUBJECT, _GUEST_SUBJECT, *([extra] if extra else [])):
         match = pattern.match(line)
         if match:
             return match.group(1), match.group(2)

@@ -48,6 +48,8 @@ CASES = [
      "the channel (clock set) in 1.10 s, SSH in 1.90 s", ("snapshot", DONE, "bookworm-main-1", 1.9)),
     ("nested_xen", "[bookworm-main-peer] peer ready in 19.7 s (pause 0.1 s, host 15.0 s)",
      ("peer", DONE, "bookworm-main-peer", 19.7)),
+    ("harness.metrics", "bookworm pv 256 MiB: localhost_migrate done in 5.2 s, downtime 0.41 s, 66000 pages",
+     ("measure", STEP, "bookworm pv 256 MiB", 5.2)),
     ("harness.guests", "shared pvh guest died in early boot; creating it again: triple fault",
      ("incident", DONE, "", None)),
 ]
@@ -103,3 +105,16 @@ def test_stage_log_and_handler(tmp_path: Path) -> None:
     assert len(text) == 1 and text[0].endswith("gw3 [trixie-gw3-0] Xen + dom0 ready in 51.0 s (xen 0.2 s)")
     (event,) = load_events(tmp_path / "stages.jsonl")
     assert (event.kind, event.seconds, event.worker) == ("boot", 51.0, "gw3")
+
+
+def test_a_measured_migration_says_its_pages() -> None:
+    from harness.metrics import Record, describe
+
+    rec = Record(kind="localhost_migrate", guest_type="pv", memory_mb=256, image="bookworm", total_s=5.23,
+                 downtime_s=0.414, iterations=3, pages_per_iteration=[65536, 400, 64], bytes_sent=270 * 2**20)
+    line = describe(rec)
+    assert line == ("bookworm pv 256 MiB: localhost_migrate done in 5.2 s, downtime 0.41 s, 3 iterations, "
+                    "66000 pages, 270 MiB sent")
+    event = classify("harness.metrics", line, now=T0)
+    assert event is not None and (event.kind, event.seconds) == ("measure", 5.2)
+    assert describe(Record(kind="save_restore", ok=False)) == "measured: save_restore FAILED"
