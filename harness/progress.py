@@ -174,7 +174,7 @@ class StagePlugin:
         self._last_shown = now
         if doing is not None and doing[2] >= since:
             return heartbeat(doing[0], doing[1], doing[2], now, self.worker)
-        return heartbeat(nodeid.rsplit("/", 1)[-1], when, since, now, self.worker)
+        return heartbeat(nodeid.rsplit("/", 1)[-1], f"{when} began", since, now, self.worker)
 
     def _tail_workers(self) -> None:
         while not self._stop.wait(POLL_S / 2):

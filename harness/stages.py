@@ -146,7 +146,8 @@ def shown(event: StageEvent, verbosity: int) -> bool:
 def heartbeat(subject: str, doing: str, since: float, now: float, worker: str = "") -> StageEvent:
     """A line saying the run is alive: how long the current stage has been going (shown
     even with -q: a quiet run must not look hung either)."""
-    return StageEvent(subject, f"... {doing} ({now - since:.0f} s so far)", "alive", DONE, None, now, worker)
+    return StageEvent(subject, f"... still working, {now - since:.0f} s after: {doing}", "alive", DONE, None,
+                      now, worker)
 
 
 class StageLog:

@@ -28,7 +28,7 @@ def _events() -> list[StageEvent]:
         StageEvent("bookworm-main-0", "Xen + dom0 ready in 44.0 s", "boot", DONE, 44.0, T0 + 95),
         StageEvent("bookworm-main-0", "shared guests pv ready in 30.0 s", "guest", DONE, 30.0, T0 + 130),
         StageEvent("bookworm-main-0", "saved L1 snapshot k in 2.4 s", "snapshot", DONE, 2.4, T0 + 133),
-        StageEvent("", "... still going (20 s so far)", "alive", STEP, None, T0 + 70),
+        StageEvent("", "... still working, 20 s after: x", "alive", STEP, None, T0 + 70),
         StageEvent(SMOKE, "setup passed", "check", DETAIL, 140.0, T0 + 140),
         StageEvent(SMOKE, "call passed", "check", DETAIL, 3.0, T0 + 143),
         StageEvent("plugins/migration.py::test_mig[img=bookworm-guest=pv]", "call failed", "check", DETAIL,

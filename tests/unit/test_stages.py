@@ -85,8 +85,8 @@ def test_quiet_shows_one_line_per_stage() -> None:
 
 def test_heartbeat_says_what_is_going_and_for_how_long() -> None:
     event = heartbeat("image testing", "I: downloading packages with apt...", T0, T0 + 31, "gw0")
-    assert format_line(event, T0) == ("nx 0:31 gw0 [image testing] ... I: downloading packages with apt... "
-                                      "(31 s so far)")
+    assert format_line(event, T0) == ("nx 0:31 gw0 [image testing] ... still working, 31 s after: "
+                                      "I: downloading packages with apt...")
     assert event.kind == "alive" and not bars([event])
 
 
