@@ -219,6 +219,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .metrics import load
     from .report import compare, plots, summary_table
 
+    if getattr(args, "html", False):
+        return _html_report(Path(args.run))
     results_path, metrics_path = _report_inputs(Path(args.run))
     if (args.plots or args.baseline) and metrics_path is None:
         raise UserError(f"{args.run}: --plots and --baseline need a metrics.json")
@@ -240,6 +242,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"REGRESSION {line}")
         print(f"{len(regressions)} regression(s) beyond {args.threshold:.0%}")
         return 1 if regressions else 0
+    return 0
+
+
+def _html_report(run: Path) -> int:
+    from .html_report import write
+
+    if not run.is_dir():
+        raise UserError(f"{run}: --html needs a run's artifacts directory (where results.json is)")
+    print(f"report: {write(run)}")
     return 0
 
 
@@ -309,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="OLD.json", help="an older run's metrics.json")
     p.add_argument("--threshold", type=float, default=0.2, help="regression threshold (0.2 = +20%%)")
     p.add_argument("--plots", metavar="DIR", help="also write PNG plots here")
+    p.add_argument("--html", action="store_true",
+                   help="write RUN/report.html again from the artifacts (RUN must be the directory)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("new-plugin", help="write plugins/NAME.py: a check and its negative control")
     p.add_argument("name", metavar="NAME", help="the module's name (a lowercase Python identifier)")

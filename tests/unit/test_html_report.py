@@ -102,3 +102,11 @@ def test_checks_from_junit_when_no_stage_records(tmp_path: Path) -> None:
     assert [(e.subject, e.seconds) for e in events] == [("plugins.smoke::test_boot", 120.5),
                                                          ("plugins.smoke::test_xl", 2.0)]
     assert events[1].start == pytest.approx(events[0].t)
+
+
+def test_cli_writes_the_page_again(artifacts: Path, capsys) -> None:
+    from harness.cli import main
+
+    assert main(["report", str(artifacts), "--html"]) == 0
+    assert "report: " in capsys.readouterr().out and (artifacts / "report.html").is_file()
+    assert main(["report", str(artifacts / "results.json"), "--html"]) == 2
