@@ -82,11 +82,26 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
                          "rootless image builds: mmdebstrap --mode=unshare needs user namespaces "
                          "and newuidmap",
                          "apt-get install uidmap; sysctl kernel.unprivileged_userns_clone=1"))
+    findings.append(_mirror_finding())
     cache.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(cache).free / 2**30
     findings.append((free_gb >= 10, f"disk: {free_gb:.0f} GiB free in {cache} (an image takes ~3, "
                      "a snapshot ~0.5)", "free space or set NESTED_XEN_CACHE to a larger disk"))
     return findings
+
+
+def _mirror_finding() -> tuple[bool, str, str]:
+    """The Debian mirror image builds would use, and where that choice came from."""
+    from .imaging import ImageError, mirror_and_source
+
+    cfg = RunConfig()
+    try:
+        mirror, where = mirror_and_source(cfg.mirror, load_recipe(cfg.host_images[0]))
+    except (ImageError, ConfigError) as exc:
+        return False, f"image mirror: none ({exc})", "set `mirror:` in the run config or --mirror URL"
+    return (True, f"image mirror: {mirror} (from {where}; a recipe's `mirror:` or --mirror overrides; "
+            "allow_expired_release: true builds against Release files past Valid-Until)",
+            "set `mirror:` in the run config or --mirror URL")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -204,6 +219,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .metrics import load
     from .report import compare, plots, summary_table
 
+    if getattr(args, "html", False):
+        return _html_report(Path(args.run))
     results_path, metrics_path = _report_inputs(Path(args.run))
     if (args.plots or args.baseline) and metrics_path is None:
         raise UserError(f"{args.run}: --plots and --baseline need a metrics.json")
@@ -225,6 +242,15 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"REGRESSION {line}")
         print(f"{len(regressions)} regression(s) beyond {args.threshold:.0%}")
         return 1 if regressions else 0
+    return 0
+
+
+def _html_report(run: Path) -> int:
+    from .html_report import write
+
+    if not run.is_dir():
+        raise UserError(f"{run}: --html needs a run's artifacts directory (where results.json is)")
+    print(f"report: {write(run)}")
     return 0
 
 
@@ -294,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="OLD.json", help="an older run's metrics.json")
     p.add_argument("--threshold", type=float, default=0.2, help="regression threshold (0.2 = +20%%)")
     p.add_argument("--plots", metavar="DIR", help="also write PNG plots here")
+    p.add_argument("--html", action="store_true",
+                   help="write RUN/report.html again from the artifacts (RUN must be the directory)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("new-plugin", help="write plugins/NAME.py: a check and its negative control")
     p.add_argument("name", metavar="NAME", help="the module's name (a lowercase Python identifier)")

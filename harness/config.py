@@ -75,6 +75,9 @@ class RunConfig:
     artifacts_dir: Path = Path("artifacts")
     cache_dir: Path | None = None
     mirror: str | None = None
+    # Build even when a suite's Release file is past its Valid-Until (snapshot mirrors,
+    # testing/unstable on a stale mirror): apt's Acquire::Check-Valid-Until=false.
+    allow_expired_release: bool = False
     rebuild: bool = False
     snapshot: str = "auto"
     qemu_binary: str = "qemu-system-x86_64"
@@ -212,7 +215,7 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
         return Path(_typed(source, key, value, str)).expanduser()
     if key in ("memory_mb", "cpus", "emulator_fault_reruns"):
         return _typed(source, key, value, int)
-    if key == "rebuild":
+    if key in ("rebuild", "allow_expired_release"):
         return _typed(source, key, value, bool)
     return _typed(source, key, value, str)
 
@@ -270,6 +273,9 @@ class HostRecipe:
     components: tuple[str, ...] = ("main",)
     extra_suites: tuple[str, ...] = ()
     mirror: str | None = None
+    # The suite's Release file may be past its Valid-Until (testing on a stale mirror, a
+    # snapshot mirror): build with apt's Acquire::Check-Valid-Until=false from the start.
+    allow_expired_release: bool = False
     boot: BootFiles = field(default_factory=BootFiles)
     xen_cmdline: str = ""
     dom0_cmdline: str = ""
@@ -288,7 +294,9 @@ class HostRecipe:
         data.pop("path")
         data.pop("description")
         # Boot-time settings do not change the disk; they are keyed by the machine.
-        for k in ("xen_cmdline", "dom0_cmdline", "memory_mb", "dom0_mem_mb", "dom0", "qemu_tcg"):
+        # Whether apt checks Valid-Until does not change which packages it installs.
+        for k in ("xen_cmdline", "dom0_cmdline", "memory_mb", "dom0_mem_mb", "dom0", "qemu_tcg",
+                  "allow_expired_release"):
             data.pop(k)
         return data
 
@@ -370,4 +378,6 @@ def _convert_recipe_key(source: str, key: str, value: Any) -> Any:
         return BootFiles(**{k: _typed(source, f"boot.{k}", v, str) for k, v in items.items()})
     if key in ("memory_mb", "dom0_mem_mb", "free_space_mb"):
         return _typed(source, key, value, int)
+    if key == "allow_expired_release":
+        return _typed(source, key, value, bool)
     return _typed(source, key, value, str)

@@ -41,6 +41,34 @@ class ImageError(RuntimeError):
     """An image could not be built or found; the message says what to do."""
 
 
+class CommandError(ImageError):
+    """A build command exited non-zero: its exit status and last lines of output."""
+
+    def __init__(self, message: str, rc: int, tail: list[str]) -> None:
+        super().__init__(message)
+        self.rc = rc
+        self.tail = tail
+
+
+# mmdebstrap's exit status when apt's update failed, e.g. on a Release file past its
+# Valid-Until ("Release file for .../InRelease is expired (invalid since 25d 8h)").
+MMDEBSTRAP_APT_UPDATE_FAILED = 25
+NO_VALID_UNTIL = 'Acquire::Check-Valid-Until "false"'
+
+
+def expired_release(exc: CommandError) -> str | None:
+    """What apt said about the expired Release file ("Release file for URL is expired
+    (invalid since 25d 8h)"), when that is why the build failed (mmdebstrap exit 25);
+    else None."""
+    if exc.rc != MMDEBSTRAP_APT_UPDATE_FAILED:
+        return None
+    line = next((line for line in exc.tail if "is expired" in line), None)
+    if line is None:
+        return None
+    match = re.search(r"Release file for \S+ is expired(?: \([^)]*\))?", line)
+    return match.group(0) if match else line.strip()
+
+
 @dataclass(frozen=True)
 class HostImage:
     """A built host image in the cache."""
@@ -89,9 +117,16 @@ def image_key(recipe: HostRecipe, mirror: str) -> str:
 
 def resolve_mirror(override: str | None, recipe: HostRecipe) -> str:
     """The Debian mirror: run config, else recipe, else the host's apt, else debootstrap's."""
-    for candidate in (override, recipe.mirror, _host_apt_mirror(), _debootstrap_default()):
+    return mirror_and_source(override, recipe)[0]
+
+
+def mirror_and_source(override: str | None, recipe: HostRecipe) -> tuple[str, str]:
+    """The Debian mirror and where it came from (what ``nested-xen doctor`` prints)."""
+    for candidate, where in ((override, "the run config's mirror"), (recipe.mirror, f"recipe {recipe.name}"),
+                             (_host_apt_mirror(), "this host's apt sources"),
+                             (_debootstrap_default(), "debootstrap's default")):
         if candidate:
-            return candidate.rstrip("/")
+            return candidate.rstrip("/"), where
     raise ImageError(
         "no Debian mirror known: set `mirror:` in the run config (or --mirror), "
         "or install debootstrap, whose default mirror is used otherwise"
@@ -236,8 +271,10 @@ def build_command(
     stage: Path,
     target: Path,
     mode: str,
+    check_valid_until: bool = True,
 ) -> list[str]:
-    """The mmdebstrap command line that builds ``recipe`` into ``target``."""
+    """The mmdebstrap command line that builds ``recipe`` into ``target``; without
+    ``check_valid_until`` apt accepts Release files past their Valid-Until."""
     sources = [f"deb {mirror} {recipe.suite} {' '.join(recipe.components)}"]
     sources += [f"deb {mirror} {s} {' '.join(recipe.components)}" for s in recipe.extra_suites]
     cmd = [
@@ -246,6 +283,7 @@ def build_command(
         "--variant=apt",
         "--include=" + ",".join(recipe.packages),
         "--aptopt=Acquire::Retries=3",
+        *([] if check_valid_until else [f"--aptopt={NO_VALID_UNTIL}"]),
         f"--customize-hook=sync-in {overlay} /",
     ]
     cmd += [f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS]
@@ -313,7 +351,8 @@ def _run_streaming(cmd: list[str], progress: Callable[[str], None]) -> None:
             proc.kill()
         raise
     if rc != 0:
-        raise ImageError(f"{cmd[0]} failed with exit status {rc}; last output:\n" + "\n".join(tail))
+        raise CommandError(f"{cmd[0]} failed with exit status {rc}; last output:\n" + "\n".join(tail),
+                           rc, tail)
 
 
 class ImageBuilder:
@@ -324,9 +363,11 @@ class ImageBuilder:
         cache_dir: Path,
         mirror: str | None = None,
         progress: Callable[[str], None] | None = None,
+        allow_expired_release: bool = False,
     ) -> None:
         self.root = cache_dir / "images"
         self.mirror_override = mirror
+        self.allow_expired_release = allow_expired_release
         self.progress = progress or (lambda line: log.info("%s", line))
 
     def image_dir(self, recipe: HostRecipe) -> tuple[str, Path]:
@@ -388,10 +429,33 @@ class ImageBuilder:
         write_overlay(overlay, public, out / "id_ed25519")
         rootless = os.geteuid() != 0
         target = work / ("rootfs.ext2" if rootless else "rootfs")
-        cmd = build_command(recipe, mirror, overlay, stage, target, "unshare" if rootless else "root")
-        _run_streaming(cmd, lambda line: self.progress(f"[image {recipe.name}] {line}"))
+        self._bootstrap(recipe, mirror, overlay, stage, target, "unshare" if rootless else "root")
         self._make_filesystem(recipe, target, out / "rootfs.ext4", rootless)
         self._extract_boot(recipe, stage, out)
+
+    def _bootstrap(self, recipe: HostRecipe, mirror: str, overlay: Path, stage: Path, target: Path,
+                   mode: str) -> None:
+        """mmdebstrap, once more without apt's Valid-Until check when the mirror's Release
+        file turns out to be expired (saying so), or at once when the recipe or run
+        config allows expired Release files."""
+        def say(line: str) -> None:
+            self.progress(f"[image {recipe.name}] {line}")
+
+        check = not (recipe.allow_expired_release or self.allow_expired_release)
+        if not check:
+            say(f"apt will accept an expired Release file for {recipe.suite} "
+                f"(allow_expired_release: {NO_VALID_UNTIL})")
+        try:
+            _run_streaming(build_command(recipe, mirror, overlay, stage, target, mode, check), say)
+            return
+        except CommandError as exc:
+            expired = expired_release(exc) if check else None
+            if expired is None:
+                raise
+        say(f"{mirror}: {expired}; building again with apt's {NO_VALID_UNTIL} (set "
+            "allow_expired_release: true in the recipe or run config to skip this first try)")
+        shutil.rmtree(target, ignore_errors=True)
+        _run_streaming(build_command(recipe, mirror, overlay, stage, target, mode, False), say)
 
     def _make_filesystem(self, recipe: HostRecipe, target: Path, image: Path, rootless: bool) -> None:
         """ext4 from the tree (root) or grow the ext2 mmdebstrap made (rootless)."""

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 TICK = re.compile(r"NXTICK (\d+) (\d+) (\d+)")
 
@@ -41,6 +44,23 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def describe(r: Record) -> str:
+    """One line for a measured operation: ``bookworm pv 256 MiB: localhost_migrate done in
+    5.2 s, downtime 0.41 s, 3 iterations, 66000 pages, 262 MiB sent``."""
+    what = " ".join(x for x in (r.image, r.guest_type, f"{r.memory_mb} MiB" if r.memory_mb else "") if x)
+    parts = [f"{r.kind} {'done' if r.ok else 'FAILED'}"
+             + (f" in {r.total_s:.1f} s" if r.total_s is not None else "")]
+    if r.downtime_s is not None:
+        parts.append(f"downtime {r.downtime_s:.2f} s")
+    if r.iterations:
+        parts.append(f"{r.iterations} iterations")
+    if r.pages_per_iteration:
+        parts.append(f"{sum(r.pages_per_iteration)} pages")
+    if r.bytes_sent:
+        parts.append(f"{r.bytes_sent / 2**20:.0f} MiB sent")
+    return f"{what or 'measured'}: " + ", ".join(parts)
+
+
 class MetricsSink:
     """Collects records during a run and writes them as one JSON document."""
 
@@ -53,6 +73,7 @@ class MetricsSink:
         with self._lock:
             self.records.append(record)
             self.write()
+        log.info("%s", describe(record))  # a stage line (harness/stages.py)
         return record
 
     def write(self) -> None:

@@ -150,7 +150,7 @@ class Provisioner:
         self.progress = progress or (lambda line: log.info("%s", line))
         self.cache = cfg.resolved_cache_dir()
         self.accel: AccelChoice = choose_accel(cfg.accel)
-        self.builder = ImageBuilder(self.cache, cfg.mirror, self.progress)
+        self.builder = ImageBuilder(self.cache, cfg.mirror, self.progress, cfg.allow_expired_release)
         self.registry = Registry(self.cache / "run")
         self.snapshots = SnapshotStore(self.cache / "snapshots")
         self.guest_payload = guest_payload

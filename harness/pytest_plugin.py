@@ -123,6 +123,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_VERDICTS_KEY] = verdicts
     config.pluginmanager.register(verdicts, "nested-xen-verdicts")
     incidents.set_classifier(lambda incident: _classify(issues, incident))
+    _register_stages(config, artifacts)
     if config.getoption("--print-config"):
         import dataclasses
         import json
@@ -130,6 +131,22 @@ def pytest_configure(config: pytest.Config) -> None:
         cfg = config.stash[_CFG_KEY]
         print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         pytest.exit("printed the effective configuration", returncode=0)
+
+
+def _register_stages(config: pytest.Config, artifacts: Path) -> None:
+    """Stage lines on the terminal and artifacts/stages.log; report.html at the end
+    (harness/progress.py, harness/html_report.py)."""
+    from .html_report import ReportPlugin
+    from .progress import StagePlugin
+
+    stages = StagePlugin(config, artifacts)
+    config.pluginmanager.register(stages, "nested-xen-stages")
+    results = config.pluginmanager.get_plugin("nested-xen-results")
+
+    def ran_checks() -> bool:
+        return stages.active or bool(results.results.results)
+
+    config.pluginmanager.register(ReportPlugin(artifacts, ran_checks), "nested-xen-html")
 
 
 _CFG_KEY = pytest.StashKey[RunConfig]()

@@ -8,6 +8,7 @@ for readiness stages given to them as data, and save/restore themselves.
 from __future__ import annotations
 
 import abc
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..accel import AccelChoice
+
+log = logging.getLogger(__name__)
 
 
 class MachineError(RuntimeError):
@@ -187,7 +190,13 @@ class Machine(abc.ABC):
             started = time.monotonic()
             offset = self._wait_stage(stage, offset)
             times[stage.name] = round(time.monotonic() - started, 2)
+            log.info("%s: %s stage passed in %.1f s", self._stage_label(), stage.name,
+                     times[stage.name])
         return times
+
+    def _stage_label(self) -> str:
+        spec = getattr(self, "spec", None)
+        return spec.name if spec is not None else type(self).__name__
 
     def _wait_stage(self, stage: Stage, offset: int) -> int:
         deadline = time.monotonic() + stage.timeout
