@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SUBJECTS = ("guest", "host")
 PHASES = ("create", "early-boot", "between-checks", "during-check")
@@ -88,6 +91,7 @@ def record(incident: Incident) -> Incident:
     if incident.signature is None and _classifier:
         incident.signature = _classifier[0](incident)
     INCIDENTS.append(incident)
+    log.warning("incident: %s", incident.line())  # a stage line too (harness/stages.py)
     return incident
 
 

@@ -76,6 +76,7 @@ RULES: tuple[tuple[str, str, str, int, bool], ...] = (
     ("harness.guests", r": shared guests .* ready in ", "guest", DONE, True),
     ("harness.guests", r"\) ready in .* after xl create", "guest", STEP, True),
     ("harness.guests", r"(died|gone or crashed)", "incident", DONE, False),
+    ("harness.incidents", r"^incident: ", "incident", DONE, False),
     ("harness.provision", r"(discarding L1 snapshot|could not save an L1 snapshot)", "snapshot", STEP, False),
     ("nested_xen", r"(stopped answering|is unhealthy after)", "incident", DONE, False),
     # a measured migration or save/restore (harness/metrics.py describe())

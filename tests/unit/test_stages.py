@@ -118,3 +118,11 @@ def test_a_measured_migration_says_its_pages() -> None:
     event = classify("harness.metrics", line, now=T0)
     assert event is not None and (event.kind, event.seconds) == ("measure", 5.2)
     assert describe(Record(kind="save_restore", ok=False)) == "measured: save_restore FAILED"
+
+
+def test_an_incident_is_a_stage_line():
+    from harness.stages import DONE, classify
+
+    event = classify("harness.incidents", "incident: early-boot: nx-shared-pvh (pvh) d2: gone; "
+                     "emulator fault [x]; recreated")
+    assert event is not None and event.kind == "incident" and event.level == DONE
