@@ -449,6 +449,9 @@ class GuestPool:
                                     early_crash_retries=SHARED_EARLY_CRASH_RETRIES - 1, image=self.image)
             guest.resolve_mfns(self.p2m)
             self.guests[guest.type] = guest
+            if "ready" in guest.timings:  # a stage line (harness/stages.py)
+                log.info("%s (%s) ready in %.1f s after xl create", guest.name, guest.type,
+                         guest.timings["ready"])
 
     def destroy_all(self) -> None:
         for guest in self.guests.values():

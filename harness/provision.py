@@ -213,9 +213,11 @@ class Provisioner:
         try:
             host.boot(self.cfg.timeouts)
             started = time.monotonic()
+            self.progress(f"[{label}] preparing dom0: agent, channel service, guest payload")
             prepare(host, payload)
             host.timings["prepare"] = round(time.monotonic() - started, 2)
             if self.setup_guests:
+                self.progress(f"[{label}] starting the shared guests ({', '.join(self.cfg.snapshot_guests)})")
                 started = time.monotonic()
                 self.setup_guests(host)
                 host.timings["guests"] = round(time.monotonic() - started, 2)

@@ -67,6 +67,8 @@ RULES: tuple[tuple[str, str, str, int, bool], ...] = (
     ("", r"^\[image [^]]+\] [IE]: ", "image", STEP, False),
     ("", r"^\[image ", "image", DETAIL, False),
     ("", r"\] cold boot of ", "boot", STEP, False),
+    ("", r"\] preparing dom0", "boot", STEP, False),
+    ("", r"\] starting the shared guests", "guest", STEP, False),
     ("", r"\] cold boot: ", "boot", DONE, False),
     ("", r"\] restored L1 snapshot ", "snapshot", DONE, True),
     ("", r"\] saved L1 snapshot ", "snapshot", DONE, True),

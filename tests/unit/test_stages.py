@@ -38,6 +38,8 @@ CASES = [
      ("boot", STEP, "bookworm-main-0", 37.9)),
     ("harness.host", "bookworm-main-0: Xen + dom0 ready in 44.0 s (xen 0.2 s, dom0-kernel 5.8 s)",
      ("boot", DONE, "bookworm-main-0", 44.0)),
+    ("nested_xen", "[bookworm-main-0] starting the shared guests (pv, pvh, hvm)",
+     ("guest", STEP, "bookworm-main-0", None)),
     ("harness.guests", "nx-shared-pvh (pvh) ready in 12.5 s after xl create",
      ("guest", STEP, "nx-shared-pvh", 12.5)),
     ("harness.guests", "bookworm-main-0: shared guests pv, pvh, hvm ready in 40.1 s",
