@@ -328,7 +328,7 @@ def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], object]:
             probe = compile_probe(PROBE_SOURCE, tmp / "probe")
             build_guest_initramfs(image.busybox, probe, tmp / "initramfs.gz")
             tmp.rename(out)
-        return GuestPayload(kernel=image.kernel, initramfs=initramfs)
+        return GuestPayload(kernel=image.guest_kernel, initramfs=initramfs)
 
     return build
 
@@ -423,9 +423,11 @@ def attach_pool(host, cfg: RunConfig, create: bool) -> GuestPool:
     if host.guest_pool is None:
         agent = Agent(host.remote.as_runner())
         host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready)
-        if cfg.snapshot_guests:
+        # An HVM guest needs a device model built against this Xen; without one, none.
+        types = tuple(t for t in cfg.snapshot_guests if t != "hvm" or host.facts().device_model != "")
+        if types:
             started = time.monotonic()
-            host.guest_pool.adopt_or_create(cfg.snapshot_guests, create=create)
+            host.guest_pool.adopt_or_create(types, create=create)
             log.info("%s: shared guests %s ready in %.1f s", host.name,
                      ", ".join(host.guest_pool.guests), time.monotonic() - started)
     return host.guest_pool

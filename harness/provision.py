@@ -140,6 +140,13 @@ class SnapshotStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def inputs_dir(cfg: RunConfig) -> Path:
+    """Where relative input paths point: $NESTED_XEN_INPUTS, else <cache>/inputs
+    (`nested-xen inputs` prepares Debian's binaries there)."""
+    env = os.environ.get("NESTED_XEN_INPUTS")
+    return Path(env).expanduser() if env else cfg.resolved_cache_dir() / "inputs"
+
+
 class Provisioner:
     """Builds images and hands out ready Xen hosts (cold-booted or restored)."""
 
@@ -160,12 +167,14 @@ class Provisioner:
             self.snapshots.drop_all()
 
     def recipe(self, name: str) -> HostRecipe:
+        import dataclasses
+
         recipe = load_recipe(name)
         if self.cfg.dom0 and self.cfg.dom0 != recipe.dom0:
-            import dataclasses
-
             recipe = dataclasses.replace(recipe, dom0=self.cfg.dom0)
-        return recipe
+        # The run's own-build inputs over the recipe's; relative paths against the inputs dir.
+        inputs = recipe.inputs.over(self.cfg.inputs).resolved(inputs_dir(self.cfg))
+        return dataclasses.replace(recipe, inputs=inputs)
 
     def image(self, name: str) -> tuple[HostRecipe, HostImage]:
         if name not in self._images:

@@ -571,12 +571,19 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     _stale_boot_issue(request, facts)
     kind = request.node.callspec.params.get("guest_type") if hasattr(request.node, "callspec") else None
     reason = spec_of(request.node).skip_reason(facts, kind)
+    if not reason and kind == "hvm" and getattr(facts, "device_model", None) == "":
+        reason = NO_DEVICE_MODEL.format(origin=facts.origin)
     if reason:
         pytest.skip(reason)
     issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node), kind, facts)
     if issue:
         request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
 
+
+# An HVM guest needs a device model linked against the Xen under test (harness/inputs.py).
+NO_DEVICE_MODEL = ("no device model for this Xen ({origin}): libxl's qemu-system-i386 is not in dom0; "
+                   "give one built against this Xen as inputs.device_model (or a dist tree with "
+                   "qemu-xen); PV and PVH need none")
 
 _STALE_BOOT_REPORTED: set[str] = set()
 
