@@ -103,9 +103,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- helpers
 
 
+def _arg(args: argparse.Namespace, flag: str) -> object:
+    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
+    from .inputs import InputError, from_options
+
     cfg = load_run_config(Path(args.config) if args.config else None)
+    try:
+        inputs = from_options(lambda flag: _arg(args, flag), cfg.inputs)
+    except InputError as exc:
+        raise UserError(str(exc)) from None
     return cfg.with_overrides(
+        inputs=inputs,
         host_images=tuple(args.image) if getattr(args, "image", None) else None,
         accel=getattr(args, "accel", None), mirror=getattr(args, "mirror", None),
         rebuild=True if getattr(args, "rebuild", False) else None,
@@ -247,6 +258,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd += ["--nx-config", args.config]
     for image in args.image or ():
         cmd += ["--host-image", image]
+    from .inputs import OPTIONS
+
+    for flag, _key, _text in OPTIONS:
+        value = _arg(args, flag)
+        if value:
+            cmd += [flag, str(value) if flag == "--kernel-for" else str(Path(str(value)).resolve())]
     cmd += args.pytest_args
     return subprocess.call(cmd)
 
@@ -269,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dom0", choices=["pv", "pvh"], help="dom0 mode (overrides the recipe)")
         p.add_argument("--backend", choices=["qemu", "libvirt"], help="L1 machine backend")
         p.add_argument("--libvirt-uri", metavar="URI", help="libvirt connection (default qemu:///system)")
+        from .inputs import add_options
+
+        add_options(p.add_argument)
 
     sub.add_parser("doctor", help="what this host has and lacks").set_defaults(func=cmd_doctor)
     p = sub.add_parser("images", help="list recipes or build images")
@@ -299,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the module's name (a lowercase Python identifier)")
     p.add_argument("--dir", metavar="DIR", help="write it here instead of plugins/")
     p.set_defaults(func=cmd_new_plugin)
+    from .ownbuild import add_parsers
+
+    add_parsers(sub)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     common(p)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
@@ -317,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from .imaging import ImageError
+    from .ownbuild import BuildError
     from .machines.base import MachineError
     from .remote import RemoteError
 
     try:
         return args.func(args)
-    except (ConfigError, UserError, ImageError, MachineError, RemoteError) as exc:
+    except (ConfigError, UserError, ImageError, MachineError, RemoteError, BuildError) as exc:
         print(f"nested-xen: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -313,3 +313,37 @@ def key_material(inputs: Inputs) -> dict[str, str]:
             continue
         out[key] = value if key == "kernel_for" else content_digest(Path(value))
     return out
+
+
+# --------------------------------------------------------------------------- options
+
+# Command-line options (nested-xen and pytest) -> Inputs keys.
+OPTIONS = (("--xen-dist", "xen_dist", "a Xen `make dist` (or `make install DESTDIR=`) tree"),
+           ("--xen-debs", "xen_debs", "a directory of Xen .debs"),
+           ("--xen", "xen", "a Xen hypervisor file (xen-*.gz); the tools stay the recipe's"),
+           ("--kernel", "kernel", "a Linux bzImage"),
+           ("--kernel-modules", "kernel_modules", "the tree `make modules_install INSTALL_MOD_PATH=` wrote"),
+           ("--kernel-for", "kernel_for", "who boots --kernel: dom0, guests or both (default both)"),
+           ("--device-model", "device_model", "a qemu-system-i386 built against the Xen under test"))
+
+
+def add_options(add: Any) -> None:
+    """Register the inputs' options with an argparse parser's or a pytest group's add."""
+    for flag, _key, text in OPTIONS:
+        if flag == "--kernel-for":
+            add(flag, choices=list(KERNEL_FOR), help=text)
+        else:
+            add(flag, metavar="PATH", help=text)
+
+
+def from_options(get: Any, over: Inputs) -> Inputs:
+    """``over`` with the options given on the command line (``get(flag)``) over it."""
+    values = {key: get(flag) for flag, key, _text in OPTIONS if get(flag)}
+    if not values:
+        return over
+    merged = {k: getattr(over, k) for k in Inputs.KEYS} | {k: str(v) for k, v in values.items()}
+    # Paths from the command line are relative to where it ran.
+    for key in values:
+        if key != "kernel_for":
+            merged[key] = str(Path(merged[key]).expanduser().resolve())
+    return parse_inputs("command line", merged)

@@ -64,6 +64,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rebuild", action="store_true", default=None,
                     help="rebuild images and drop snapshots")
     group.addoption("--memory-mb", type=int, help="L1 memory in MiB")
+    from .inputs import add_options
+
+    add_options(group.addoption)
     group.addoption("--print-config", action="store_true", help="print the effective config and exit")
     group.addoption("--nx-no-entry-points", action="store_true",
                     help="do not collect checks from installed packages' nested_xen.plugins entry points")
@@ -82,8 +85,17 @@ def _build_config(config: pytest.Config) -> RunConfig:
         artifacts_dir=Path(opt("--artifacts-dir")) if opt("--artifacts-dir") else None,
         cache_dir=Path(opt("--cache-dir")) if opt("--cache-dir") else None,
         mirror=opt("--mirror"), snapshot=opt("--snapshot"), rebuild=opt("--rebuild"),
-        memory_mb=opt("--memory-mb"),
+        memory_mb=opt("--memory-mb"), inputs=_inputs_of(opt, cfg),
     )
+
+
+def _inputs_of(opt, cfg: RunConfig):
+    from .inputs import InputError, from_options
+
+    try:
+        return from_options(opt, cfg.inputs)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
