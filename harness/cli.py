@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from .imaging import ImageError
-    from .ownbuild import BuildError
     from .machines.base import MachineError
+    from .ownbuild import BuildError
     from .remote import RemoteError
 
     try:

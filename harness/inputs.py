@@ -309,7 +309,7 @@ def key_material(inputs: Inputs) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in Inputs.KEYS:
         value = getattr(inputs, key)
-        if not value:
+        if not value or (key == "kernel_for" and not inputs.kernel):
             continue
         out[key] = value if key == "kernel_for" else content_digest(Path(value))
     return out
