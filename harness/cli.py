@@ -253,7 +253,9 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the plugin checks (pytest plugins/ with these options)."""
-    cmd = [sys.executable, "-m", "pytest", "plugins", "-v", "-rA"]
+    args.pytest_args = [a for a in args.pytest_args if a != "--"]
+    paths = [a for a in args.pytest_args if not a.startswith("-") and ".py" in a]
+    cmd = [sys.executable, "-m", "pytest", *([] if paths else ["plugins"]), "-v", "-rA"]
     if args.config:
         cmd += ["--nx-config", args.config]
     for image in args.image or ():

@@ -86,7 +86,12 @@ class Inputs:
         def one(value: str | None) -> str | None:
             if not value:
                 return value
-            path = Path(os.path.expandvars(value)).expanduser()
+            expanded = os.path.expandvars(value)
+            unset = re.findall(r"\$\{?(\w+)", expanded)
+            if unset:
+                raise InputError(f"inputs: {value!r} names ${unset[0]}, which is not set: "
+                                 f"export {unset[0]}=PATH")
+            path = Path(expanded).expanduser()
             return str(path if path.is_absolute() else (base_dir / path).resolve())
 
         return dataclasses.replace(self, **{k: one(getattr(self, k)) for k in self.KEYS

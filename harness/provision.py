@@ -24,9 +24,10 @@ from filelock import FileLock
 from .accel import AccelChoice, choose_accel
 from .agent.channel import ChannelError
 from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
-from .config import HostRecipe, RunConfig, load_recipe
+from .config import ConfigError, HostRecipe, RunConfig, load_recipe
 from .host import XenHost, machine_spec
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
+from .inputs import InputError
 from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
 from .machines.qemu import CHANNEL_NAME, QemuMachine, Registry, qemu_version
 from .remote import CommandFailed, RemoteError
@@ -173,7 +174,10 @@ class Provisioner:
         if self.cfg.dom0 and self.cfg.dom0 != recipe.dom0:
             recipe = dataclasses.replace(recipe, dom0=self.cfg.dom0)
         # The run's own-build inputs over the recipe's; relative paths against the inputs dir.
-        inputs = recipe.inputs.over(self.cfg.inputs).resolved(inputs_dir(self.cfg))
+        try:
+            inputs = recipe.inputs.over(self.cfg.inputs).resolved(inputs_dir(self.cfg))
+        except InputError as exc:
+            raise ConfigError(f"recipe {recipe.name}: {exc}") from None
         return dataclasses.replace(recipe, inputs=inputs)
 
     def image(self, name: str) -> tuple[HostRecipe, HostImage]:
