@@ -35,9 +35,17 @@ def xen_configure_flags() -> list[str]:
     return [*XEN_CONFIGURE, seabios]
 
 
+def _can_unshare_net() -> bool:
+    """Whether this process may enter a network namespace of its own (root, and not in a
+    container that forbids it)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return subprocess.call(["unshare", "--net", "true"], stderr=subprocess.DEVNULL) == 0
+
+
 def _niced(cmd: list[str], offline: bool) -> list[str]:
     prefix = ["nice", "-n", "19"]
-    if offline and os.geteuid() == 0 and shutil.which("unshare"):
+    if offline and _can_unshare_net():
         prefix = ["unshare", "--net", *prefix]
     return prefix + cmd
 

@@ -241,3 +241,13 @@ def test_image_column_says_where_the_build_came_from() -> None:
     assert image_label("bookworm", "xen_dist") == "bookworm (xen_dist)"
     r = CheckResult("n", "smoke", "c", xen_version="4.22.0", xen_changeset="Tue Jul 29 git:0123abcd")
     assert xen_label(r) == "4.22.0 (git:0123abcd)"
+
+
+def test_build_xen_rejects_a_tree_that_is_not_xen(tmp_path: Path) -> None:
+    from harness.ownbuild import BuildError, build_xen, xen_configure_flags
+
+    with pytest.raises(BuildError, match="not a Xen source tree"):
+        build_xen(tmp_path, tmp_path / "cache", 1)
+    flags = xen_configure_flags()
+    assert "--disable-stubdom" in flags and "--disable-docs" in flags
+    assert any(f.startswith(("--with-system-seabios=", "--disable-seabios")) for f in flags)
