@@ -35,7 +35,7 @@ XEN_PACKAGE = re.compile(r"^(xen-|libxen|qemu-system-xen)")
 # What the tools of a dist tree link against, from the base suite (bookworm and trixie names).
 TOOLS_RUNTIME = ("libyajl2", "libnl-3-200", "libnl-route-3-200", "libfdt1", "libuuid1",
                  "zlib1g", "libzstd1", "liblzma5", "libbz2-1.0", "liblzo2-2", "libtinfo6",
-                 "iproute2", "bridge-utils")
+                 "libncurses6", "libncursesw6", "libext2fs2", "iproute2", "bridge-utils")
 DEB_HYPERVISOR = "xen-hypervisor-"
 
 
@@ -312,6 +312,10 @@ def content_digest(path: Path) -> str:
 def key_material(inputs: Inputs) -> dict[str, str]:
     """What the image key covers: each input's content digest (not its path)."""
     out: dict[str, str] = {}
+    if not inputs.empty:  # how inputs are installed shapes the image too
+        here = Path(__file__).parent
+        code = b"".join((here / f).read_bytes() for f in ("inputs.py", "input_image.py"))
+        out["install"] = hashlib.sha256(code).hexdigest()[:16]
     for key in Inputs.KEYS:
         value = getattr(inputs, key)
         if not value or (key == "kernel_for" and not inputs.kernel):
