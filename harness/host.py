@@ -72,7 +72,7 @@ class HostFacts:
 # Line 1: the image's inputs label; line 2: libxl's device model, if present and executable.
 DEVICE_MODEL_PROBE = (
     "cat /etc/nested-xen/inputs 2>/dev/null || echo debian; "
-    "lib=$(ldconfig -p | awk '/libxenlight\\.so /{print $NF; exit}'); "
+    "lib=$(ldconfig -p | awk '/libxenlight\\.so/{print $NF; exit}'); "
     "dm=$(grep -aoE '/[-_./A-Za-z0-9]*qemu-system-i386' \"$lib\" 2>/dev/null | head -n1); "
     "[ -n \"$dm\" ] && [ -x \"$dm\" ] && echo \"$dm\" || echo"
 )

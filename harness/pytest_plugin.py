@@ -597,6 +597,21 @@ NO_DEVICE_MODEL = ("no device model for this Xen ({origin}): libxl's qemu-system
                    "give one built against this Xen as inputs.device_model (or a dist tree with "
                    "qemu-xen); PV and PVH need none")
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    """No HVM guest is created on a host without a device model for its Xen: the checks
+    asking for one skip, saying so (before the module's guest fixture would fail)."""
+    if fixturedef.argname not in ("guest", "own_guest") or "guest_type" not in request.fixturenames:
+        return None
+    if request.getfixturevalue("guest_type") != "hvm":
+        return None
+    host = request.getfixturevalue("xen_host")
+    facts = host.facts() if hasattr(host, "facts") else None
+    if getattr(facts, "device_model", None) == "":
+        pytest.skip(NO_DEVICE_MODEL.format(origin=facts.origin))
+    return None
+
+
 _STALE_BOOT_REPORTED: set[str] = set()
 
 
