@@ -102,7 +102,8 @@ def _files(apt: PrivateApt, tree: Path, dest: Path, work: Path) -> None:
     if not vmlinuz:
         raise PrepareError("the kernel package has no boot/vmlinuz-*")
     shutil.move(vmlinuz[-1], dest / "vmlinuz")
-    shutil.rmtree(dest / "modules/boot")
+    for extra in (dest / "modules/boot").glob("System.map-*"):
+        extra.unlink()  # boot/config-* stays: update-initramfs reads it
 
 
 def prepare(suite: str, mirror: str, out_dir: Path, progress: Callable[[str], None] = print) -> Path:

@@ -99,6 +99,19 @@ def _drivers(release: str) -> str:
     )
 
 
+def _kernel_config(mods: Path, release: str) -> str:
+    """update-initramfs reads /boot/config-<release> to choose a compression: the modules
+    tree's boot/config-<release> if it has one, else a note saying gzip (which every x86
+    kernel that boots an initrd here supports)."""
+    config = mods / "boot" / f"config-{release}"
+    dest = f'"$1/boot/config-{release}"'
+    if config.is_file():
+        return f"cp {shlex.quote(str(config))} {dest}"
+    return (f"printf '# nested-xen: no .config came with the kernel input\\nCONFIG_RD_GZIP=y\\n' > {dest}"
+            ' && mkdir -p "$1/etc/initramfs-tools/conf.d" && '
+            'echo COMPRESS=gzip > "$1/etc/initramfs-tools/conf.d/nested-xen"')
+
+
 def hooks(inputs: Inputs, found: dict[str, str]) -> list[str]:
     """mmdebstrap customize hooks, run after the overlay and before the harness's own."""
     out: list[str] = []
@@ -119,6 +132,7 @@ def hooks(inputs: Inputs, found: dict[str, str]) -> list[str]:
         out += [copy_tree(tree / release, f"/lib/modules/{release}"),
                 f'chroot "$1" depmod {shlex.quote(release)}',
                 _drivers(release),
+                _kernel_config(mods, release),
                 f'chroot "$1" update-initramfs -c -k {shlex.quote(release)}']
     label = shlex.quote(inputs.label())
     out.append(f'mkdir -p "$1/etc/nested-xen" && echo {label} > "$1/{ORIGIN_FILE}"')
