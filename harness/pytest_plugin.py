@@ -584,32 +584,14 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     kind = request.node.callspec.params.get("guest_type") if hasattr(request.node, "callspec") else None
     reason = spec_of(request.node).skip_reason(facts, kind)
     if not reason and kind == "hvm" and getattr(facts, "device_model", None) == "":
+        from .inputs import NO_DEVICE_MODEL
+
         reason = NO_DEVICE_MODEL.format(origin=facts.origin)
     if reason:
         pytest.skip(reason)
     issue = match(request.config.stash[_ISSUES_KEY], _check_id(request.node), kind, facts)
     if issue:
         request.applymarker(pytest.mark.xfail(strict=not issue.flaky, reason=issue.describe()))
-
-
-# An HVM guest needs a device model linked against the Xen under test (harness/inputs.py).
-NO_DEVICE_MODEL = ("no device model for this Xen ({origin}): libxl's qemu-system-i386 is not in dom0; "
-                   "give one built against this Xen as inputs.device_model (or a dist tree with "
-                   "qemu-xen); PV and PVH need none")
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_fixture_setup(fixturedef, request):
-    """No HVM guest is created on a host without a device model for its Xen: the checks
-    asking for one skip, saying so (before the module's guest fixture would fail)."""
-    if fixturedef.argname not in ("guest", "own_guest") or "guest_type" not in request.fixturenames:
-        return None
-    if request.getfixturevalue("guest_type") != "hvm":
-        return None
-    host = request.getfixturevalue("xen_host")
-    facts = host.facts() if hasattr(host, "facts") else None
-    if getattr(facts, "device_model", None) == "":
-        pytest.skip(NO_DEVICE_MODEL.format(origin=facts.origin))
-    return None
 
 
 _STALE_BOOT_REPORTED: set[str] = set()
