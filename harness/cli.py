@@ -118,9 +118,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- helpers
 
 
+def _arg(args: argparse.Namespace, flag: str) -> object:
+    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
+    from .inputs import InputError, from_options
+
     cfg = load_run_config(Path(args.config) if args.config else None)
+    try:
+        inputs = from_options(lambda flag: _arg(args, flag), cfg.inputs)
+    except InputError as exc:
+        raise UserError(str(exc)) from None
     return cfg.with_overrides(
+        inputs=inputs,
         host_images=tuple(args.image) if getattr(args, "image", None) else None,
         accel=getattr(args, "accel", None), mirror=getattr(args, "mirror", None),
         rebuild=True if getattr(args, "rebuild", False) else None,
@@ -268,11 +279,19 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the plugin checks (pytest plugins/ with these options)."""
-    cmd = [sys.executable, "-m", "pytest", "plugins", "-v", "-rA"]
+    args.pytest_args = [a for a in args.pytest_args if a != "--"]
+    paths = [a for a in args.pytest_args if not a.startswith("-") and ".py" in a]
+    cmd = [sys.executable, "-m", "pytest", *([] if paths else ["plugins"]), "-v", "-rA"]
     if args.config:
         cmd += ["--nx-config", args.config]
     for image in args.image or ():
         cmd += ["--host-image", image]
+    from .inputs import OPTIONS
+
+    for flag, _key, _text in OPTIONS:
+        value = _arg(args, flag)
+        if value:
+            cmd += [flag, str(value) if flag == "--kernel-for" else str(Path(str(value)).resolve())]
     cmd += args.pytest_args
     return subprocess.call(cmd)
 
@@ -295,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dom0", choices=["pv", "pvh"], help="dom0 mode (overrides the recipe)")
         p.add_argument("--backend", choices=["qemu", "libvirt"], help="L1 machine backend")
         p.add_argument("--libvirt-uri", metavar="URI", help="libvirt connection (default qemu:///system)")
+        from .inputs import add_options
+
+        add_options(p.add_argument)
 
     sub.add_parser("doctor", help="what this host has and lacks").set_defaults(func=cmd_doctor)
     p = sub.add_parser("images", help="list recipes or build images")
@@ -327,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the module's name (a lowercase Python identifier)")
     p.add_argument("--dir", metavar="DIR", help="write it here instead of plugins/")
     p.set_defaults(func=cmd_new_plugin)
+    from .ownbuild import add_parsers
+
+    add_parsers(sub)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     common(p)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
@@ -346,11 +371,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from .imaging import ImageError
     from .machines.base import MachineError
+    from .ownbuild import BuildError
     from .remote import RemoteError
 
     try:
         return args.func(args)
-    except (ConfigError, UserError, ImageError, MachineError, RemoteError) as exc:
+    except (ConfigError, UserError, ImageError, MachineError, RemoteError, BuildError) as exc:
         print(f"nested-xen: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+from .inputs import InputError, Inputs, parse_inputs
+from .inputs import key_material as inputs_key_material
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO_ROOT / "images" / "hosts"
 
@@ -87,6 +90,8 @@ class RunConfig:
     # How many checks a run may run again after an emulator fault (a guest death whose
     # evidence shows a known_issues.yaml guest-death signature); one rerun per check.
     emulator_fault_reruns: int = 6
+    # Your own Xen / kernel / device model over every host image's recipe (harness/inputs.py).
+    inputs: Inputs = field(default_factory=Inputs)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: str = "<defaults>"
@@ -204,6 +209,11 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
         if bad:
             raise ConfigError(f"{source}: snapshot_guests: {bad} invalid; choose from pv, pvh, hvm")
         return tuple(items)
+    if key == "inputs":
+        try:
+            return parse_inputs(source, value)
+        except InputError as exc:
+            raise ConfigError(str(exc)) from None
     if key == "migration":
         return _migration(source, _typed(source, key, value, dict))
     if key == "timeouts":
@@ -287,12 +297,20 @@ class HostRecipe:
     # L2 guests under TCG, whose nested SVM differs by QEMU release; the harness takes
     # the configured QEMU if it fits, else a private one ./setup unpacked. Empty: any.
     qemu_tcg: str = ""
+    # Your own Xen, kernel or device model over the Debian packages (harness/inputs.py);
+    # `base: RECIPE` takes every other key from that recipe.
+    inputs: Inputs = field(default_factory=Inputs)
+    base: str = ""
 
     def key_material(self) -> dict[str, Any]:
-        """What shapes the built image (the file path does not)."""
+        """What shapes the built image (the file path does not; inputs by content)."""
         data = dataclasses.asdict(self)
         data.pop("path")
         data.pop("description")
+        data.pop("base")
+        data["inputs"] = inputs_key_material(self.inputs)
+        if not data["inputs"]:
+            data.pop("inputs")  # images without inputs keep their keys
         # Boot-time settings do not change the disk; they are keyed by the machine.
         # Whether apt checks Valid-Until does not change which packages it installs.
         for k in ("xen_cmdline", "dom0_cmdline", "memory_mb", "dom0_mem_mb", "dom0", "qemu_tcg",
@@ -328,6 +346,8 @@ def load_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> HostRecipe:
     source = str(path)
     data = _load_yaml(path)
     _check_keys(source, data, _RECIPE_KEYS)
+    if "base" in data:
+        data = _with_base(source, data, recipe_dir)
     missing = sorted(_RECIPE_REQUIRED - set(data))
     if missing:
         raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
@@ -339,6 +359,18 @@ def load_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> HostRecipe:
         _choice(source, "dom0", recipe.dom0, DOM0_MODES)
     _check_pins(source, recipe)
     return recipe
+
+
+def _with_base(source: str, data: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
+    """``base: trixie``: the base recipe's keys, with this file's over them."""
+    base = _typed(source, "base", data["base"], str)
+    if base == data.get("name"):
+        raise ConfigError(f"{source}: base: a recipe cannot be its own base")
+    base_data = _load_yaml(find_recipe(base, recipe_dir))
+    if "base" in base_data:
+        raise ConfigError(f"{source}: base: {base!r} has a base itself; name a plain Debian recipe")
+    base_data.pop("description", None)
+    return {**base_data, **data}
 
 
 def package_pin(package: str) -> tuple[str, str | None]:
@@ -380,4 +412,9 @@ def _convert_recipe_key(source: str, key: str, value: Any) -> Any:
         return _typed(source, key, value, int)
     if key == "allow_expired_release":
         return _typed(source, key, value, bool)
+    if key == "inputs":
+        try:
+            return parse_inputs(source, value)
+        except InputError as exc:
+            raise ConfigError(str(exc)) from None
     return _typed(source, key, value, str)

@@ -372,7 +372,7 @@ def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], object]:
             probe = compile_probe(PROBE_SOURCE, tmp / "probe")
             build_guest_initramfs(image.busybox, probe, tmp / "initramfs.gz")
             tmp.rename(out)
-        return GuestPayload(kernel=image.kernel, initramfs=initramfs)
+        return GuestPayload(kernel=image.guest_kernel, initramfs=initramfs)
 
     return build
 
@@ -468,9 +468,11 @@ def attach_pool(host, cfg: RunConfig, create: bool) -> GuestPool:
         agent = Agent(host.remote.as_runner())
         image = getattr(getattr(host, "image", None), "name", "")
         host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready, image=image)
-        if cfg.snapshot_guests:
+        # An HVM guest needs a device model built against this Xen; without one, none.
+        types = tuple(t for t in cfg.snapshot_guests if t != "hvm" or host.facts().device_model != "")
+        if types:
             started = time.monotonic()
-            host.guest_pool.adopt_or_create(cfg.snapshot_guests, create=create)
+            host.guest_pool.adopt_or_create(types, create=create)
             log.info("%s: shared guests %s ready in %.1f s", host.name,
                      ", ".join(host.guest_pool.guests), time.monotonic() - started)
     return host.guest_pool
@@ -481,12 +483,22 @@ def save_console(guest: Guest, dest: Path) -> None:
     (dest / f"{guest.name}.console.log").write_text(guest.console())
 
 
+def skip_without_device_model(xen_host, guest_type: str) -> None:
+    """No HVM guest on a host whose Xen has no device model: its checks skip, saying so."""
+    from .inputs import NO_DEVICE_MODEL
+
+    facts = xen_host.facts() if guest_type == "hvm" and hasattr(xen_host, "facts") else None
+    if getattr(facts, "device_model", None) == "":
+        pytest.skip(NO_DEVICE_MODEL.format(origin=facts.origin))
+
+
 @pytest.fixture(scope="module")
 def guest(xen_host, guest_type: str, artifacts_dir: Path) -> Iterator[Guest]:
     """A shared running guest of ``guest_type`` with its probe ready (PV: MFNs resolved).
 
     Read-only checks share it across modules; do not destroy or save it.
     """
+    skip_without_device_model(xen_host, guest_type)
     pool: GuestPool = xen_host.guest_pool
     shared = pool.get(guest_type)
     yield shared
@@ -512,6 +524,7 @@ def owned_guest(xen_host, spec: GuestSpec, agent, artifacts_dir: Path, timeout: 
 def own_guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
               nx_config: RunConfig) -> Iterator[Guest]:
     """A guest of ``guest_type`` for this module alone, destroyed at its end."""
+    skip_without_device_model(xen_host, guest_type)
     module = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:20]
     spec = GuestSpec(type=guest_type, name=f"nx-{guest_type}-{module}")
     with owned_guest(xen_host, spec, agent, artifacts_dir, nx_config.timeouts.guest_ready) as own:

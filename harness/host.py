@@ -45,6 +45,13 @@ class HostFacts:
     xen_caps: frozenset[str]
     accel: str
     qemu_version: str = "0"  # of the L1's QEMU, "10.0": a nested-SVM fault under TCG can be QEMU's
+    # Read from the booted host: `xl info`'s xen_changeset, who built Xen (cc_compile_by@
+    # cc_compile_domain), the image's inputs ("debian": its packages; else harness/inputs.py's
+    # label) and the device model libxl runs for HVM ("" none on this host, None unknown).
+    xen_changeset: str = ""
+    xen_build: str = ""
+    origin: str = "debian"
+    device_model: str | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -55,7 +62,27 @@ class HostFacts:
             "xen_caps": sorted(self.xen_caps),
             "accel": self.accel,
             "qemu_version": self.qemu_version,
+            "xen_changeset": self.xen_changeset,
+            "xen_build": self.xen_build,
+            "origin": self.origin,
+            "device_model": self.device_model,
         }
+
+
+# Line 1: the image's inputs label; line 2: libxl's device model, if present and executable.
+DEVICE_MODEL_PROBE = (
+    "cat /etc/nested-xen/inputs 2>/dev/null || echo debian; "
+    "lib=$(ldconfig -p | awk '/libxenlight\\.so/{print $NF; exit}'); "
+    "dm=$(grep -aoE '/[-_./A-Za-z0-9]*qemu-system-i386' \"$lib\" 2>/dev/null | head -n1); "
+    "[ -n \"$dm\" ] && [ -x \"$dm\" ] && echo \"$dm\" || echo"
+)
+
+
+def build_of(raw: dict[str, str]) -> str:
+    """Who built the running Xen and when, from `xl info`: 'user@domain date'."""
+    who = raw.get("cc_compile_by", "")
+    domain = raw.get("cc_compile_domain", "")
+    return f"{who}@{domain} {raw.get('cc_compile_date', '')}".strip(" @")
 
 
 def image_facts(recipe: HostRecipe, image: HostImage, accel: str, qemu: str = "0") -> HostFacts:
@@ -69,6 +96,7 @@ def image_facts(recipe: HostRecipe, image: HostImage, accel: str, qemu: str = "0
         xen_version=xen.group(1) if xen else "0",
         kernel_release=kernel or "0",
         dom0_mode=recipe.dom0,
+        origin=manifest.get("inputs", "debian"),
         virt_caps=frozenset(),
         xen_caps=frozenset(),
         accel=accel,
@@ -164,7 +192,12 @@ class XenHost:
             ).split()
             spec = getattr(self.machine, "spec", None)
             accel = getattr(spec, "accel", None)
+            origin, device_model = self._build_facts()
             self._facts = HostFacts(
+                xen_changeset=info.raw.get("xen_changeset", ""),
+                xen_build=build_of(info.raw),
+                origin=origin,
+                device_model=device_model,
                 xen_version=info.xen_version,
                 kernel_release=out[0],
                 dom0_mode=out[1].lower() if len(out) > 1 else "unknown",
@@ -174,6 +207,13 @@ class XenHost:
                 qemu_version=qemu_version_label(getattr(spec, "qemu_binary", "qemu-system-x86_64")),
             )
         return self._facts
+
+    def _build_facts(self) -> tuple[str, str]:
+        """(origin, device model): the image's inputs label, and the qemu-system-i386 path
+        compiled into libxenlight if it is executable here ("" if not)."""
+        out = self.remote.check_output(DEVICE_MODEL_PROBE, timeout=30).splitlines()
+        origin = out[0].strip() if out and out[0].strip() else "debian"
+        return origin, (out[1].strip() if len(out) > 1 else "")
 
     def sync_clock(self) -> None:
         """Set dom0's clock to the harness's (a restored snapshot's clock is old)."""

@@ -26,7 +26,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from . import input_image
 from .config import HostRecipe
+from .inputs import InputError
+from .inputs import check as check_inputs
 from .procs import pid_alive
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,12 @@ class HostImage:
     @property
     def initrd(self) -> Path:
         return self.dir / "initrd.img"
+
+    @property
+    def guest_kernel(self) -> Path:
+        """The guests' kernel: an input's own bzImage if given for guests, else dom0's."""
+        own = self.dir / "guest-vmlinuz"
+        return own if own.exists() else self.kernel
 
     @property
     def busybox(self) -> Path:
@@ -272,20 +281,26 @@ def build_command(
     target: Path,
     mode: str,
     check_valid_until: bool = True,
+    found: dict[str, str] | None = None,
 ) -> list[str]:
     """The mmdebstrap command line that builds ``recipe`` into ``target``; without
-    ``check_valid_until`` apt accepts Release files past their Valid-Until."""
+    ``check_valid_until`` apt accepts Release files past their Valid-Until; ``found`` is
+    what checking the recipe's inputs found (harness/inputs.py)."""
+    inputs = recipe.inputs
     sources = [f"deb {mirror} {recipe.suite} {' '.join(recipe.components)}"]
     sources += [f"deb {mirror} {s} {' '.join(recipe.components)}" for s in recipe.extra_suites]
     cmd = [
         "mmdebstrap",
         f"--mode={mode}",
         "--variant=apt",
-        "--include=" + ",".join(recipe.packages),
+        "--include=" + ",".join(input_image.packages(recipe.packages, inputs)),
+        *input_image.include_args(inputs),
         "--aptopt=Acquire::Retries=3",
         *([] if check_valid_until else [f"--aptopt={NO_VALID_UNTIL}"]),
         f"--customize-hook=sync-in {overlay} /",
     ]
+    if not inputs.empty:
+        cmd += [f"--customize-hook={hook}" for hook in input_image.hooks(inputs, found or {})]
     cmd += [f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS]
     cmd += [
         f"--customize-hook=sync-out /boot {stage / 'boot'}",
@@ -382,6 +397,7 @@ class ImageBuilder:
 
     def get(self, recipe: HostRecipe, rebuild: bool = False) -> HostImage:
         """Return the cached image for ``recipe``, building it if needed."""
+        self.check_inputs(recipe)  # before anything is built, locked or booted
         key, final = self.image_dir(recipe)
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(final) + ".lock"):
@@ -395,6 +411,14 @@ class ImageBuilder:
             self._build(recipe, key, final)
         return HostImage(recipe.name, key, final)
 
+    @staticmethod
+    def check_inputs(recipe: HostRecipe) -> dict[str, str]:
+        """Check the recipe's own-build inputs before anything is built or booted."""
+        try:
+            return check_inputs(recipe.inputs)
+        except InputError as exc:
+            raise ImageError(f"recipe {recipe.name}: inputs: {exc}") from None
+
     def _reap_stale_builds(self) -> None:
         for stale in self.root.glob(".build-*"):
             pid = stale.name.rsplit("-", 1)[-1]
@@ -403,13 +427,14 @@ class ImageBuilder:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _build(self, recipe: HostRecipe, key: str, final: Path) -> None:
+        found = self.check_inputs(recipe)
         mirror = resolve_mirror(self.mirror_override, recipe)
         work = self.root / f".build-{recipe.name}-{key}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         started = time.monotonic()
         self.progress(f"[image {recipe.name}] building {final.name} from {mirror} (a few minutes)")
         try:
-            self._build_into(recipe, mirror, work)
+            self._build_into(recipe, mirror, work, found)
             manifest = self._finish(recipe, key, mirror, work, time.monotonic() - started)
             shutil.rmtree(final, ignore_errors=True)  # an interrupted --rebuild's remains
             os.rename(work / "out", final)
@@ -419,7 +444,7 @@ class ImageBuilder:
             f"[image {recipe.name}] built in {manifest['build_seconds']:.0f} s: {final}"
         )
 
-    def _build_into(self, recipe: HostRecipe, mirror: str, work: Path) -> None:
+    def _build_into(self, recipe: HostRecipe, mirror: str, work: Path, found: dict[str, str]) -> None:
         out = work / "out"
         stage = work / "stage"
         overlay = work / "overlay"
@@ -429,12 +454,12 @@ class ImageBuilder:
         write_overlay(overlay, public, out / "id_ed25519")
         rootless = os.geteuid() != 0
         target = work / ("rootfs.ext2" if rootless else "rootfs")
-        self._bootstrap(recipe, mirror, overlay, stage, target, "unshare" if rootless else "root")
+        self._bootstrap(recipe, mirror, overlay, stage, target, "unshare" if rootless else "root", found)
         self._make_filesystem(recipe, target, out / "rootfs.ext4", rootless)
-        self._extract_boot(recipe, stage, out)
+        self._extract_boot(recipe, stage, out, found)
 
     def _bootstrap(self, recipe: HostRecipe, mirror: str, overlay: Path, stage: Path, target: Path,
-                   mode: str) -> None:
+                   mode: str, found: dict[str, str] | None = None) -> None:
         """mmdebstrap, once more without apt's Valid-Until check when the mirror's Release
         file turns out to be expired (saying so), or at once when the recipe or run
         config allows expired Release files."""
@@ -446,7 +471,7 @@ class ImageBuilder:
             say(f"apt will accept an expired Release file for {recipe.suite} "
                 f"(allow_expired_release: {NO_VALID_UNTIL})")
         try:
-            _run_streaming(build_command(recipe, mirror, overlay, stage, target, mode, check), say)
+            _run_streaming(build_command(recipe, mirror, overlay, stage, target, mode, check, found), say)
             return
         except CommandError as exc:
             expired = expired_release(exc) if check else None
@@ -455,7 +480,7 @@ class ImageBuilder:
         say(f"{mirror}: {expired}; building again with apt's {NO_VALID_UNTIL} (set "
             "allow_expired_release: true in the recipe or run config to skip this first try)")
         shutil.rmtree(target, ignore_errors=True)
-        _run_streaming(build_command(recipe, mirror, overlay, stage, target, mode, False), say)
+        _run_streaming(build_command(recipe, mirror, overlay, stage, target, mode, False, found), say)
 
     def _make_filesystem(self, recipe: HostRecipe, target: Path, image: Path, rootless: bool) -> None:
         """ext4 from the tree (root) or grow the ext2 mmdebstrap made (rootless)."""
@@ -475,13 +500,23 @@ class ImageBuilder:
         )
         shutil.rmtree(target)
 
-    def _extract_boot(self, recipe: HostRecipe, stage: Path, out: Path) -> None:
-        xen_gz = pick_newest(stage, recipe.boot.xen)
-        with gzip.open(xen_gz) as src, open(out / "xen", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        kernel = pick_newest(stage, recipe.boot.kernel)
+    def _extract_boot(self, recipe: HostRecipe, stage: Path, out: Path, found: dict[str, str]) -> None:
+        inputs = recipe.inputs
+        xen_gz = (Path(inputs.xen) if inputs.xen else
+                  input_image.newest_xen(stage / "boot") if inputs.replaces_xen else None)
+        xen_gz = xen_gz or pick_newest(stage, recipe.boot.xen)
+        if xen_gz.name.endswith(".gz"):
+            with gzip.open(xen_gz) as src, open(out / "xen", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            shutil.copy(xen_gz, out / "xen")
+        release = found.get("kernel_release")
+        kernel = Path(inputs.kernel) if inputs.dom0_kernel else pick_newest(stage, recipe.boot.kernel)
+        initrd = f"boot/initrd.img-{release}" if inputs.dom0_kernel else recipe.boot.initrd
         shutil.copy(kernel, out / "vmlinuz")
-        shutil.copy(pick_newest(stage, recipe.boot.initrd), out / "initrd.img")
+        shutil.copy(pick_newest(stage, initrd), out / "initrd.img")
+        if inputs.guest_kernel:
+            shutil.copy(inputs.kernel or "", out / "guest-vmlinuz")
         shutil.copy(stage / "busybox", out / "busybox")
         (out / "boot-files.json").write_text(
             json.dumps({"xen": xen_gz.name, "kernel": kernel.name}, indent=2)
@@ -501,6 +536,7 @@ class ImageBuilder:
             "mirror": mirror,
             "xen_file": boot["xen"],
             "kernel_file": boot["kernel"],
+            "inputs": recipe.inputs.label(),
             "build_seconds": round(seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rootfs_bytes": (out / "rootfs.ext4").stat().st_size,

@@ -24,9 +24,10 @@ from filelock import FileLock
 from .accel import AccelChoice, choose_accel
 from .agent.channel import ChannelError
 from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
-from .config import HostRecipe, RunConfig, load_recipe
+from .config import ConfigError, HostRecipe, RunConfig, load_recipe
 from .host import XenHost, machine_spec
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
+from .inputs import InputError
 from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
 from .machines.qemu import CHANNEL_NAME, QemuMachine, Registry, qemu_version
 from .remote import CommandFailed, RemoteError
@@ -140,6 +141,13 @@ class SnapshotStore:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def inputs_dir(cfg: RunConfig) -> Path:
+    """Where relative input paths point: $NESTED_XEN_INPUTS, else <cache>/inputs
+    (`nested-xen inputs` prepares Debian's binaries there)."""
+    env = os.environ.get("NESTED_XEN_INPUTS")
+    return Path(env).expanduser() if env else cfg.resolved_cache_dir() / "inputs"
+
+
 class Provisioner:
     """Builds images and hands out ready Xen hosts (cold-booted or restored)."""
 
@@ -160,12 +168,17 @@ class Provisioner:
             self.snapshots.drop_all()
 
     def recipe(self, name: str) -> HostRecipe:
+        import dataclasses
+
         recipe = load_recipe(name)
         if self.cfg.dom0 and self.cfg.dom0 != recipe.dom0:
-            import dataclasses
-
             recipe = dataclasses.replace(recipe, dom0=self.cfg.dom0)
-        return recipe
+        # The run's own-build inputs over the recipe's; relative paths against the inputs dir.
+        try:
+            inputs = recipe.inputs.over(self.cfg.inputs).resolved(inputs_dir(self.cfg))
+        except InputError as exc:
+            raise ConfigError(f"recipe {recipe.name}: {exc}") from None
+        return dataclasses.replace(recipe, inputs=inputs)
 
     def image(self, name: str) -> tuple[HostRecipe, HostImage]:
         if name not in self._images:

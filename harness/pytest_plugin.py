@@ -67,6 +67,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rebuild", action="store_true", default=None,
                     help="rebuild images and drop snapshots")
     group.addoption("--memory-mb", type=int, help="L1 memory in MiB")
+    from .inputs import add_options
+
+    add_options(group.addoption)
     group.addoption("--print-config", action="store_true", help="print the effective config and exit")
     group.addoption("--known-issues", metavar="YAML",
                     help="known issues file (default: the repository's known_issues.yaml)")
@@ -87,8 +90,17 @@ def _build_config(config: pytest.Config) -> RunConfig:
         artifacts_dir=Path(opt("--artifacts-dir")) if opt("--artifacts-dir") else None,
         cache_dir=Path(opt("--cache-dir")) if opt("--cache-dir") else None,
         mirror=opt("--mirror"), snapshot=opt("--snapshot"), rebuild=opt("--rebuild"),
-        memory_mb=opt("--memory-mb"),
+        memory_mb=opt("--memory-mb"), inputs=_inputs_of(opt, cfg),
     )
+
+
+def _inputs_of(opt, cfg: RunConfig):
+    from .inputs import InputError, from_options
+
+    try:
+        return from_options(opt, cfg.inputs)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -645,6 +657,10 @@ def _nx_gate(request: pytest.FixtureRequest) -> None:
     _stale_boot_issue(request, facts)
     kind = request.node.callspec.params.get("guest_type") if hasattr(request.node, "callspec") else None
     reason = spec_of(request.node).skip_reason(facts, kind)
+    if not reason and kind == "hvm" and getattr(facts, "device_model", None) == "":
+        from .inputs import NO_DEVICE_MODEL
+
+        reason = NO_DEVICE_MODEL.format(origin=facts.origin)
     if reason:
         pytest.skip(reason)
     # Known issues are decided once the check has run, by its evidence: harness/verdict.py.

@@ -31,7 +31,7 @@ LEGEND = ("P passed, F failed, E error (setup or teardown), s skipped, "
           "x expected failure (known issue), X passed although expected to fail")
 NO_GUEST = "no guest"
 CHECK_PROPERTIES = ("plugin", "check", "image", "guest_type")
-HOST_PROPERTIES = ("xen_version", "kernel_release", "dom0_mode", "accel")
+HOST_PROPERTIES = ("xen_version", "kernel_release", "dom0_mode", "accel", "origin", "xen_changeset")
 
 
 @dataclass
@@ -55,6 +55,8 @@ class CheckResult:
     finding: str = ""  # what the check measured about the host (its "finding" property)
     # the check's own record_property values (an exit status, a duration, an output tail)
     properties: dict[str, Any] = dataclasses.field(default_factory=dict)
+    origin: str = ""  # where the host's Xen/kernel came from: "debian" or the inputs' label
+    xen_changeset: str = ""
 
 
 def plugin_name(nodeid: str) -> str:
@@ -73,7 +75,8 @@ def check_properties(item: pytest.Item, image: str | None, guest_type: str | Non
 
 def host_properties(facts: Any) -> list[tuple[str, str]]:
     """The JUnit properties read from the booted host (``HostFacts``)."""
-    return [(key, str(getattr(facts, key))) for key in HOST_PROPERTIES]
+    values = ((key, getattr(facts, key, None)) for key in HOST_PROPERTIES)
+    return [(key, str(value)) for key, value in values if value is not None]
 
 
 def _outcome(report: pytest.TestReport) -> tuple[str, str] | None:
@@ -213,6 +216,17 @@ def image_times(results: Iterable[CheckResult]) -> dict[str, tuple[int, float]]:
     return out
 
 
+def image_label(image: str, origin: str) -> str:
+    """The image column: the recipe, and where its Xen/kernel came from if not Debian's packages."""
+    return image if origin in ("", "debian") else f"{image} ({origin})"
+
+
+def xen_label(r: CheckResult) -> str:
+    """``4.22.0 (changeset abc123)`` when the host reported one."""
+    changeset = r.xen_changeset.split()
+    return f"{r.xen_version} ({' '.join(changeset[-1:])})" if changeset else r.xen_version
+
+
 def incidents_markdown(found: Sequence[Any], results: Sequence[CheckResult] = ()) -> list[str]:
     """Incidents per image and guest type, by phase and signature (harness/incidents.py),
     and the checks that passed only after an emulator fault."""
@@ -236,11 +250,13 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = (), found: 
     parts = ["## nested-xen results", ""]
     if results:
         times = image_times(results)
-        hosts = sorted({(r.image, r.dom0_mode, r.xen_version, r.kernel_release, r.accel)
+        hosts = sorted({(r.image, r.dom0_mode, xen_label(r), r.kernel_release, r.accel)
                         for r in results if r.xen_version})
         parts += [f"**{totals(results)}** ({len(results)} tests)", ""]
         if hosts:
-            rows = [(*h, str(times[h[0]][0]), f"{times[h[0]][1]:.0f} s") for h in hosts]
+            origins = {r.image: r.origin for r in results if r.origin}
+            rows = [(image_label(h[0], origins.get(h[0], "")), *h[1:], str(times[h[0]][0]),
+                     f"{times[h[0]][1]:.0f} s") for h in hosts]
             parts += [markdown_table(("image", "dom0", "Xen", "dom0 kernel", "accel", "tests", "time"),
                                      rows), ""]
         parts += [markdown_table(*_matrix_rows(results)), "", LEGEND, ""]

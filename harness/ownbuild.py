@@ -1,0 +1,184 @@
+"""`nested-xen inputs`, `build-xen` and `build-kernel`: from a suite or a checkout to inputs.
+
+``build-xen SRC`` configures and builds a Xen source tree with the flags the harness
+needs (no stubdom, no in-tree QEMU, iPXE, ROMBIOS or docs; a system SeaBIOS for HVM's
+hvmloader), niced so VM jobs keep priority and, as root, without network (``unshare -n``):
+a build that reaches for the network fails saying so. ``make dist``'s ``dist/install``
+is copied into the cache (``<cache>/builds/xen-<version>``), the tree `--xen-dist` takes.
+``build-kernel SRC`` does the same for Linux: defconfig + Linux's own ``xen.config``.
+Neither takes the VM lock: only booting does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
+# Where libxl looks for its device model; `--device-model` installs one there.
+QEMU_PATH = "/usr/local/lib/xen/bin/qemu-system-i386"
+XEN_CONFIGURE = ("--disable-stubdom", "--disable-docs", "--disable-ocamltools", "--disable-golang",
+                 "--disable-pvshim", "--disable-rombios", "--disable-ipxe", "--enable-systemd",
+                 f"--with-system-qemu={QEMU_PATH}")
+
+
+class BuildError(RuntimeError):
+    """A build could not run or failed; the message says what to do."""
+
+
+def xen_configure_flags() -> list[str]:
+    seabios = f"--with-system-seabios={SEABIOS}" if SEABIOS.is_file() else "--disable-seabios"
+    return [*XEN_CONFIGURE, seabios]
+
+
+def _can_unshare_net() -> bool:
+    """Whether this process may enter a network namespace of its own (root, and not in a
+    container that forbids it)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return subprocess.call(["unshare", "--net", "true"], stderr=subprocess.DEVNULL) == 0
+
+
+def _niced(cmd: list[str], offline: bool) -> list[str]:
+    prefix = ["nice", "-n", "19"]
+    if offline and _can_unshare_net():
+        prefix = ["unshare", "--net", *prefix]
+    return prefix + cmd
+
+
+def _step(cmd: list[str], cwd: Path, log: Path, offline: bool = True) -> None:
+    started = time.monotonic()
+    print(f"[build] {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "a") as out:
+        rc = subprocess.call(_niced(cmd, offline), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise BuildError(f"`{' '.join(cmd)}` failed (exit {rc}) in {cwd}; the log's end:\n{tail}\n"
+                         f"whole log: {log}")
+    print(f"[build] done in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def _publish(src: Path, final: Path) -> None:
+    """Copy ``src`` to ``final`` whole: under a temporary name, renamed at the end."""
+    tmp = final.with_name(f".{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, symlinks=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def xen_version(src: Path) -> str:
+    out = subprocess.run(["make", "-s", "-C", "xen", "xenversion"], cwd=src, capture_output=True,
+                         text=True)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def build_xen(src: Path, cache: Path, jobs: int, configure: bool = True) -> Path:
+    """Build ``src`` (a Xen checkout) and copy its dist/install into the cache; return it."""
+    if not (src / "xen" / "Makefile").is_file() or not (src / "tools").is_dir():
+        raise BuildError(f"{src} is not a Xen source tree (expected xen/Makefile and tools/)")
+    log = cache / "builds" / "logs" / f"xen-{int(time.time())}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if configure:
+        _step(["./configure", *xen_configure_flags()], src, log)
+    _step(["make", f"-j{jobs}", "dist"], src, log)
+    install = src / "dist" / "install"
+    if not (install / "boot").is_dir():
+        raise BuildError(f"`make dist` left no {install}/boot; see {log}")
+    final = cache / "builds" / f"xen-{xen_version(src)}"
+    _publish(install, final)
+    return final
+
+
+def build_kernel(src: Path, cache: Path, jobs: int) -> Path:
+    """defconfig + xen.config, bzImage + modules; copy both into the cache; return the dir."""
+    if not (src / "Kbuild").is_file() or not (src / "arch" / "x86").is_dir():
+        raise BuildError(f"{src} is not a Linux source tree (expected Kbuild and arch/x86/)")
+    log = cache / "builds" / "logs" / f"linux-{int(time.time())}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    _step(["make", "defconfig", "xen.config"], src, log)
+    _step(["make", f"-j{jobs}", "bzImage", "modules"], src, log)
+    stage = cache / "builds" / f".linux-stage-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        _step(["make", "modules_install", f"INSTALL_MOD_PATH={stage / 'modules'}"], src, log)
+        shutil.copy(src / "arch/x86/boot/bzImage", stage / "bzImage")
+        release = subprocess.run(["make", "-s", "kernelrelease"], cwd=src, capture_output=True,
+                                 text=True).stdout.strip()
+        final = cache / "builds" / f"linux-{release or 'unknown'}"
+        _publish(stage, final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_inputs(args: argparse.Namespace) -> int:
+    from .cli import _config
+    from .config import load_recipe
+    from .debian_inputs import PrepareError, prepare
+    from .imaging import resolve_mirror
+    from .provision import inputs_dir
+
+    cfg = _config(args)
+    mirror = resolve_mirror(cfg.mirror, load_recipe("bookworm"))
+    out = Path(args.dir).resolve() if args.dir else inputs_dir(cfg)
+    started = time.monotonic()
+    try:
+        path = prepare(args.suite, mirror, out, progress=lambda line: print(line, flush=True))
+    except PrepareError as exc:
+        raise BuildError(str(exc)) from None
+    print(f"{path}: debs/ tree/ files/ in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def cmd_build_xen(args: argparse.Namespace) -> int:
+    from .cli import _config
+
+    cache = _config(args).resolved_cache_dir()
+    started = time.monotonic()
+    dist = build_xen(Path(args.src).resolve(), cache, args.jobs, configure=not args.no_configure)
+    print(f"Xen dist tree: {dist} (built in {time.monotonic() - started:.0f} s)\n"
+          f"next: nested-xen run --xen-dist {dist} --image bookworm -- plugins/smoke.py")
+    return 0
+
+
+def cmd_build_kernel(args: argparse.Namespace) -> int:
+    from .cli import _config
+
+    cache = _config(args).resolved_cache_dir()
+    out = build_kernel(Path(args.src).resolve(), cache, args.jobs)
+    print(f"kernel: {out}/bzImage, modules: {out}/modules\n"
+          f"next: nested-xen run --kernel {out}/bzImage --kernel-modules {out}/modules")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inputs", help="fetch a suite's Xen .debs, unpack them into a tree, and "
+                       "its xen.gz + vmlinuz + modules as files: own-build inputs from Debian")
+    p.add_argument("suite", help="e.g. bookworm or trixie")
+    p.add_argument("--dir", help="write DIR/SUITE/ (default: $NESTED_XEN_INPUTS or <cache>/inputs)")
+    p.add_argument("--config", metavar="YAML", help="run configuration file (its mirror:)")
+    p.add_argument("--mirror", metavar="URL", help="Debian mirror")
+    p.set_defaults(func=cmd_inputs)
+    jobs = os.cpu_count() or 1
+    p = sub.add_parser("build-xen", help="build a Xen source tree (make dist) into the cache")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--jobs", type=int, default=jobs)
+    p.add_argument("--no-configure", action="store_true", help="reuse the tree's configuration")
+    p.add_argument("--config", metavar="YAML", help="run configuration file (its cache_dir:)")
+    p.set_defaults(func=cmd_build_xen)
+    p = sub.add_parser("build-kernel", help="build a Linux tree (defconfig + xen.config) into the cache")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--jobs", type=int, default=jobs)
+    p.add_argument("--config", metavar="YAML", help="run configuration file (its cache_dir:)")
+    p.set_defaults(func=cmd_build_kernel)
