@@ -73,6 +73,9 @@ def test_a_guest_dying_during_checks_is_an_incident_rerun_or_failed(tmp_path: Pa
     (tmp_path / "plugins" / "__init__.py").write_text("")
     (tmp_path / "plugins" / "dying.py").write_text(textwrap.dedent(CHECKS))
     (tmp_path / "known.yaml").write_text(KNOWN)
+    # The inner run's rootdir: collect plugins/*.py as check modules, as the repo does.
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = plugins/[a-z]*.py\n"
+                                         "xfail_strict = true\njunit_family = xunit1\n")
     artifacts = tmp_path / "artifacts"
     command = [sys.executable, "-m", "pytest", "plugins", "-k", "dying", "-v", "-rA",
                "-p", "no:cacheprovider", "--host-image", "bookworm", "--known-issues", "known.yaml",
