@@ -73,6 +73,8 @@ def test_a_guest_dying_during_checks_is_an_incident_rerun_or_failed(tmp_path: Pa
     (tmp_path / "plugins" / "__init__.py").write_text("")
     (tmp_path / "plugins" / "dying.py").write_text(textwrap.dedent(CHECKS))
     (tmp_path / "known.yaml").write_text(KNOWN)
+    # as in the repository: plugins/*.py are test files
+    (tmp_path / "pytest.ini").write_text("[pytest]\npython_files = test_*.py plugins/[a-z]*.py\n")
     artifacts = tmp_path / "artifacts"
     command = [sys.executable, "-m", "pytest", "plugins", "-k", "dying", "-v", "-rA",
                "-p", "no:cacheprovider", "--host-image", "bookworm", "--known-issues", "known.yaml",
