@@ -315,7 +315,7 @@ def died_in_early_boot(exc: GuestCrashed) -> bool:
 
 
 def _early_death(guest: Guest, exc: GuestCrashed, retry: bool) -> None:
-    guest.incident(exc.phase, str(exc).splitlines()[0], "recreated" if retry else "failed",
+    guest.incident(exc.phase, str(exc).split("; last console lines")[0], "recreated" if retry else "failed",
                    evidence=exc.evidence)
     log.warning("%s (%s) died in early boot%s: %s", guest.name, guest.type,
                 "; creating it again" if retry else "", exc)
