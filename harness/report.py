@@ -83,7 +83,7 @@ def plots(records: list[Record], outdir: Path) -> list[Path]:
 
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
-    migr = [r for r in records if r.kind != "boot" and r.ok and r.total_s is not None]
+    migr = [r for r in records if r.kind not in ("boot", "xenstore") and r.ok and r.total_s is not None]
     if not migr:
         return written
     for metric, label in (("total_s", "total time (s)"), ("downtime_s", "downtime (s)")):
