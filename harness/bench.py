@@ -22,8 +22,8 @@ def _median(values: list[float]) -> float | None:
 
 def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
                progress: Callable[[str], None] = print) -> dict:
-    from .guests import attach_pool, guest_payload_for
-    from .provision import Provisioner
+    from .guests import attach_pool
+    from .wiring import provisioner_for
 
     name = cfg.host_images[0]
     results: dict = {"image": name, "runs": runs}
@@ -31,9 +31,9 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
         with tempfile.TemporaryDirectory(prefix="nx-bench-cache-") as tmp:
             cold_cfg = dataclasses.replace(cfg, cache_dir=Path(tmp))
             started = time.monotonic()
-            Provisioner(cold_cfg, progress).image(name)
+            provisioner_for(cold_cfg, progress, guest_payload=False).image(name)
             results["image_build_cold_s"] = round(time.monotonic() - started, 1)
-    prov = Provisioner(cfg, progress, guest_payload=guest_payload_for(cfg))
+    prov = provisioner_for(cfg, progress)
     started = time.monotonic()
     prov.image(name)
     results["image_cache_warm_s"] = round(time.monotonic() - started, 2)
@@ -57,8 +57,7 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
 
     # The run's snapshot holds the shared guests: one host saves it (if none fits
     # yet), then restores are timed to dom0-ready and to guests-ready.
-    snap = Provisioner(cfg, progress, guest_payload=guest_payload_for(cfg),
-                       setup_guests=lambda h: attach_pool(h, cfg, create=True))
+    snap = provisioner_for(cfg, progress, shared_guests=True)
     seed = snap.host(name, "bench-save", run_root / "save", snapshot="auto")
     if "guests" in seed.timings:
         results["cold_guests_ready_s"] = seed.timings["guests"]

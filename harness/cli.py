@@ -141,11 +141,9 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _provisioner(cfg: RunConfig):
-    from .guests import guest_payload_for
-    from .provision import Provisioner
+    from .wiring import provisioner_for
 
-    return Provisioner(cfg, progress=lambda line: print(line, flush=True),
-                       guest_payload=guest_payload_for(cfg))
+    return provisioner_for(cfg, lambda line: print(line, flush=True))
 
 
 def cmd_images(args: argparse.Namespace) -> int:

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from . import incidents
 from .config import REPO_ROOT, RunConfig
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage
@@ -377,14 +375,6 @@ def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], object]:
     return build
 
 
-# ---------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def guest_type(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 class GuestPool:
     """One shared, probe-ready guest per type on one host, for checks that only read.
 
@@ -483,28 +473,6 @@ def save_console(guest: Guest, dest: Path) -> None:
     (dest / f"{guest.name}.console.log").write_text(guest.console())
 
 
-def skip_without_device_model(xen_host, guest_type: str) -> None:
-    """No HVM guest on a host whose Xen has no device model: its checks skip, saying so."""
-    from .inputs import NO_DEVICE_MODEL
-
-    facts = xen_host.facts() if guest_type == "hvm" and hasattr(xen_host, "facts") else None
-    if getattr(facts, "device_model", None) == "":
-        pytest.skip(NO_DEVICE_MODEL.format(origin=facts.origin))
-
-
-@pytest.fixture(scope="module")
-def guest(xen_host, guest_type: str, artifacts_dir: Path) -> Iterator[Guest]:
-    """A shared running guest of ``guest_type`` with its probe ready (PV: MFNs resolved).
-
-    Read-only checks share it across modules; do not destroy or save it.
-    """
-    skip_without_device_model(xen_host, guest_type)
-    pool: GuestPool = xen_host.guest_pool
-    shared = pool.get(guest_type)
-    yield shared
-    save_console(shared, artifacts_dir / "hosts" / xen_host.name / "guests")
-
-
 @contextlib.contextmanager
 def owned_guest(xen_host, spec: GuestSpec, agent, artifacts_dir: Path, timeout: float) -> Iterator[Guest]:
     """A guest that lives for the ``with`` block: created, MFNs resolved, console kept, destroyed."""
@@ -518,14 +486,3 @@ def owned_guest(xen_host, spec: GuestSpec, agent, artifacts_dir: Path, timeout: 
             save_console(own, artifacts_dir / "hosts" / xen_host.name / "guests")
         finally:
             own.destroy()
-
-
-@pytest.fixture(scope="module")
-def own_guest(request: pytest.FixtureRequest, xen_host, guest_type: str, agent, artifacts_dir: Path,
-              nx_config: RunConfig) -> Iterator[Guest]:
-    """A guest of ``guest_type`` for this module alone, destroyed at its end."""
-    skip_without_device_model(xen_host, guest_type)
-    module = request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:20]
-    spec = GuestSpec(type=guest_type, name=f"nx-{guest_type}-{module}")
-    with owned_guest(xen_host, spec, agent, artifacts_dir, nx_config.timeouts.guest_ready) as own:
-        yield own

@@ -39,7 +39,7 @@ TOOLS_RUNTIME = ("libyajl2", "libnl-3-200", "libnl-route-3-200", "libfdt1", "lib
 DEB_HYPERVISOR = "xen-hypervisor-"
 
 
-# Why an HVM check skips on a host whose Xen has no device model (harness/guests.py).
+# Why an HVM check skips on a host whose Xen has no device model (harness/fixtures/guests.py).
 NO_DEVICE_MODEL = ("no device model for this Xen ({origin}): libxl's qemu-system-i386 is not in dom0; "
                    "give one built against this Xen as inputs.device_model (or a dist tree with "
                    "qemu-xen); PV and PVH need none")

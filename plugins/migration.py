@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from harness.agent.client import AGENT_PATH
+from harness.fixtures import run_config
 from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
@@ -44,16 +45,10 @@ REMOTE_STREAM_TOOL = f"{REMOTE_PAYLOAD_DIR}/nxstream.py"
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" in metafunc.fixturenames:
-        mig = metafunc.config.stash[_cfg_key()].migration
+        mig = run_config(metafunc.config).migration
         cases = [(m, w) for m in mig.memory_mb for w in mig.workloads]
         metafunc.parametrize("case", cases, ids=[f"{m}M-{w.replace(':', '')}" for m, w in cases],
                              scope="module")
-
-
-def _cfg_key():
-    from harness.pytest_plugin import _CFG_KEY
-
-    return _CFG_KEY
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import pytest
 from harness import provision
 from harness.accel import AccelChoice
 from harness.config import RunConfig, load_recipe
+from harness.fixtures.hosts import HostLease, expected_boot_failure
 from harness.host import image_facts, machine_spec
 from harness.imaging import HostImage
 from harness.known_issues import boot_issue, load_known_issues
 from harness.machines.base import MachineCrashed, MachineSpec
 from harness.machines.qemu import IOMMU_DEVICE, VIRTIO_BEHIND_IOMMU, QemuMachine, with_iommu
 from harness.plugins import make_spec
-from harness.pytest_plugin import HostLease, expected_boot_failure
 
 TCG = AccelChoice("tcg", "qemu64,+svm,+npt", "test")
 PANIC = """\

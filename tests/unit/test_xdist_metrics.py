@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import pytest_plugin
 from harness.config import RunConfig
+from harness.fixtures import run
 from harness.metrics import MetricsSink, Record
 
 
@@ -18,8 +18,8 @@ def test_controller_joins_worker_metrics(tmp_path) -> None:
         sink.add(Record(kind=kind, guest_type="pv", memory_mb=256))
         sink.write()
     config = SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(numprocesses=2))
-    config.stash[pytest_plugin._CFG_KEY] = RunConfig(artifacts_dir=tmp_path)
-    records = pytest_plugin._measurements(config)  # type: ignore[arg-type]
+    config.stash[run.CFG_KEY] = RunConfig(artifacts_dir=tmp_path)
+    records = run.measurements(config)  # type: ignore[arg-type]
     assert sorted(r.kind for r in records) == ["localhost_migrate", "save_restore"]
     joined = json.loads((tmp_path / "metrics.json").read_text())["records"]
     assert len(joined) == 2
@@ -28,6 +28,6 @@ def test_controller_joins_worker_metrics(tmp_path) -> None:
 def test_without_xdist_nothing_is_joined(tmp_path) -> None:
     MetricsSink(tmp_path / "metrics-gw0.json").write()
     config = SimpleNamespace(stash=pytest.Stash(), option=SimpleNamespace(numprocesses=None))
-    config.stash[pytest_plugin._CFG_KEY] = RunConfig(artifacts_dir=tmp_path)
-    assert pytest_plugin._measurements(config) == []  # type: ignore[arg-type]
+    config.stash[run.CFG_KEY] = RunConfig(artifacts_dir=tmp_path)
+    assert run.measurements(config) == []  # type: ignore[arg-type]
     assert not (tmp_path / "metrics.json").exists()
