@@ -235,7 +235,7 @@ class XenHost:
     @property
     def link(self) -> LinkPorts:
         """This L1's private link ports; another L1 started with them reversed is its peer."""
-        return self.machine.link  # type: ignore[attr-defined]
+        return self.machine.link
 
     def link_up(self, index: int) -> str:
         """Give dom0's link NIC (PCI 00:06.0) the address ``LINK_NET.<index>`` and a MAC of

@@ -120,7 +120,7 @@ class SnapshotStore:
                 settled = host.settle_for_snapshot()
                 settled["seconds"] = round(time.monotonic() - started, 2)
                 started = time.monotonic()
-                files = host.machine.snapshot(tmp)  # type: ignore[attr-defined]
+                files = host.machine.snapshot(tmp)
                 meta = dict(meta, saved_seconds=round(time.monotonic() - started, 2), stream=files.stream,
                             dom0_settle=settled,
                             memory_bytes=files.memory.stat().st_size,
@@ -254,7 +254,7 @@ class Provisioner:
         try:
             host.machine.start(incoming=files)
             host.remote.port = host.machine.ssh_address[1]
-            host.machine.wait_incoming(incoming=files)  # type: ignore[attr-defined]
+            host.machine.wait_incoming(incoming=files)
             host.timings["restore_running"] = round(time.monotonic() - started, 2)
             answered = self._restore_channel(host, files, label)
             if answered:

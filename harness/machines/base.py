@@ -145,6 +145,7 @@ class Machine(abc.ABC):
     """One L1 VM."""
 
     spec: MachineSpec
+    link: LinkPorts  # this L1's private link ports (XenHost.link, peer_host)
 
     @property
     @abc.abstractmethod
@@ -166,6 +167,11 @@ class Machine(abc.ABC):
     @abc.abstractmethod
     def alive(self) -> str | None:
         """None while running; else how it ended (e.g. 'exit status 1')."""
+
+    def wait_incoming(self, timeout: float = 120.0, incoming: SnapshotFiles | None = None) -> float:
+        """After ``start(incoming=...)``: wait until the restored VM runs; the seconds it took.
+        Both backends restore; a machine that cannot says so."""
+        raise MachineError(f"{type(self).__name__} does not restore snapshots")
 
     @abc.abstractmethod
     def snapshot(self, dest_dir: Path) -> SnapshotFiles: ...

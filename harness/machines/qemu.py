@@ -14,7 +14,6 @@ the next run reap what a SIGKILLed run could not.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import logging
@@ -23,48 +22,23 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 from ..procs import pid_alive
-from .base import LinkPorts, Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
+from .base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
+from .common import LINK_SLOT, create_overlay, die_with_parent, free_link, free_port
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 NAME_PREFIX = "nested-xen-"
 QMP_SOCKET_PREFIX = "nx-qmp-"
 CHANNEL_SOCKET_PREFIX = "nx-chan-"
 # The virtio-serial port dom0's nxchannel.py answers on (/dev/virtio-ports/<name>).
 CHANNEL_NAME = "org.nested-xen.channel"
 CHANNEL_SLOT = 0x5
-LINK_SLOT = 0x6  # PCI slot of the private link NIC (dom0 names it ens6)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A TCP (or, with SOCK_DGRAM, UDP) port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_link() -> LinkPorts:
-    """Two distinct free UDP ports for a private link."""
-    local = free_port(socket.SOCK_DGRAM)
-    while (peer := free_port(socket.SOCK_DGRAM)) == local:
-        pass
-    return LinkPorts(local, peer)
 
 
 @functools.cache
@@ -138,18 +112,6 @@ def find_qemu(requirement: str, preferred: str, cache_dir: Path, why: str = "") 
         f"Run ./setup (on Debian bookworm it unpacks QEMU 10.0 from bookworm-backports into "
         f"{cache_dir / 'qemu'}), or set qemu_binary in the run config to such a QEMU"
     )
-
-
-def create_overlay(path: Path, backing: Path, backing_fmt: str) -> None:
-    """A qcow2 file whose reads fall through to ``backing``."""
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt,
-           "-b", str(backing.resolve()), str(path)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise MachineStartError("qemu-img is not installed: run `apt-get install qemu-utils`") from None
-    except subprocess.CalledProcessError as exc:
-        raise MachineStartError(f"qemu-img failed: {exc.stderr.strip()}") from None
 
 
 # Xen builds no PVH hardware domain without an IOMMU (Xen 4.17.5 on -machine pc panics:
@@ -350,7 +312,7 @@ class QemuMachine(Machine):
             on_main = threading.current_thread() is threading.main_thread()
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent if on_main else None,
+                start_new_session=True, preexec_fn=die_with_parent if on_main else None,
             )
         except FileNotFoundError:
             raise MachineStartError(
