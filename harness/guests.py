@@ -20,13 +20,13 @@ from pathlib import Path
 
 from . import incidents
 from .config import REPO_ROOT, RunConfig
+from .dom0_files import GUEST_DIR
 from .imaging import REMOTE_PAYLOAD_DIR, HostImage
 from .probe_report import ProbeReport, parse_probe_log
 from .xen import Domain, Xl, XlError
 
 log = logging.getLogger(__name__)
 
-GUEST_DIR = f"{REMOTE_PAYLOAD_DIR}/guest"
 CONSOLE_DIR = "/var/log/xen/console"
 PROBE_SOURCE = REPO_ROOT / "images" / "guests" / "probe.c"
 PAYLOAD_VERSION = 1

@@ -23,34 +23,16 @@ from filelock import FileLock
 
 from .accel import AccelChoice, choose_accel
 from .agent.channel import ChannelError
-from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
 from .config import ConfigError, HostRecipe, RunConfig, load_recipe
+from .dom0_files import PREPARED, digest, install, payload_files
 from .host import XenHost, machine_spec
-from .imaging import REMOTE_PAYLOAD_DIR, HostImage, ImageBuilder
+from .imaging import HostImage, ImageBuilder
 from .inputs import InputError
 from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
-from .machines.qemu import CHANNEL_NAME, QemuMachine, Registry, qemu_version
+from .machines.qemu import QemuMachine, Registry, qemu_version
 from .remote import CommandFailed, RemoteError
 
 log = logging.getLogger(__name__)
-
-WATCH_PATH = AGENT_PATH.with_name("nxwatch.py")
-REMOTE_WATCH_PATH = REMOTE_AGENT_PATH.rsplit("/", 1)[0] + "/nxwatch.py"
-CHANNEL_PATH = AGENT_PATH.with_name("nxchannel.py")
-REMOTE_CHANNEL_PATH = REMOTE_AGENT_PATH.rsplit("/", 1)[0] + "/nxchannel.py"
-CHANNEL_DEVICE = f"/dev/virtio-ports/{CHANNEL_NAME}"
-CHANNEL_UNIT = f"""\
-[Unit]
-Description=nested-xen: answer the harness on the virtio-serial channel
-ConditionPathExists={CHANNEL_DEVICE}
-
-[Service]
-ExecStart=/usr/bin/python3 {REMOTE_CHANNEL_PATH} {CHANNEL_DEVICE}
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 # Bump when prepare() changes what it puts into dom0.
 PREPARE_VERSION = 2
@@ -323,12 +305,12 @@ class Provisioner:
 
     def snapshot_key(self, image: HostImage, spec: MachineSpec, payload: GuestPayload | None) -> str:
         """Everything that shapes a snapshot; a change to any of it makes a new one."""
-        # provision.py prepares dom0; settle.py empties its free memory before the save.
-        prep = [AGENT_PATH, WATCH_PATH, CHANNEL_PATH, Path(__file__), Path(__file__).with_name("settle.py")]
+        # dom0_files.py lists what goes into dom0 (with the guest payload); provision.py
+        # prepares it; settle.py empties its free memory before the save.
+        prep = [Path(__file__), Path(__file__).with_name("settle.py")]
         if self.setup_guests:
             prep.append(Path(__file__).with_name("guests.py"))
-        if payload:
-            prep += [payload.kernel, payload.initramfs]
+        files = digest(PREPARED + payload_files(payload))
         material = {
             "image": image.key,
             "qemu": qemu_version(spec.qemu_binary),
@@ -339,7 +321,7 @@ class Provisioner:
             "accel": [spec.accel.accel, spec.accel.cpu],
             "devices": QemuMachine(spec).device_model(),
             "iommu": spec.iommu,
-            "prepare": [PREPARE_VERSION, _file_digest(prep)],
+            "prepare": [PREPARE_VERSION, _file_digest(prep), files],
             "guests": list(self.cfg.snapshot_guests) if self.setup_guests else [],
         }
         if self.cfg.backend != "qemu":  # another snapshot format, on the libvirt host
@@ -348,12 +330,9 @@ class Provisioner:
 
 
 def prepare(host: XenHost, payload: GuestPayload | None) -> None:
-    """Put what checks need into dom0: the agent, the watcher, the channel service and
-    the guest payload."""
-    host.remote.put(AGENT_PATH, REMOTE_AGENT_PATH, mode=0o755)
-    host.remote.put(WATCH_PATH, REMOTE_WATCH_PATH, mode=0o755)
-    host.remote.put(CHANNEL_PATH, REMOTE_CHANNEL_PATH, mode=0o755)
-    host.remote.put_text(CHANNEL_UNIT, "/etc/systemd/system/nx-channel.service")
+    """Put what checks need into dom0 (harness/dom0_files.py: the agent, the watcher, the
+    channel service, then the guest payload) and start the channel service."""
+    install(host.remote, PREPARED)  # harness/dom0_files.py
     host.remote.run_expect("systemctl daemon-reload && systemctl enable --now nx-channel.service",
                            timeout=120)
     if host.channel is not None:
@@ -365,7 +344,5 @@ def prepare(host: XenHost, payload: GuestPayload | None) -> None:
                         "(restores wait for SSH)", host.name, exc)
             host.channel.close()
             host.channel = None
-    if payload:
-        host.remote.put(payload.kernel, f"{REMOTE_PAYLOAD_DIR}/guest/vmlinuz")
-        host.remote.put(payload.initramfs, f"{REMOTE_PAYLOAD_DIR}/guest/initramfs.gz")
+    install(host.remote, payload_files(payload))
     host.remote.run_expect("sync", timeout=60)

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.agent.client import AGENT_PATH
+from harness.dom0_files import REMOTE_STREAM_TOOL, REMOTE_WATCH_PATH, STREAM, install
 from harness.fixtures import run_config
 from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
-from harness.provision import REMOTE_WATCH_PATH
 
 from .translation import content_mismatches
 
@@ -39,8 +38,6 @@ from .translation import content_mismatches
 TIMESTAMP = ("""python3 -c 'import sys,time; [print("%.6f %s" % (time.time(), l), end="", flush=True) """
              """for l in sys.stdin]'""")
 DIRTY_MB = 64
-STREAM_TOOL = AGENT_PATH.with_name("nxstream.py")
-REMOTE_STREAM_TOOL = f"{REMOTE_PAYLOAD_DIR}/nxstream.py"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -106,7 +103,7 @@ def tx_bytes(remote, dev: str) -> int | None:
 
 
 def install_stream_tool(host) -> None:
-    host.remote.put(STREAM_TOOL, REMOTE_STREAM_TOOL, mode=0o755)
+    install(host.remote, [STREAM])  # harness/dom0_files.py
 
 
 def migrate_counted(remote, name: str, target: str, counted: bool, timeout: float = 1800):

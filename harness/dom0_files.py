@@ -1,0 +1,95 @@
+"""Every file the harness puts into dom0: where it comes from, where it goes, its mode.
+
+``PREPARED`` is what ``prepare()`` (harness/provision.py) puts into a fresh dom0
+before an L1 snapshot is taken, with the guest payload (``payload_files``); the
+snapshot key hashes exactly those entries (``digest``). ``ON_DEMAND`` files are
+put in by the checks that need them and are not part of a snapshot. ``install``
+is the one step that copies entries in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
+from .imaging import REMOTE_PAYLOAD_DIR
+from .machines.qemu import CHANNEL_NAME
+
+if TYPE_CHECKING:
+    from .provision import GuestPayload
+
+REMOTE_LIB_DIR = REMOTE_AGENT_PATH.rsplit("/", 1)[0]  # /usr/local/lib/nested-xen
+GUEST_DIR = f"{REMOTE_PAYLOAD_DIR}/guest"
+
+WATCH_PATH = AGENT_PATH.with_name("nxwatch.py")
+REMOTE_WATCH_PATH = REMOTE_LIB_DIR + "/nxwatch.py"
+CHANNEL_PATH = AGENT_PATH.with_name("nxchannel.py")
+REMOTE_CHANNEL_PATH = REMOTE_LIB_DIR + "/nxchannel.py"
+STREAM_TOOL = AGENT_PATH.with_name("nxstream.py")
+REMOTE_STREAM_TOOL = f"{REMOTE_PAYLOAD_DIR}/nxstream.py"
+CHANNEL_DEVICE = f"/dev/virtio-ports/{CHANNEL_NAME}"
+CHANNEL_UNIT = f"""\
+[Unit]
+Description=nested-xen: answer the harness on the virtio-serial channel
+ConditionPathExists={CHANNEL_DEVICE}
+
+[Service]
+ExecStart=/usr/bin/python3 {REMOTE_CHANNEL_PATH} {CHANNEL_DEVICE}
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@dataclass(frozen=True)
+class Dom0File:
+    """One file in dom0: a local file's copy (``local``) or generated ``text``."""
+
+    remote: str
+    local: Path | None = None
+    text: str | None = None
+    mode: int | None = None
+
+    def content(self) -> bytes:
+        return self.text.encode() if self.text is not None else Path(self.local).read_bytes()
+
+
+AGENT = Dom0File(REMOTE_AGENT_PATH, AGENT_PATH, mode=0o755)  # privcmd calls (harness/agent/)
+WATCHER = Dom0File(REMOTE_WATCH_PATH, WATCH_PATH, mode=0o755)  # file watcher (migration timings)
+CHANNEL = Dom0File(REMOTE_CHANNEL_PATH, CHANNEL_PATH, mode=0o755)  # answers on the virtio-serial port
+CHANNEL_SERVICE = Dom0File("/etc/systemd/system/nx-channel.service", text=CHANNEL_UNIT)
+STREAM = Dom0File(REMOTE_STREAM_TOOL, STREAM_TOOL, mode=0o755)  # migration stream relay
+
+PREPARED: tuple[Dom0File, ...] = (AGENT, WATCHER, CHANNEL, CHANNEL_SERVICE)
+ON_DEMAND: tuple[Dom0File, ...] = (STREAM,)
+
+
+def payload_files(payload: GuestPayload | None) -> tuple[Dom0File, ...]:
+    """The guest payload's kernel and initramfs (none without a payload)."""
+    if not payload:
+        return ()
+    return (Dom0File(f"{GUEST_DIR}/vmlinuz", payload.kernel),
+            Dom0File(f"{GUEST_DIR}/initramfs.gz", payload.initramfs))
+
+
+def install(remote, files: Iterable[Dom0File]) -> None:
+    """Put ``files`` into dom0 through ``remote`` (harness/remote.py), in order."""
+    for f in files:
+        if f.text is not None:
+            remote.put_text(f.text, f.remote, mode=f.mode)
+        else:
+            remote.put(f.local, f.remote, mode=f.mode)
+
+
+def digest(files: Iterable[Dom0File]) -> str:
+    """A digest of the entries: where each goes, its mode and its content."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.remote} {f.mode}\n".encode())
+        h.update(f.content())
+    return h.hexdigest()
