@@ -170,8 +170,9 @@ class Machine(abc.ABC):
 
     def wait_incoming(self, timeout: float = 120.0, incoming: SnapshotFiles | None = None) -> float:
         """After ``start(incoming=...)``: wait until the restored VM runs; the seconds it took.
-        Both backends restore; a machine that cannot says so."""
-        raise MachineError(f"{type(self).__name__} does not restore snapshots")
+        Both backends override it; a machine that cannot restore raises (not a MachineError,
+        so no snapshot is discarded for it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not restore snapshots")
 
     @abc.abstractmethod
     def snapshot(self, dest_dir: Path) -> SnapshotFiles: ...
