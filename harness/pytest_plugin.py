@@ -289,6 +289,11 @@ def _summarise_incidents(terminalreporter, config: pytest.Config) -> None:
         for incident in found:
             terminalreporter.write_line(incident.line())
         terminalreporter.write_line(f"incidents: {run_config(config).artifacts_dir / 'incidents.json'}")
+    from .verdict import VERIFY_COST
+    if VERIFY_COST["calls"]:
+        terminalreporter.write_line(
+            f"guest verification around checks: {VERIFY_COST['calls']} `xl list` calls, "
+            f"{VERIFY_COST['seconds']:.1f} s in all (the time it adds to this run)")
     if verdicts is not None and verdicts.reruns:
         cap = run_config(config).emulator_fault_reruns
         terminalreporter.write_line(f"emulator-fault reruns: {len(verdicts.reruns)} of {cap} this run "

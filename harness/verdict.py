@@ -113,6 +113,11 @@ def attach(item: pytest.Item, report: pytest.TestReport, key: str, value: str) -
 # ---------------------------------------------------------------------- the plugin
 
 
+# The cost of verifying guests around checks (the time these checks add to a run):
+# `xl list` calls made by verify_after/verify_before and the seconds they took.
+VERIFY_COST = {"calls": 0, "seconds": 0.0}
+
+
 class VerdictPlugin:
     """Registered by harness/pytest_plugin.py with the run's known issues and rerun cap."""
 
@@ -120,6 +125,7 @@ class VerdictPlugin:
                  host_lost: Callable[[pytest.Item, pytest.TestReport], Incident | None]) -> None:
         self.issues, self.cap, self.host_lost = issues, rerun_cap, host_lost
         self.reruns: list[str] = []  # node ids run again after an emulator fault
+        VERIFY_COST.update(calls=0, seconds=0.0)  # this run's (pytester runs share the module)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
@@ -229,6 +235,15 @@ def _evidence_text(incident: Incident) -> str:
     return "\n".join(parts) or "(no evidence: no xl dmesg line about that domid, empty console)"
 
 
+def _timed_list(xl: Any) -> Any:
+    started = time.monotonic()
+    try:
+        return xl.list()
+    finally:
+        VERIFY_COST["calls"] += 1
+        VERIFY_COST["seconds"] += time.monotonic() - started
+
+
 def verify_after(item: pytest.Item) -> list[Incident]:
     """After the call: each of the check's guests still the domain it was given (one
     `xl list` per host)? A death is an incident (during-check)."""
@@ -239,7 +254,7 @@ def verify_after(item: pytest.Item) -> list[Incident]:
         key = id(guest.xl.remote)
         try:
             if key not in lists:
-                lists[key] = guest.xl.list()
+                lists[key] = _timed_list(guest.xl)
         except Exception:  # noqa: BLE001 - dom0 not answering: the host check says so
             return found
         detail = guest.death(lists[key])
@@ -266,5 +281,9 @@ def verify_before(item: pytest.Item, request: pytest.FixtureRequest, p2m: Callab
         before = len(incidents.INCIDENTS)
         if name == "guest":
             guest.released = False  # a shared guest is never a check's to destroy
-        guest.replace_if_dead(p2m, timeout, f"before {item.nodeid}", nodeid=item.nodeid)
+        started = time.monotonic()
+        if not guest.replace_if_dead(p2m, timeout, f"before {item.nodeid}", nodeid=item.nodeid):
+            # (a recreation's time is the incident's, not this cost)
+            VERIFY_COST["calls"] += 1
+            VERIFY_COST["seconds"] += time.monotonic() - started
         state.incidents += incidents.INCIDENTS[before:]

@@ -381,6 +381,48 @@ def test_tunnel_command(tmp_path: Path) -> None:
     assert "StrictHostKeyChecking=no" not in cmd
 
 
+FAKE_SSH = """#!/usr/bin/env python3
+# A stand-in for ssh -L: refuses the first time as a taken port does, then listens.
+import socket, sys, time
+from pathlib import Path
+tries = Path(sys.argv[0]).with_suffix(".tries")
+n = int(tries.read_text()) if tries.exists() else 0
+tries.write_text(str(n + 1))
+if n == 0:
+    print("bind [127.0.0.1]:1: Address already in use", file=sys.stderr)
+    print("Could not request local forwarding.", file=sys.stderr)
+    sys.exit(255)
+spec = sys.argv[sys.argv.index("-L") + 1]
+sock = socket.socket()
+sock.bind(("127.0.0.1", int(spec.split(":")[1])))
+sock.listen()
+time.sleep(30)
+"""
+
+
+def test_tunnel_whose_port_was_taken_opens_on_another(tmp_path: Path) -> None:
+    ssh = tmp_path / "fake-ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    uri = lv.LibvirtUri.parse(f"qemu+ssh://root@127.0.0.1/system?command={ssh}")
+    tunnel = lv.SshTunnel(uri, 45000, tmp_path / "t.log")
+    try:
+        tunnel.open(timeout=20)
+        assert (tmp_path / "fake-ssh.tries").read_text() == "2"
+        assert tunnel.proc is not None and tunnel.proc.poll() is None
+    finally:
+        tunnel.close()
+
+
+def test_tunnel_that_exits_otherwise_says_why(tmp_path: Path) -> None:
+    ssh = tmp_path / "fake-ssh"
+    ssh.write_text("#!/bin/sh\necho 'Permission denied (publickey).' >&2\nexit 255\n")
+    ssh.chmod(0o755)
+    uri = lv.LibvirtUri.parse(f"qemu+ssh://root@127.0.0.1/system?command={ssh}")
+    with pytest.raises(MachineStartError, match="exited: Permission denied"):
+        lv.SshTunnel(uri, 45000, tmp_path / "t.log").open(timeout=20)
+
+
 def test_remote_without_ssh_is_refused() -> None:
     with pytest.raises(MachineStartError, match="qemu\\+ssh://"):
         lv.LibvirtUri.parse("qemu+tcp://virt.example.org/system").ssh_base()

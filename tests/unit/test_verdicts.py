@@ -152,6 +152,7 @@ def test_an_emulator_fault_reruns_the_check_on_a_fresh_guest_which_passes(pytest
         "*passed after emulator fault: plugins/v.py::test_refusal*(1 incident(s))*",
         "*during-check: nx-shared-pvh (pvh) d7 in plugins/v.py::test_refusal*gone from `xl list`*"
         "emulator fault [[]guest-death*Triple fault/]; rerun*",
+        "*guest verification around checks: * `xl list` calls, * s in all*",
         "*emulator-fault reruns: 1 of 6 this run*"])
     record = results(pytester)["test_refusal"]
     assert record["verdict"] == "passed after emulator fault"

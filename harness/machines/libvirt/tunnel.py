@@ -30,7 +30,7 @@ class SshTunnel:
                 "-o", "ServerAliveInterval=15",
                 "-L", f"127.0.0.1:{self.local_port}:127.0.0.1:{self.remote_port}", str(self.uri.host)]
 
-    def open(self, timeout: float = 60.0) -> None:
+    def open(self, timeout: float = 60.0, attempts: int = 3) -> None:
         self.local_port = free_port()
         cmd = self.command()
         log.info("SSH tunnel: %s", shlex.join(cmd))
@@ -42,8 +42,12 @@ class SshTunnel:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise MachineStartError(f"SSH tunnel to {self.uri.host} exited: "
-                                        f"{self.log_path.read_text(errors='replace').strip()[-1000:]}")
+                said = self.log_path.read_text(errors="replace").strip()
+                if "Address already in use" in said and attempts > 1:
+                    # The free port was taken between free_port() and ssh's bind.
+                    log.warning("SSH tunnel: local port %d was taken; another port", self.local_port)
+                    return self.open(max(deadline - time.monotonic(), 5.0), attempts - 1)
+                raise MachineStartError(f"SSH tunnel to {self.uri.host} exited: {said[-1000:]}")
             with socket.socket() as sock:
                 sock.settimeout(1.0)
                 if sock.connect_ex(("127.0.0.1", self.local_port)) == 0:
