@@ -27,11 +27,13 @@ from typing import Any
 AGENT_PATH = Path(__file__).with_name("nxagent.py")
 REMOTE_AGENT_PATH = "/usr/local/lib/nested-xen/nxagent.py"
 
-MAP_CALLS = ("mmapbatch_v2", "mmapbatch", "mmap")
+# The protocol's constants come from the agent itself (stdlib only, importable here),
+# not from a copy that could drift from what dom0 runs.
+from .nxagent import DEFAULT_TIMEOUT_S, MAP_CALLS  # noqa: E402
+from .nxagent import M2P_DEFAULT_TIMEOUT_S as M2P_TIMEOUT_S  # noqa: E402
+
 #: Answers of these calls are parsed into MapResult.
 MAP_ANSWERS = (*MAP_CALLS, "restrict_then_map")
-DEFAULT_TIMEOUT_S = 60.0
-M2P_TIMEOUT_S = 120.0
 
 Runner = Callable[[str, str, float], tuple[int, str, str]]
 PutFile = Callable[[Path, str], None]
