@@ -341,6 +341,20 @@ def find_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> Path:
     )
 
 
+def check_host_images(names: tuple[str, ...], recipe_dir: Path | None = None) -> None:
+    """Every host-image name a run asks for is a recipe (or a recipe file): checked when
+    the run's config is built, so a typo is one clear error before anything boots, not
+    an error at each check's setup. The error lists the recipes."""
+    where = recipe_dir or RECIPE_DIR  # the module's, read now (tests point it elsewhere)
+    unknown = [name for name in names
+               if not (name.endswith((".yaml", ".yml")) and Path(name).exists())
+               and not (where / f"{name}.yaml").exists()]
+    if unknown:
+        raise ConfigError(
+            f"unknown host image{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"available recipes in {where}: {', '.join(available_recipes(where)) or '(none)'}")
+
+
 def load_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> HostRecipe:
     path = find_recipe(name_or_path, recipe_dir)
     source = str(path)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from . import incidents
-from .config import ConfigError, RunConfig, load_run_config
+from .config import ConfigError, RunConfig, check_host_images, load_run_config
 from .discovery import SOURCES_KEY, Sources, collect_directory, entry_point_plugins, report_header
 from .fixtures.hosts import FACTS_BY_IMAGE, HOST_FIXTURES, LOST_HOSTS, host_lost, lost_key
 from .fixtures.run import (
@@ -132,6 +132,7 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         config.stash[CFG_KEY] = _build_config(config)
+        check_host_images(config.stash[CFG_KEY].host_images)
         known = config.getoption("--known-issues")
         config.stash[ISSUES_KEY] = load_known_issues(Path(known)) if known else load_known_issues()
     except ConfigError as exc:

@@ -371,3 +371,21 @@ def test_two_host_guest_types_are_read(tmp_path: Path) -> None:
     assert RunConfig().migration.two_host_guest_types == ("pv",)
     off = load_run_config(write(tmp_path, "migration: {two_host_guest_types: []}\n", "off.yaml"))
     assert off.migration.two_host_guest_types == ()
+
+
+def test_unknown_host_images_are_one_error_listing_the_recipes(tmp_path: Path) -> None:
+    from harness.config import check_host_images
+
+    (tmp_path / "bookworm.yaml").write_text("")
+    (tmp_path / "trixie.yaml").write_text("")
+    check_host_images(("bookworm", "trixie"), tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown host images 'bookwrom', 'sid'; available recipes in "
+                                          r".*: bookworm, trixie"):
+        check_host_images(("bookwrom", "trixie", "sid"), tmp_path)
+
+
+def test_a_typo_in_host_image_stops_the_run_before_anything_boots(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest_inprocess("--host-image", "bookwrom")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown host image 'bookwrom'; available recipes in *bookworm*"])

@@ -158,10 +158,19 @@ def agent(xen_host, guest):
 
 
 @pytest.fixture(autouse=True)
-def own_plugins_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each project below has a `plugins` package of its own: hide the repository's, if imported."""
+def own_plugins_package(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each project below has a `plugins` package of its own: hide the repository's, if imported.
+    Its fake hosts' images (alpha, beta) are recipes, beside the repository's."""
     for name in [m for m in sys.modules if m == "plugins" or m.startswith("plugins.")]:
         monkeypatch.delitem(sys.modules, name)
+    import harness.config
+
+    recipes = tmp_path_factory.mktemp("recipes")
+    for real in harness.config.RECIPE_DIR.glob("*.yaml"):
+        (recipes / real.name).symlink_to(real)
+    for fake in ("alpha", "beta"):  # FAKE_HOST's FACTS
+        (recipes / f"{fake}.yaml").write_text("# a fake host of tests/unit/test_plugin_runs.py\n")
+    monkeypatch.setattr(harness.config, "RECIPE_DIR", recipes)
 
 
 def project(pytester: pytest.Pytester, shift: int = 0) -> Path:
