@@ -22,7 +22,6 @@ def _median(values: list[float]) -> float | None:
 
 def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
                progress: Callable[[str], None] = print) -> dict:
-    from .guests import attach_pool
     from .wiring import provisioner_for
 
     name = cfg.host_images[0]
@@ -39,6 +38,14 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
     results["image_cache_warm_s"] = round(time.monotonic() - started, 2)
     results["accel"] = prov.accel.accel
 
+    _bench_cold_boots(cfg, prov, name, runs, progress, results)
+    _bench_restores(cfg, name, runs, progress, results)
+    return results
+
+
+def _bench_cold_boots(cfg: RunConfig, prov, name: str, runs: int, progress: Callable[[str], None],
+                      results: dict) -> None:
+    """``runs`` cold boots of ``name`` to dom0 ready, with the harness's overhead."""
     cold, overhead, stages = [], [], []
     run_root = cfg.artifacts_dir.resolve() / "bench"
     for i in range(runs):
@@ -55,6 +62,15 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
     results["cold_stages_s"] = stages
     results["harness_overhead_s"] = _median(overhead)
 
+
+def _bench_restores(cfg: RunConfig, name: str, runs: int, progress: Callable[[str], None],
+                    results: dict) -> None:
+    """One host saves the run's snapshot with the shared guests (if none fits yet), then
+    ``runs`` restores are timed to dom0 ready and to guests ready."""
+    from .guests import attach_pool
+    from .wiring import provisioner_for
+
+    run_root = cfg.artifacts_dir.resolve() / "bench"
     # The run's snapshot holds the shared guests: one host saves it (if none fits
     # yet), then restores are timed to dom0-ready and to guests-ready.
     snap = provisioner_for(cfg, progress, shared_guests=True)
@@ -89,4 +105,3 @@ def bench_boot(cfg: RunConfig, runs: int = 3, cold_image: bool = False,
     # Of which: QEMU start + memory loaded + VM running (the rest is dom0 answering SSH).
     results["restore_to_vm_running_s"] = _median(running)
     results["restore_to_guests_ready_s"] = _median(guests)
-    return results
