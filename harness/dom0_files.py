@@ -22,14 +22,15 @@ from .machines.qemu import CHANNEL_NAME
 if TYPE_CHECKING:
     from .provision import GuestPayload
 
+AGENT_DIR = Path(__file__).with_name("agent")  # harness/agent/: the dom0 tools' sources
 REMOTE_LIB_DIR = REMOTE_AGENT_PATH.rsplit("/", 1)[0]  # /usr/local/lib/nested-xen
 GUEST_DIR = f"{REMOTE_PAYLOAD_DIR}/guest"
 
-WATCH_PATH = AGENT_PATH.with_name("nxwatch.py")
+WATCH_PATH = AGENT_DIR / "nxwatch.py"
 REMOTE_WATCH_PATH = REMOTE_LIB_DIR + "/nxwatch.py"
-CHANNEL_PATH = AGENT_PATH.with_name("nxchannel.py")
+CHANNEL_PATH = AGENT_DIR / "nxchannel.py"
 REMOTE_CHANNEL_PATH = REMOTE_LIB_DIR + "/nxchannel.py"
-STREAM_TOOL = AGENT_PATH.with_name("nxstream.py")
+STREAM_TOOL = AGENT_DIR / "nxstream.py"
 REMOTE_STREAM_TOOL = f"{REMOTE_PAYLOAD_DIR}/nxstream.py"
 CHANNEL_DEVICE = f"/dev/virtio-ports/{CHANNEL_NAME}"
 CHANNEL_UNIT = f"""\
@@ -59,7 +60,7 @@ class Dom0File:
         return self.text.encode() if self.text is not None else Path(self.local).read_bytes()
 
 
-AGENT = Dom0File(REMOTE_AGENT_PATH, AGENT_PATH, mode=0o755)  # privcmd calls (harness/agent/)
+AGENT = Dom0File(REMOTE_AGENT_PATH, AGENT_PATH, mode=0o755)  # privcmd calls (harness/agent/nxagent/, built)
 WATCHER = Dom0File(REMOTE_WATCH_PATH, WATCH_PATH, mode=0o755)  # file watcher (migration timings)
 CHANNEL = Dom0File(REMOTE_CHANNEL_PATH, CHANNEL_PATH, mode=0o755)  # answers on the virtio-serial port
 CHANNEL_SERVICE = Dom0File("/etc/systemd/system/nx-channel.service", text=CHANNEL_UNIT)

@@ -1,4 +1,4 @@
-"""Host-side driver for the dom0 agent (``nxagent.py``).
+"""Host-side driver for the dom0 agent (the package ``nxagent/``, shipped as one ``nxagent.py``).
 
 The agent is copied into dom0 once (:meth:`Agent.install`) and then run as
 ``python3 /usr/local/lib/nested-xen/nxagent.py COMMAND`` with a JSON request on
@@ -24,13 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-AGENT_PATH = Path(__file__).with_name("nxagent.py")
-REMOTE_AGENT_PATH = "/usr/local/lib/nested-xen/nxagent.py"
+from .build import built_agent
 
 # The protocol's constants come from the agent itself (stdlib only, importable here),
 # not from a copy that could drift from what dom0 runs.
-from .nxagent import DEFAULT_TIMEOUT_S, MAP_CALLS  # noqa: E402
-from .nxagent import M2P_DEFAULT_TIMEOUT_S as M2P_TIMEOUT_S  # noqa: E402
+from .nxagent import DEFAULT_TIMEOUT_S, MAP_CALLS
+from .nxagent import M2P_DEFAULT_TIMEOUT_S as M2P_TIMEOUT_S
+
+# The file shipped to dom0: the package harness/agent/nxagent/ built into one zipapp
+# (harness/agent/build.py; deterministic, in the run cache under its content's hash).
+AGENT_PATH = built_agent()
+REMOTE_AGENT_PATH = "/usr/local/lib/nested-xen/nxagent.py"
 
 #: Answers of these calls are parsed into MapResult.
 MAP_ANSWERS = (*MAP_CALLS, "restrict_then_map")
@@ -361,7 +365,7 @@ class Agent:
 
     # -- commands -----------------------------------------------------------
     def install(self, put_file: PutFile) -> dict[str, Any]:
-        """Copy nxagent.py into dom0 and check that the installed copy answers ``info``."""
+        """Copy the built agent (one file) into dom0 and check that the installed copy answers ``info``."""
         from harness.agent.nxagent import AGENT_VERSION
 
         directory = str(PurePosixPath(self.remote_path).parent)

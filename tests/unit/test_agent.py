@@ -30,8 +30,9 @@ from harness.agent import client as agent_client
 from harness.agent import nxagent
 from harness.agent.client import Agent, AgentError, FrameResult, M2PResult, MapResult
 
-AGENT_FILE = Path(nxagent.__file__)
-PAGE = nxagent.XEN_PAGE_SIZE
+AGENT_FILE = agent_client.AGENT_PATH  # the file shipped to dom0: the package built into one zipapp
+AGENT_MODULES = sorted(Path(nxagent.__file__).parent.glob("*.py"))
+PAGE = nxagent.abi.XEN_PAGE_SIZE
 
 # --------------------------------------------------------------------------
 # ioctl numbers and struct layouts
@@ -51,22 +52,22 @@ HEADER_IOCTLS = {
 
 
 def test_mmapbatch_v2_number_measured_in_dom0():
-    assert nxagent.IOCTL["MMAPBATCH_V2"] == 0x205004
+    assert nxagent.abi.IOCTL["MMAPBATCH_V2"] == 0x205004
 
 
 @pytest.mark.parametrize("name", sorted(HEADER_IOCTLS))
 def test_ioctl_numbers_match_header(name):
-    assert nxagent.IOCTL[name] == HEADER_IOCTLS[name], hex(nxagent.IOCTL[name])
+    assert nxagent.abi.IOCTL[name] == HEADER_IOCTLS[name], hex(nxagent.abi.IOCTL[name])
 
 
 def test_unimplemented_ioctl_number():
     # Xen tools/include/xen-sys/Linux/privcmd.h: _IOC(_IOC_NONE, 'P', 0xFF, 0)
-    assert nxagent.IOCTL["UNIMPLEMENTED"] == 0x50FF
+    assert nxagent.abi.IOCTL["UNIMPLEMENTED"] == 0x50FF
 
 
 def test_ioc_rejects_oversized_argument():
     with pytest.raises(ValueError):
-        nxagent.ioc(0, "P", 1, 1 << 14)
+        nxagent.abi.ioc(0, "P", 1, 1 << 14)
 
 
 def _layout(struct_type) -> dict[str, int]:
@@ -76,21 +77,21 @@ def _layout(struct_type) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("struct_type", "size", "offsets"),
     [
-        (nxagent.PrivcmdMmapBatchV2, 32, {"num": 0, "dom": 4, "addr": 8, "arr": 16, "err": 24}),
-        (nxagent.PrivcmdMmapBatch, 24, {"num": 0, "dom": 4, "addr": 8, "arr": 16}),
-        (nxagent.PrivcmdMmap, 16, {"num": 0, "dom": 4, "entry": 8}),
-        (nxagent.PrivcmdMmapEntry, 24, {"va": 0, "mfn": 8, "npages": 16}),
-        (nxagent.PrivcmdHypercall, 48, {"op": 0, "arg": 8}),
-        (nxagent.PrivcmdDmOp, 16, {"dom": 0, "num": 2, "ubufs": 8}),
+        (nxagent.abi.PrivcmdMmapBatchV2, 32, {"num": 0, "dom": 4, "addr": 8, "arr": 16, "err": 24}),
+        (nxagent.abi.PrivcmdMmapBatch, 24, {"num": 0, "dom": 4, "addr": 8, "arr": 16}),
+        (nxagent.abi.PrivcmdMmap, 16, {"num": 0, "dom": 4, "entry": 8}),
+        (nxagent.abi.PrivcmdMmapEntry, 24, {"va": 0, "mfn": 8, "npages": 16}),
+        (nxagent.abi.PrivcmdHypercall, 48, {"op": 0, "arg": 8}),
+        (nxagent.abi.PrivcmdDmOp, 16, {"dom": 0, "num": 2, "ubufs": 8}),
         (
-            nxagent.PrivcmdMmapResource,
+            nxagent.abi.PrivcmdMmapResource,
             32,
             {"dom": 0, "type": 4, "id": 8, "idx": 12, "num": 16, "addr": 24},
         ),
         # offsetof/sizeof printed by gcc from xen/include/public/memory.h of Xen
         # RELEASE-4.17.3 and RELEASE-4.20.0 (x86_64, __XEN_TOOLS__).
         (
-            nxagent.XenMachphysMfnList,
+            nxagent.abi.XenMachphysMfnList,
             24,
             {"max_extents": 0, "extent_start": 8, "nr_extents": 16},
         ),
@@ -102,9 +103,9 @@ def test_struct_layout_matches_header(struct_type, size, offsets):
 
 
 def test_field_widths():
-    assert ctypes.sizeof(nxagent.c_domid_t) == 2
-    assert ctypes.sizeof(nxagent.c_xen_pfn_t) == 8
-    v2 = nxagent.PrivcmdMmapBatchV2(num=3, dom=0xFFFF, addr=0x7F0000000000, arr=16, err=32)
+    assert ctypes.sizeof(nxagent.abi.c_domid_t) == 2
+    assert ctypes.sizeof(nxagent.abi.c_xen_pfn_t) == 8
+    v2 = nxagent.abi.PrivcmdMmapBatchV2(num=3, dom=0xFFFF, addr=0x7F0000000000, arr=16, err=32)
     assert bytes(v2) == struct.pack("<IH2xQQQ", 3, 0xFFFF, 0x7F0000000000, 16, 32)
 
 
@@ -116,14 +117,14 @@ def test_fcntl_ioctl_reads_and_writes_a_ctypes_struct():
 
     master, slave = os.openpty()
     try:
-        rc, err = nxagent.privcmd_ioctl(master, termios.TIOCSWINSZ, WinSize(37, 91, 0, 0))
+        rc, err = nxagent.privcmd.privcmd_ioctl(master, termios.TIOCSWINSZ, WinSize(37, 91, 0, 0))
         assert (rc, err) == (0, 0)
         out = WinSize()
-        assert nxagent.privcmd_ioctl(slave, termios.TIOCGWINSZ, out) == (0, 0)
+        assert nxagent.privcmd.privcmd_ioctl(slave, termios.TIOCGWINSZ, out) == (0, 0)
         assert (out.rows, out.cols) == (37, 91)
         null = os.open(os.devnull, os.O_RDONLY)
         try:  # an ioctl the device does not know: (-1, errno), not an exception
-            assert nxagent.privcmd_ioctl(null, termios.TIOCGWINSZ, out) == (-1, errno.ENOTTY)
+            assert nxagent.privcmd.privcmd_ioctl(null, termios.TIOCGWINSZ, out) == (-1, errno.ENOTTY)
         finally:
             os.close(null)
     finally:
@@ -178,13 +179,13 @@ def test_fcntl_ioctl_reads_and_writes_a_ctypes_struct():
     ],
 )
 def test_request_validation_errors(command, request_, message):
-    with pytest.raises(nxagent.RequestError) as info:
-        nxagent.run_command(command, request_)
+    with pytest.raises(nxagent.errors.RequestError) as info:
+        nxagent.commands.run_command(command, request_)
     assert message in str(info.value)
 
 
 def test_validation_fills_defaults():
-    req = nxagent.validate("mmapbatch_v2", {"domid": 3, "frames": [0, (1 << 64) - 1]})
+    req = nxagent.validate.validate("mmapbatch_v2", {"domid": 3, "frames": [0, (1 << 64) - 1]})
     assert req == {
         "command": "mmapbatch_v2",
         "domid": 3,
@@ -193,7 +194,7 @@ def test_validation_fills_defaults():
         "prot": "r",
         "timeout_s": 60.0,
     }
-    rtm = nxagent.validate("restrict_then_map", {"domid": 3, "frames": [], "restrict_domid": 4})
+    rtm = nxagent.validate.validate("restrict_then_map", {"domid": 3, "frames": [], "restrict_domid": 4})
     assert rtm["restrict_domids"] == [4]
     assert rtm["map_call"] == "mmapbatch_v2"
 
@@ -217,14 +218,14 @@ def test_validation_fills_defaults():
     ],
 )
 def test_decode_v1_frame(orig, raw, expected):
-    assert nxagent.decode_v1_frame(orig, raw) == expected
+    assert nxagent.mapping.decode_v1_frame(orig, raw) == expected
 
 
 # --------------------------------------------------------------------------
 # Fork isolation
 # --------------------------------------------------------------------------
 def _run(body, timeout_s=10.0, base=None):
-    return nxagent.run_isolated(body, {"timeout_s": timeout_s}, base or {"call": "test"})
+    return nxagent.isolation.run_isolated(body, {"timeout_s": timeout_s}, base or {"call": "test"})
 
 
 @pytest.mark.parametrize("sig", [signal.SIGBUS, signal.SIGSEGV])
@@ -267,7 +268,7 @@ def test_child_exception_and_environment_problem():
     assert "KeyError" in answer["traceback"]
 
     def no_device(req, chan):
-        raise nxagent.EnvironmentProblem("open", "cannot open /dev/x: gone", errno.ENOENT)
+        raise nxagent.errors.EnvironmentProblem("open", "cannot open /dev/x: gone", errno.ENOENT)
 
     answer = _run(no_device)
     assert answer["ok"] is False
@@ -305,14 +306,14 @@ class FakePrivcmd:
         self.restrict_errnos = list(restrict_errnos)
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(nxagent, "open_privcmd", lambda: os.open(os.devnull, os.O_RDWR))
-        monkeypatch.setattr(nxagent, "map_vma", self.map_vma)
-        monkeypatch.setattr(nxagent, "privcmd_ioctl", self.ioctl)
+        monkeypatch.setattr(nxagent.privcmd, "open_privcmd", lambda: os.open(os.devnull, os.O_RDWR))
+        monkeypatch.setattr(nxagent.privcmd, "map_vma", self.map_vma)
+        monkeypatch.setattr(nxagent.privcmd, "privcmd_ioctl", self.ioctl)
         return self
 
     @staticmethod
     def map_vma(fd, npages, prot):
-        addr = nxagent.mmap_raw(
+        addr = nxagent.privcmd.mmap_raw(
             npages * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1,
         )
@@ -321,21 +322,21 @@ class FakePrivcmd:
         return addr
 
     def ioctl(self, fd, request, arg):
-        if request == nxagent.IOCTL["RESTRICT"]:
+        if request == nxagent.abi.IOCTL["RESTRICT"]:
             err = self.restrict_errnos.pop(0) if self.restrict_errnos else 0
             return (-1, err) if err else (0, 0)
-        if request == nxagent.IOCTL["MMAPBATCH_V2"]:
+        if request == nxagent.abi.IOCTL["MMAPBATCH_V2"]:
             frames = (ctypes.c_uint64 * arg.num).from_address(arg.arr)
             errs = (ctypes.c_int * arg.num).from_address(arg.err)
             for i, frame in enumerate(frames):
                 errs[i] = self.frame_errors.get(frame, 0)
-        elif request == nxagent.IOCTL["MMAPBATCH"]:
+        elif request == nxagent.abi.IOCTL["MMAPBATCH"]:
             frames = (ctypes.c_uint64 * arg.num).from_address(arg.arr)
             for i, frame in enumerate(frames):
                 err = self.frame_errors.get(frame, 0)
                 if err:
                     frames[i] = frame | (0x80000000 if err == -errno.ENOENT else 0xF0000000)
-        elif request != nxagent.IOCTL["MMAP"]:
+        elif request != nxagent.abi.IOCTL["MMAP"]:
             return -1, errno.ENOTTY
         if self.rc_errno:
             return -1, self.rc_errno
@@ -349,7 +350,7 @@ def _sha(index: int) -> str:
 def test_mmapbatch_v2_pipeline(monkeypatch):
     FakePrivcmd({11: -errno.EINVAL, 13: -errno.EPERM}).install(monkeypatch)
     frames = [10, 11, 12, 13, (1 << 64) - 1]
-    answer = nxagent.run_command("mmapbatch_v2", {"domid": 5, "frames": frames, "want": "bytes"})
+    answer = nxagent.commands.run_command("mmapbatch_v2", {"domid": 5, "frames": frames, "want": "bytes"})
     assert answer["ok"] is True and answer["call"] == "mmapbatch_v2"
     assert (answer["rc"], answer["errno"], answer["errno_name"]) == (0, 0, None)
     assert answer["errors"] == [0, -errno.EINVAL, 0, -errno.EPERM, 0]
@@ -363,7 +364,7 @@ def test_mmapbatch_v2_pipeline(monkeypatch):
 
 def test_mmapbatch_v2_paged_out_frame(monkeypatch):
     FakePrivcmd({21: -errno.ENOENT}, rc_errno=errno.ENOENT).install(monkeypatch)
-    answer = nxagent.run_command("mmapbatch_v2", {"domid": 5, "frames": [20, 21]})
+    answer = nxagent.commands.run_command("mmapbatch_v2", {"domid": 5, "frames": [20, 21]})
     assert (answer["rc"], answer["errno_name"]) == (-1, "ENOENT")
     assert answer["per_frame_valid"] is True
     assert answer["errors"] == [0, -errno.ENOENT]
@@ -377,8 +378,8 @@ def test_mmapbatch_v2_whole_call_failure_touches_nothing(monkeypatch):
     def never(addr):
         raise AssertionError("a page was read after a failed ioctl")
 
-    monkeypatch.setattr(nxagent, "read_page", never)
-    answer = nxagent.run_command("mmapbatch_v2", {"domid": 5, "frames": []})
+    monkeypatch.setattr(nxagent.privcmd, "read_page", never)
+    answer = nxagent.commands.run_command("mmapbatch_v2", {"domid": 5, "frames": []})
     assert (answer["rc"], answer["errno_name"]) == (-1, "EINVAL")
     assert answer["errors"] == [] and answer["pages"] == []
 
@@ -388,8 +389,8 @@ def test_mmapbatch_v2_error_array_untouched_is_null(monkeypatch):
         return -1, errno.EPERM  # e.g. a restricted fd: fails before clear_user()
 
     FakePrivcmd().install(monkeypatch)
-    monkeypatch.setattr(nxagent, "privcmd_ioctl", refuse)
-    answer = nxagent.run_command("mmapbatch_v2", {"domid": 5, "frames": [1, 2]})
+    monkeypatch.setattr(nxagent.privcmd, "privcmd_ioctl", refuse)
+    answer = nxagent.commands.run_command("mmapbatch_v2", {"domid": 5, "frames": [1, 2]})
     assert answer["errno_name"] == "EPERM"
     assert answer["errors"] == [None, None]
     assert answer["raw_errors"] == [None, None]
@@ -402,8 +403,8 @@ def test_sigbus_while_touching_a_page(monkeypatch):
     def sigbus(addr):
         os.kill(os.getpid(), signal.SIGBUS)
 
-    monkeypatch.setattr(nxagent, "read_page", sigbus)
-    answer = nxagent.run_command("mmapbatch_v2", {"domid": 5, "frames": [7, 8]})
+    monkeypatch.setattr(nxagent.privcmd, "read_page", sigbus)
+    answer = nxagent.commands.run_command("mmapbatch_v2", {"domid": 5, "frames": [7, 8]})
     assert answer["ok"] is True
     assert answer["crashed"]["name"] == "SIGBUS"
     assert answer["crashed"]["stage"] == {"name": "touch", "index": 0, "frame": 7}
@@ -413,7 +414,7 @@ def test_sigbus_while_touching_a_page(monkeypatch):
 
 def test_mmapbatch_v1_pipeline(monkeypatch):
     FakePrivcmd({31: -errno.EINVAL, 32: -errno.ENOENT}).install(monkeypatch)
-    answer = nxagent.run_command("mmapbatch", {"domid": 5, "frames": [30, 31, 32]})
+    answer = nxagent.commands.run_command("mmapbatch", {"domid": 5, "frames": [30, 31, 32]})
     assert answer["call"] == "mmapbatch"
     assert answer["raw_frames"] == [30, 31 | 0xF0000000, 32 | 0x80000000]
     assert answer["v1_status"] == ["ok", "mfn_error", "paged"]
@@ -423,21 +424,21 @@ def test_mmapbatch_v1_pipeline(monkeypatch):
 
 def test_mmap_pipeline(monkeypatch):
     FakePrivcmd().install(monkeypatch)
-    answer = nxagent.run_command("mmap", {"domid": 5, "frames": [40, 41], "want": "none"})
+    answer = nxagent.commands.run_command("mmap", {"domid": 5, "frames": [40, 41], "want": "none"})
     assert answer["call"] == "mmap" and answer["rc"] == 0
     assert answer["errors"] == [None, None]  # MMAP has no per-frame errors
     assert [p["mapped"] for p in answer["pages"]] == [True, True]
     assert [p["sha256"] for p in answer["pages"]] == [None, None]  # want=none
 
     FakePrivcmd(rc_errno=errno.EBUSY).install(monkeypatch)
-    failed = nxagent.run_command("mmap", {"domid": 5, "frames": [40, 41]})
+    failed = nxagent.commands.run_command("mmap", {"domid": 5, "frames": [40, 41]})
     assert failed["errno_name"] == "EBUSY"
     assert [p["mapped"] for p in failed["pages"]] == [False, False]
 
 
 def test_restrict_then_map(monkeypatch):
     FakePrivcmd(restrict_errnos=[0, errno.EINVAL]).install(monkeypatch)
-    answer = nxagent.run_command(
+    answer = nxagent.commands.run_command(
         "restrict_then_map",
         {"domid": 5, "frames": [1], "restrict_domid": [7, 8], "call": "mmapbatch"},
     )
@@ -451,7 +452,7 @@ def test_restrict_then_map(monkeypatch):
 
 def test_batch_runs_each_call(monkeypatch):
     FakePrivcmd({2: -errno.ESRCH}).install(monkeypatch)
-    answer = nxagent.run_command(
+    answer = nxagent.commands.run_command(
         "batch",
         {"calls": [
             {"command": "mmapbatch_v2", "domid": 1, "frames": [1, 2]},
@@ -462,7 +463,7 @@ def test_batch_runs_each_call(monkeypatch):
     results = answer["results"]
     assert [r["call"] for r in results] == ["mmapbatch_v2", "info", "mmap"]
     assert results[0]["errors"] == [0, -errno.ESRCH]
-    assert results[1]["agent_version"] == nxagent.AGENT_VERSION
+    assert results[1]["agent_version"] == nxagent.abi.AGENT_VERSION
 
 
 # --------------------------------------------------------------------------
@@ -473,8 +474,8 @@ def test_devmem_reads_a_range(monkeypatch, tmp_path, method):
     blob = bytes(range(256)) * 64  # 16 KiB
     path = tmp_path / "mem"
     path.write_bytes(blob)
-    monkeypatch.setattr(nxagent, "DEVMEM_PATH", str(path))
-    answer = nxagent.run_command(
+    monkeypatch.setattr(nxagent.abi, "DEVMEM_PATH", str(path))
+    answer = nxagent.commands.run_command(
         "devmem", {"address": 5000, "length": 300, "want": "bytes", "method": method}
     )
     expected = blob[5000:5300]
@@ -485,8 +486,8 @@ def test_devmem_reads_a_range(monkeypatch, tmp_path, method):
 
 
 def test_devmem_missing_device(monkeypatch, tmp_path):
-    monkeypatch.setattr(nxagent, "DEVMEM_PATH", str(tmp_path / "absent"))
-    answer = nxagent.run_command("devmem", {"address": 0, "length": 1})
+    monkeypatch.setattr(nxagent.abi, "DEVMEM_PATH", str(tmp_path / "absent"))
+    answer = nxagent.commands.run_command("devmem", {"address": 0, "length": 1})
     assert answer["ok"] is False and "absent" in answer["error"]
 
 
@@ -502,7 +503,7 @@ MFNDUMP_OUTPUT = """\
 
 
 def test_parse_mfndump_p2m():
-    parsed = nxagent.parse_mfndump_p2m(MFNDUMP_OUTPUT)
+    parsed = nxagent.commands.parse_mfndump_p2m(MFNDUMP_OUTPUT)
     assert (parsed["guest_width"], parsed["pt_levels"], parsed["p2m_size"]) == (8, 4, 4)
     assert parsed["entries"][1] == (0x12A01, 1, "L1")
     assert parsed["entries"][2] == (0x13B00, 0xC, "pinned L4")
@@ -522,13 +523,13 @@ def _fake_tool(tmp_path: Path, stdout: str, status: int = 0) -> str:
 
 def test_p2m_through_a_fake_mfndump(tmp_path):
     tool = _fake_tool(tmp_path, MFNDUMP_OUTPUT)
-    answer = nxagent.run_command("p2m", {"domid": 3, "pfns": [0, 2, 9], "tool": tool})
+    answer = nxagent.commands.run_command("p2m", {"domid": 3, "pfns": [0, 2, 9], "tool": tool})
     assert answer["ok"] is True
     assert answer["p2m"] == {"0": 0x12A00, "2": 0x13B00}
     assert answer["missing"] == [9]
 
     bad = _fake_tool(tmp_path, "Could not map domain 3 memory information\n", status=1)
-    failed = nxagent.run_command("p2m", {"domid": 3, "tool": bad})
+    failed = nxagent.commands.run_command("p2m", {"domid": 3, "tool": bad})
     assert failed["ok"] is False
     assert "exited 1" in failed["error"] and "some diagnostics" in failed["error"]
 
@@ -536,21 +537,21 @@ def test_p2m_through_a_fake_mfndump(tmp_path):
 # --------------------------------------------------------------------------
 # m2p: XENMEM_machphys_mfn_list + MMAPBATCH_V2 from DOMID_XEN + table scan
 # --------------------------------------------------------------------------
-CHUNK = nxagent.M2P_ENTRIES_PER_CHUNK  # M2P entries (MFNs) per 2 MiB extent
+CHUNK = nxagent.abi.M2P_ENTRIES_PER_CHUNK  # M2P entries (MFNs) per 2 MiB extent
 INVALID = (1 << 64) - 1
 SHARED = (1 << 64) - 2
 
 
 def test_xen_interface_numbers():
     # xen/include/public/xen.h, memory.h and arch/x86/include/asm/mm.h (4.17 and 4.20)
-    assert nxagent.HYPERVISOR_MEMORY_OP == 12
-    assert nxagent.XENMEM_MAXIMUM_RAM_PAGE == 2
-    assert nxagent.XENMEM_MACHPHYS_MFN_LIST == 5
-    assert nxagent.DOMID_XEN == 0x7FF2
-    assert nxagent.INVALID_M2P_ENTRY == INVALID and nxagent.SHARED_M2P_ENTRY == SHARED
+    assert nxagent.abi.HYPERVISOR_MEMORY_OP == 12
+    assert nxagent.abi.XENMEM_MAXIMUM_RAM_PAGE == 2
+    assert nxagent.abi.XENMEM_MACHPHYS_MFN_LIST == 5
+    assert nxagent.abi.DOMID_XEN == 0x7FF2
+    assert nxagent.abi.INVALID_M2P_ENTRY == INVALID and nxagent.abi.SHARED_M2P_ENTRY == SHARED
     # One extent is an L2 superpage of the table: 512 frames, 2**18 entries of 8 bytes.
-    assert nxagent.M2P_CHUNK_FRAMES == 512 and CHUNK == 1 << 18
-    assert nxagent.MAX_GFN == (1 << 63) - 1
+    assert nxagent.abi.M2P_CHUNK_FRAMES == 512 and CHUNK == 1 << 18
+    assert nxagent.abi.MAX_GFN == (1 << 63) - 1
 
 
 def test_hypercall_packs_privcmd_hypercall(monkeypatch):
@@ -560,20 +561,20 @@ def test_hypercall_packs_privcmd_hypercall(monkeypatch):
         seen.append((request, bytes(arg)))
         return 4242, 0
 
-    monkeypatch.setattr(nxagent, "privcmd_ioctl", ioctl)
-    assert nxagent.hypercall(9, 12, 5, 0x7F00DEAD000) == (4242, 0)
+    monkeypatch.setattr(nxagent.privcmd, "privcmd_ioctl", ioctl)
+    assert nxagent.m2p.hypercall(9, 12, 5, 0x7F00DEAD000) == (4242, 0)
     assert seen == [(0x305000, struct.pack("<6Q", 12, 5, 0x7F00DEAD000, 0, 0, 0))]
 
 
 def test_hypercall_buffer_is_resident_page_aligned_memory():
-    addr, length, mlock_errno = nxagent.alloc_hypercall_buffer(PAGE + 3)
+    addr, length, mlock_errno = nxagent.m2p.alloc_hypercall_buffer(PAGE + 3)
     try:
         assert addr % PAGE == 0 and length == 2 * PAGE
         assert ctypes.string_at(addr, length) == bytes(length)
         # root (the agent in dom0) may always lock; a test user may hit RLIMIT_MEMLOCK
         assert mlock_errno in (0, errno.EPERM, errno.ENOMEM, errno.EAGAIN)
     finally:
-        nxagent.munmap_raw(addr, length)
+        nxagent.privcmd.munmap_raw(addr, length)
 
 
 @pytest.mark.parametrize(
@@ -581,13 +582,13 @@ def test_hypercall_buffer_is_resident_page_aligned_memory():
     [(None, 4096), (1, 4096), (4096 * CHUNK, 4096), (4096 * CHUNK + 1, 4097), (1 << 40, 1 << 20)],
 )
 def test_m2p_max_extents(max_page, expected):
-    assert nxagent.m2p_max_extents(max_page) == expected
+    assert nxagent.m2p.m2p_max_extents(max_page) == expected
 
 
 def test_plan_m2p_extents_skips_holes():
     # Xen repeats the previous MFN over a stretch without memory; memory.h says 0.
     extents = [0x1000, 0x1000, 0x2000, 0, 0x2000, 0x3000]
-    assert nxagent.plan_m2p_extents(extents) == [(0, 0x1000), (2, 0x2000), (5, 0x3000)]
+    assert nxagent.m2p.plan_m2p_extents(extents) == [(0, 0x1000), (2, 0x2000), (5, 0x3000)]
 
 
 def _table(entries: dict[int, int], size: int) -> bytes:
@@ -618,7 +619,7 @@ def test_scan_m2p_synthetic_table(method):
     segments = [(0, _table(SCAN_ENTRIES, 2048)), (5000, _misaligned_decoy()),
                 (9000, _table({1: 0x1234, 2: INVALID}, 4))]
     gfns = [0x1234, 0, 0x12, 0x1_0000_0012, 7, 0xDEAD, 0x1235]
-    candidates, truncated, info = nxagent.scan_m2p(iter(segments), gfns, 3, method=method)
+    candidates, truncated, info = nxagent.m2p.scan_m2p(iter(segments), gfns, 3, method=method)
     assert candidates == {
         0x1234: [5, 700, 1500],  # 9001 is a fourth match: cut at max_candidates
         0: [3, 9],
@@ -636,18 +637,18 @@ def test_scan_m2p_synthetic_table(method):
 
 def test_scan_m2p_never_matches_invalid_or_shared():
     data = _table({0: INVALID, 1: SHARED, 2: 1 << 62}, 4)
-    candidates, _, _ = nxagent.scan_m2p([(0, data)], [1 << 62, 0, (1 << 63) - 1], 8)
+    candidates, _, _ = nxagent.m2p.scan_m2p([(0, data)], [1 << 62, 0, (1 << 63) - 1], 8)
     assert candidates == {1 << 62: [2], 0: [], (1 << 63) - 1: []}
 
 
 def test_scan_m2p_picks_the_linear_scan_for_many_groups():
-    gfns = [g << 8 for g in range(nxagent.M2P_FIND_GROUPS_MAX + 1)]
+    gfns = [g << 8 for g in range(nxagent.abi.M2P_FIND_GROUPS_MAX + 1)]
     data = _table({i: g for i, g in enumerate(gfns)}, 64)
-    candidates, truncated, info = nxagent.scan_m2p([(100, data)], gfns, 1)
+    candidates, truncated, info = nxagent.m2p.scan_m2p([(100, data)], gfns, 1)
     assert info["method"] == "set"
     assert candidates == {g: [100 + i] for i, g in enumerate(gfns)}
     assert truncated == []
-    _, _, none = nxagent.scan_m2p([(0, data)], [], 1)
+    _, _, none = nxagent.m2p.scan_m2p([(0, data)], [], 1)
     assert none == {"method": "find", "segments": 1, "entries": 64}
 
 
@@ -658,8 +659,8 @@ def test_scan_m2p_random_table_both_methods_agree():
     values = [rng.choice([INVALID, INVALID, SHARED, rng.randrange(4096)]) for _ in range(20000)]
     data = struct.pack(f"<{len(values)}Q", *values)
     gfns = rng.sample(range(4096), 40)
-    by_find = nxagent.scan_m2p([(64, data)], gfns, 1000, method="find")
-    by_set = nxagent.scan_m2p([(64, data)], gfns, 1000, method="set")
+    by_find = nxagent.m2p.scan_m2p([(64, data)], gfns, 1000, method="find")
+    by_set = nxagent.m2p.scan_m2p([(64, data)], gfns, 1000, method="set")
     assert by_find[0] == by_set[0]
     expected = {g: [64 + i for i, v in enumerate(values) if v == g] for g in gfns}
     assert by_find[0] == expected
@@ -689,7 +690,7 @@ class FakeXen(FakePrivcmd):
     @staticmethod
     def map_vma(fd, npages, prot):
         assert prot == "r"
-        return nxagent.mmap_raw(
+        return nxagent.privcmd.mmap_raw(
             npages * PAGE, mmap.PROT_READ | mmap.PROT_WRITE,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1,
         )
@@ -704,7 +705,7 @@ class FakeXen(FakePrivcmd):
         raise AssertionError(f"frame {frame:#x} is not part of the M2P")
 
     def ioctl(self, fd, request, arg):
-        if request == nxagent.IOCTL["HYPERCALL"]:
+        if request == nxagent.abi.IOCTL["HYPERCALL"]:
             assert arg.op == 12
             cmd = arg.arg[0]
             if self.hypercall_errno and cmd == 5:
@@ -713,14 +714,14 @@ class FakeXen(FakePrivcmd):
                 assert arg.arg[1] == 0
                 return self.max_page, 0
             assert cmd == 5
-            xmml = nxagent.XenMachphysMfnList.from_address(arg.arg[1])
+            xmml = nxagent.abi.XenMachphysMfnList.from_address(arg.arg[1])
             assert xmml.max_extents >= 4096
             count = min(len(self.extents), xmml.max_extents)
             out = (ctypes.c_uint64 * count).from_address(xmml.extent_start)
             out[:] = self.extents[:count]
             xmml.nr_extents = count
             return 0, 0
-        if request == nxagent.IOCTL["MMAPBATCH_V2"]:
+        if request == nxagent.abi.IOCTL["MMAPBATCH_V2"]:
             assert arg.dom == 0x7FF2
             frames = (ctypes.c_uint64 * arg.num).from_address(arg.arr)
             errs = (ctypes.c_int * arg.num).from_address(arg.err)
@@ -754,7 +755,7 @@ M2P_TABLE = {
 
 def test_m2p_pipeline(monkeypatch):
     FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE).install(monkeypatch)
-    answer = nxagent.run_command("m2p", {"gfns": [0x1234, 0, 0x1234, 0x77, 0x99]})
+    answer = nxagent.commands.run_command("m2p", {"gfns": [0x1234, 0, 0x1234, 0x77, 0x99]})
     assert answer["ok"] is True and answer["call"] == "m2p"
     assert answer["crashed"] is None and answer["timed_out"] is False
     assert answer["maximum_ram_page"] == {"rc": M2P_MAX_PAGE, "errno": None, "errno_name": None}
@@ -788,7 +789,7 @@ def test_m2p_pipeline(monkeypatch):
 def test_m2p_max_page_sizes_max_extents(monkeypatch):
     # XENMEM_maximum_ram_page runs first: a table needing 5000 extents asks for 5000.
     FakeXen(M2P_TABLE, M2P_EXTENTS, 5000 * CHUNK).install(monkeypatch)
-    answer = nxagent.run_command("m2p", {"gfns": [0x99]})
+    answer = nxagent.commands.run_command("m2p", {"gfns": [0x99]})
     assert answer["max_extents"] == 5000
     assert answer["scan"]["limit"] == 3 * CHUNK  # only 3 extents came back
     assert answer["candidates"] == {str(0x99): [2 * CHUNK + 520]}
@@ -800,7 +801,7 @@ def test_m2p_many_gfns_and_truncation(monkeypatch):
     table.update({CHUNK * 2 + i: i << 8 for i in range(1, 20)})
     FakeXen(table, M2P_EXTENTS, M2P_MAX_PAGE).install(monkeypatch)
     gfns = [5] + [i << 8 for i in range(1, 20)]
-    answer = nxagent.run_command("m2p", {"gfns": gfns, "max_candidates": 4})
+    answer = nxagent.commands.run_command("m2p", {"gfns": gfns, "max_candidates": 4})
     assert answer["scan"]["method"] == "set"
     assert answer["candidates"]["5"] == [0, 10, 20, 30]
     assert answer["truncated"] == [5]
@@ -812,7 +813,7 @@ def test_m2p_skips_frames_that_did_not_map(monkeypatch):
     # (reading it would crash the child: the fake leaves it PROT_NONE).
     FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE,
             frame_errors={0x80201: -errno.EPERM}).install(monkeypatch)
-    answer = nxagent.run_command("m2p", {"gfns": [0x99, 0x1234]})
+    answer = nxagent.commands.run_command("m2p", {"gfns": [0x99, 0x1234]})
     assert answer["crashed"] is None
     assert answer["map"]["errors_nonzero"] == 1 and answer["map"]["mapped"] == 1023
     assert answer["map"]["error_counts"] == {"EPERM": 1}
@@ -825,7 +826,7 @@ def test_m2p_skips_frames_that_did_not_map(monkeypatch):
 
 def test_m2p_whole_map_failure(monkeypatch):
     FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE, map_rc_errno=errno.EINVAL).install(monkeypatch)
-    answer = nxagent.run_command("m2p", {"gfns": [0x1234]})
+    answer = nxagent.commands.run_command("m2p", {"gfns": [0x1234]})
     assert answer["ok"] is True and answer["crashed"] is None
     assert answer["map"]["rc"] == -1 and answer["map"]["errno_name"] == "EINVAL"
     assert answer["map"]["errors_nonzero"] is None and answer["map"]["mapped"] == 0
@@ -835,7 +836,7 @@ def test_m2p_whole_map_failure(monkeypatch):
 def test_m2p_hypercall_failure(monkeypatch):
     fake = FakeXen(M2P_TABLE, M2P_EXTENTS, M2P_MAX_PAGE, hypercall_errno=errno.EPERM)
     fake.install(monkeypatch)
-    answer = nxagent.run_command("m2p", {"gfns": [1]})
+    answer = nxagent.commands.run_command("m2p", {"gfns": [1]})
     assert answer["ok"] is True
     assert answer["hypercall"]["rc"] == -1 and answer["hypercall"]["errno_name"] == "EPERM"
     assert answer["nr_extents"] is None and answer["extents"] == []
@@ -848,15 +849,15 @@ def test_m2p_crash_while_scanning_is_reported(monkeypatch):
     def sigbus(addr, length):
         os.kill(os.getpid(), signal.SIGBUS)
 
-    monkeypatch.setattr(nxagent, "read_memory", sigbus)
-    answer = nxagent.run_command("m2p", {"gfns": [1]})
+    monkeypatch.setattr(nxagent.m2p, "read_memory", sigbus)
+    answer = nxagent.commands.run_command("m2p", {"gfns": [1]})
     assert answer["crashed"]["name"] == "SIGBUS"
     assert answer["crashed"]["stage"] == {"name": "scan", "extent": 0, "mfn": 0x40000}
     assert answer["map"]["errors_nonzero"] == 0  # reported before the scan began
 
 
 def test_m2p_validation_defaults():
-    req = nxagent.validate("m2p", {"gfns": [5, 0, 5]})
+    req = nxagent.validate.validate("m2p", {"gfns": [5, 0, 5]})
     assert req == {"command": "m2p", "gfns": [5, 0], "max_candidates": 64, "timeout_s": 120.0}
 
 
@@ -916,25 +917,27 @@ def test_program_info():
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["ok"] is True
-    assert info["agent_version"] == nxagent.AGENT_VERSION
+    assert info["agent_version"] == nxagent.abi.AGENT_VERSION
     assert info["page_size"] == mmap.PAGESIZE
     assert info["ioctls"]["MMAPBATCH_V2"] == "0x205004"
     assert info["privcmd_exists"] == os.path.exists("/dev/xen/privcmd")
 
 
 def test_agent_source_is_python39_and_stdlib_only():
-    source = AGENT_FILE.read_text()
-    tree = ast.parse(source, feature_version=(3, 9))
-    assert source.startswith("#!/usr/bin/env python3\n")
-    modules = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            modules.add(node.module.split(".")[0])
-        assert not isinstance(node, ast.Match)
-    assert modules <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
-    assert "from __future__ import annotations" in source
+    assert AGENT_FILE.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert len(AGENT_MODULES) > 1
+    for module in AGENT_MODULES:
+        source = module.read_text()
+        tree = ast.parse(source, feature_version=(3, 9))
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+            assert not isinstance(node, ast.Match)
+        assert modules <= set(sys.stdlib_module_names), (module, modules - set(sys.stdlib_module_names))
+        assert "from __future__ import annotations" in source, module
 
 
 # --------------------------------------------------------------------------
@@ -1033,7 +1036,7 @@ def test_client_batch_and_helpers():
     assert [c["command"] for c in sent["calls"]] == ["mmapbatch_v2", "devmem", "mmap"]
     assert run.calls[0][2] >= 125  # the per-call timeouts add up
     for call in sent["calls"]:  # every request the client builds passes the agent's checks
-        nxagent.validate(call["command"], call)
+        nxagent.validate.validate(call["command"], call)
 
 
 def test_client_restrict_then_map_and_p2m():
@@ -1045,7 +1048,7 @@ def test_client_restrict_then_map_and_p2m():
     assert result.restrict[0]["domid"] == 9
     sent = json.loads(run.calls[0][1])
     assert sent["restrict_domid"] == 9 and sent["call"] == "mmapbatch_v2"
-    nxagent.validate("restrict_then_map", sent)
+    nxagent.validate.validate("restrict_then_map", sent)
     assert agent.p2m(3, [0, 2]) == {0: 74240, 2: 80640}
     assert json.loads(run.calls[1][1])["pfns"] == [0, 2]
 
@@ -1055,7 +1058,7 @@ def test_client_restrict_then_map_and_p2m():
 
 
 def test_client_install(tmp_path):
-    info = {"ok": True, "call": "info", "agent_version": nxagent.AGENT_VERSION}
+    info = {"ok": True, "call": "info", "agent_version": nxagent.abi.AGENT_VERSION}
     run = FakeRun((0, "", ""), info)
     copied = []
     result = Agent(run).install(lambda src, dst: copied.append((src, dst)))
@@ -1097,7 +1100,7 @@ def test_client_m2p():
     assert cmd == "python3 /usr/local/lib/nested-xen/nxagent.py m2p"
     sent = json.loads(stdin)
     assert sent == {"gfns": [0x1234, 0, 0x77], "max_candidates": 2, "timeout_s": 120}
-    nxagent.validate("m2p", sent)
+    nxagent.validate.validate("m2p", sent)
     assert timeout > 120
     assert isinstance(result, M2PResult)
     assert result.candidates == {0x1234: [17, 513], 0: [0], 0x77: []}
@@ -1142,4 +1145,4 @@ def test_client_batch_parses_m2p():
     assert isinstance(results[1], M2PResult) and not results[1].ok
     assert results[1].error == "cannot open /dev/xen/privcmd"
     for call in json.loads(run.calls[0][1])["calls"]:
-        nxagent.validate(call["command"], call)
+        nxagent.validate.validate(call["command"], call)
