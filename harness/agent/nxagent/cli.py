@@ -46,6 +46,3 @@ def main(argv: list | None = None) -> int:
     _emit(answer)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
