@@ -1,9 +1,11 @@
-"""Unit tests of the dom0 agent (harness/agent/nxagent.py) and its host client.
+"""Unit tests of the dom0 agent (the package harness/agent/nxagent/, run as the one file it
+builds to) and its host client.
 
 No Xen here: the privcmd device is replaced by fakes (an anonymous mapping for
-the VMA, a Python function for the ioctl) so the whole request -> child ->
-answer path runs; the ioctl numbers and struct layouts are checked against
-values computed by a C compiler from include/uapi/xen/privcmd.h (x86_64).
+the VMA, a Python function for the ioctl; patched in the submodule that looks the
+name up, e.g. nxagent.privcmd) so the whole request -> child -> answer path runs;
+the ioctl numbers and struct layouts are checked against values computed by a C
+compiler from include/uapi/xen/privcmd.h (x86_64).
 """
 
 from __future__ import annotations
