@@ -57,13 +57,6 @@ def paging_support(xen_host) -> None:
                     "xenpaging can only answer ENOSYS")
 
 
-def test_negative_control_paging_config_is_read():
-    """The build-config gate must tell 'built without' from 'built with' and 'unknown'."""
-    assert paging_built_in("CONFIG_HVM=y\nCONFIG_MEM_ACCESS=y\n") is False
-    assert paging_built_in("CONFIG_HVM=y\nCONFIG_MEM_PAGING=y\n") is True
-    assert paging_built_in("") is None
-
-
 @check(guests=["hvm"], caps=["hap"])
 def test_paged_out_gfns_give_enoent_then_map_after_page_in(paging_support, own_guest, agent, xen_host,
                                                            record_property):

@@ -16,7 +16,7 @@ import pytest
 from harness.agent.client import MapResult
 from harness.guests import ProbePageInfo
 from harness.results import CheckResult, markdown
-from plugins import no_raw_mfn, privcmd_mmapbatch, smoke, translation
+from plugins import no_raw_mfn, paging, privcmd_mmapbatch, smoke, translation
 from plugins._privcmd_table import row_for
 
 
@@ -262,3 +262,14 @@ def test_a_checks_finding_is_in_the_summary() -> None:
                     finding="Xen 4.20.4, pvh dom0: paths that map ...")
     text = markdown([r])
     assert "### Findings" in text and "Xen 4.20.4, pvh dom0" in text
+
+
+# ---------------------------------------------------------------------- paging
+
+
+def test_paging_gate_tells_built_without_from_built_with_and_unknown() -> None:
+    """The build-config gate of plugins/paging.py (it was a plain test in the plugin, which
+    the run's summary did not count: every test in plugins/ is now a check)."""
+    assert paging.paging_built_in("CONFIG_HVM=y\nCONFIG_MEM_ACCESS=y\n") is False
+    assert paging.paging_built_in("CONFIG_HVM=y\nCONFIG_MEM_PAGING=y\n") is True
+    assert paging.paging_built_in("") is None
