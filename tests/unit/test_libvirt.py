@@ -589,3 +589,80 @@ def test_provisioner_picks_the_machine_class(tmp_path: Path, monkeypatch) -> Non
     assert type(made["qemu"]) is QemuMachine
     assert type(made["libvirt"]) is lv.LibvirtMachine
     assert made["libvirt"].uri.uri == "qemu:///system"
+
+
+# ---------------------------------------------------------------------- uploads
+
+
+class UploadPool:
+    """A libvirt storage pool at the API boundary: volumes by name, each with its bytes."""
+
+    def __init__(self) -> None:
+        self.volumes: dict[str, bytearray] = {}
+        self.uploads = 0
+
+    def storageVolLookupByName(self, name: str):  # noqa: N802
+        if name not in self.volumes:
+            raise UploadLibvirt.libvirtError(name)
+        pool = self
+
+        class Vol:
+            def info(self):
+                return [0, len(pool.volumes[name]), 0]
+
+            def path(self):
+                return f"/pool/{name}"
+
+            def delete(self, flags):
+                del pool.volumes[name]
+
+            def upload(self, stream, offset, length, flags):
+                stream.target = pool.volumes[name]
+                pool.uploads += 1
+
+        return Vol()
+
+    def listVolumes(self):  # noqa: N802
+        return list(self.volumes)
+
+    def createXML(self, xml: str, flags: int):  # noqa: N802
+        root = ET.fromstring(xml)
+        self.volumes[root.findtext("name")] = bytearray()
+        return self.storageVolLookupByName(root.findtext("name"))
+
+
+class UploadStream:
+    target: bytearray
+
+    def sparseSendAll(self, read, hole, skip, fd):  # noqa: N802
+        self.target += os.read(fd, 1 << 20)
+
+    def finish(self):
+        pass
+
+
+class UploadLibvirt:
+    class libvirtError(Exception):  # noqa: N801 - libvirt's name
+        pass
+
+    VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM = 1
+
+
+def test_a_rebuilt_file_of_the_same_name_and_size_is_uploaded_again(tmp_path: Path) -> None:
+    """CI saw a remote-URI boot whose dom0 never answered SSH: the pool still held an
+    earlier build's rootfs of the same name and size (another SSH key inside)."""
+    pool = UploadPool()
+    conn = types.SimpleNamespace(getURI=lambda: "qemu+ssh://h/system", newStream=lambda f: UploadStream(),
+                                 storagePoolLookupByName=lambda name: pool)
+    store = lv.RemoteStore(conn, UploadLibvirt)
+    store._pool = pool
+    image = tmp_path / "rootfs.ext4"
+    image.write_bytes(b"old key")
+    store.upload(image, "img-rootfs.ext4")
+    store.upload(image, "img-rootfs.ext4")  # the same build: reused
+    assert pool.uploads == 1 and bytes(pool.volumes["img-rootfs.ext4"]) == b"old key"
+    image.write_bytes(b"new key")  # rebuilt: same name, same size, new content
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    store.upload(image, "img-rootfs.ext4")
+    assert pool.uploads == 2 and bytes(pool.volumes["img-rootfs.ext4"]) == b"new key"
+    assert len([v for v in pool.volumes if v.startswith("img-rootfs.ext4.ok")]) == 1  # the old marker went

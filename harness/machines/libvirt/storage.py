@@ -128,17 +128,25 @@ class RemoteStore:
             return None
 
     def upload(self, local: Path, name: str) -> str:
-        """``local`` as volume ``name`` (uploaded once; a marker volume says it is complete)."""
+        """``local`` as volume ``name``, uploaded once per build of that file: a marker
+        volume ``<name>.ok-<stamp>`` says the upload is complete and which file it holds
+        (its size and mtime). A rebuilt image keeps its name and often its size (a sparse
+        ext4 of a fixed size) but not its content -- its dom0 SSH key is new -- so the
+        name and size alone would boot the old rootfs, whose dom0 refuses the new key."""
         from filelock import FileLock
 
-        size = local.stat().st_size
+        st = local.stat()
+        size = st.st_size
+        marker = f"{name}.ok-{hashlib.sha256(f'{size} {st.st_mtime_ns}'.encode()).hexdigest()[:12]}"
         digest = hashlib.sha256(f"{self.conn.getURI()} {name}".encode()).hexdigest()[:16]
         lock = Path("/tmp") / f"nx-libvirt-upload-{digest}.lock"
         with FileLock(str(lock)):
-            vol, done = self._vol(name), self._vol(name + ".ok")
+            vol, done = self._vol(name), self._vol(marker)
             if vol is not None and done is not None and vol.info()[1] == size and self._owned(vol):
                 return vol.path()
-            for stale in (vol, done):
+            markers = [self._vol(v) for v in self.pool().listVolumes()
+                       if v == f"{name}.ok" or v.startswith(f"{name}.ok-")]
+            for stale in (vol, *markers):
                 if stale is not None:
                     stale.delete(0)
             started = time.monotonic()
@@ -157,7 +165,7 @@ class RemoteStore:
                 raise
             finally:
                 os.close(fd)
-            self.pool().createXML(volume_xml(name + ".ok", 0, "raw"), 0)
+            self.pool().createXML(volume_xml(marker, 0, "raw"), 0)
             log.info("uploaded %s to %s volume %s in %.1f s", local, self.conn.getURI(), name,
                      time.monotonic() - started)
             return vol.path()
