@@ -319,14 +319,16 @@ def _early_death(guest: Guest, exc: GuestCrashed, retry: bool) -> None:
                 "; creating it again" if retry else "", exc)
 
 
-def start_guest(xl: Xl, spec: GuestSpec, timeout: float, early_crash_retries: int = 1,
-                image: str = "") -> Guest:
+def start_guest(xl: Xl, spec: GuestSpec, timeout: float,
+                early_crash_retries: int = SHARED_EARLY_CRASH_RETRIES, image: str = "") -> Guest:
     """Create a guest and wait for its probe; destroy it if it never gets ready.
 
     A guest that disappears before its report, either before printing anything or
     with a triple fault in `xl dmesg` (it died in early boot and ``on_reboot=destroy``
-    removed it), is created again, at most ``early_crash_retries`` times, and the
-    event is an incident. A guest that crashes otherwise is never retried.
+    removed it), is created again, at most ``early_crash_retries`` times (as for the
+    shared guests: a check's own PVH guest died in early boot twice in a row on trixie's
+    QEMU 10 TCG), and each death is an incident. A guest that crashes otherwise is never
+    retried.
     """
     for attempt in range(early_crash_retries + 1):
         guest = Guest(spec, xl, image=image)
