@@ -346,9 +346,12 @@ def check_host_images(names: tuple[str, ...], recipe_dir: Path | None = None) ->
     the run's config is built, so a typo is one clear error before anything boots, not
     an error at each check's setup. The error lists the recipes."""
     where = recipe_dir or RECIPE_DIR  # the module's, read now (tests point it elsewhere)
-    unknown = [name for name in names
-               if not (name.endswith((".yaml", ".yml")) and Path(name).exists())
-               and not (where / f"{name}.yaml").exists()]
+    unknown = []
+    for name in names:
+        try:
+            find_recipe(name, where)  # the same resolution the host's setup uses
+        except ConfigError:
+            unknown.append(name)
     if unknown:
         raise ConfigError(
             f"unknown host image{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
