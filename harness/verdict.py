@@ -92,9 +92,19 @@ def fail(report: pytest.TestReport, message: str) -> None:
         del report.wasxfail
 
 
+NOTE_SECTION = "nested-xen verdict"
+
+
 def add_note(report: pytest.TestReport, note: str) -> None:
-    """Append to a failure's text (kept visible in the terminal and the JUnit XML)."""
-    if note:
+    """Append to a failure's text (kept visible in the terminal and the JUnit XML).
+
+    A traceback keeps its crash line (pytest's short summary, CI's one-line reason)
+    and gains a section; only a failure that has no traceback becomes plain text."""
+    if not note:
+        return
+    if hasattr(report.longrepr, "addsection") and getattr(report.longrepr, "reprcrash", None):
+        report.longrepr.addsection(NOTE_SECTION, note)
+    else:
         report.longrepr = f"{_text(report)}\n\n{note}"
 
 

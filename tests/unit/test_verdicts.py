@@ -125,6 +125,10 @@ def test_versions_match_but_signature_absent_leaves_the_failure_a_failure(pytest
         "*known issue considered: plugins/v.py::test_maps [[]pvh, xen*/d\\d+v\\d+ Triple fault/: "
         "versions match, but its signature is absent from the evidence*"])
     assert results(pytester)["test_maps"]["outcome"] == "failed"
+    # The short summary (CI's one line per failure) keeps the assertion's own message, not
+    # the first line of the traceback (a fixture's repr, all CI showed at stop 23).
+    result.stdout.fnmatch_lines(["FAILED plugins/v.py::test_maps* - AssertionError: memory*"])
+    assert "memory corrupted after restore" in results(pytester)["test_maps"]["reason"]
 
 
 def test_versions_and_signature_match_is_an_expected_failure(pytester: pytest.Pytester) -> None:
