@@ -73,9 +73,29 @@ def guest_type_of(item: pytest.Item) -> str | None:
     return callspec.params.get("guest_type") if callspec is not None else None
 
 
+WATCHED_KEY = pytest.StashKey[list]()
+
+
+def watch(item: pytest.Item, guests: list[Any]) -> None:
+    """Verify ``guests`` after this check too, though it does not take them as fixtures
+    (a check whose programs run beside the shared guests): a death among them is judged
+    as a death during the check, by its signature."""
+    watched = item.stash.setdefault(WATCHED_KEY, [])
+    watched += [g for g in guests if all(g is not w for w in watched)]
+
+
 def guests_of(item: pytest.Item) -> list[Any]:
+    """The guests a check used: every Guest among its fixture values (``guest``,
+    ``own_guest``, a module's own such as migration's ``mig_guest``) and those it
+    :func:`watch`-es; each once."""
+    from .guests import Guest
+
     funcargs = getattr(item, "funcargs", None) or {}
-    return [funcargs[name] for name in GUEST_FIXTURES if funcargs.get(name) is not None]
+    found: list[Any] = []
+    for value in [*funcargs.values(), *item.stash.get(WATCHED_KEY, [])]:
+        if isinstance(value, Guest) and all(value is not g for g in found):
+            found.append(value)
+    return found
 
 
 # ---------------------------------------------------------------------- report edits

@@ -242,6 +242,82 @@ def test_a_guest_dead_between_checks_is_created_again_before_the_next(pytester: 
                                  "d7 is gone from `xl list`, found before plugins/b.py::test_b*recreated*"])
 
 
+WATCHERS = '''
+import conftest
+import pytest
+
+from harness.guests import Guest, GuestSpec
+from harness.plugins import check
+from harness.verdict import watch
+from harness.xen import Domain
+
+TRIPLE = "(XEN) d{domid}v0 Triple fault - invoking HVM shutdown action 1"
+RUNS = {}
+
+
+def ran(name):
+    RUNS[name] = RUNS.get(name, 0) + 1
+    return RUNS[name]
+
+
+@pytest.fixture
+def module_guest(xen_host):
+    """Like migration's mig_guest: a Guest under a fixture name of the module's own."""
+    conftest.NEXT_DOMID[0] += 1
+    own = Guest(GuestSpec(type="pvh", name="nx-mig-pvh"), conftest.FakeXl(), domid=conftest.NEXT_DOMID[0])
+    conftest.DOMAINS[own.name] = Domain(own.name, own.domid, 256, 1, "-b----")
+    return own
+
+
+@check(guests=["pvh"])
+def test_own_fixture_name(module_guest):
+    if ran("own") == 1:
+        conftest.DOMAINS.pop(module_guest.name)
+        conftest.DMESG.append(TRIPLE.format(domid=module_guest.domid))
+
+
+@check(guests=["pvh"])
+def test_program_beside_shared_guests(guest):
+    pass
+
+
+@check()
+def test_watched(request, xen_host):
+    watch(request.node, list(conftest.SHARED.values()))
+    if ran("watched") == 1:
+        victim = conftest.SHARED["pvh"]
+        conftest.DOMAINS.pop(victim.name)
+        conftest.DMESG.append(TRIPLE.format(domid=victim.domid))
+'''
+
+
+def test_a_guest_under_a_modules_own_fixture_name_is_verified(pytester: pytest.Pytester) -> None:
+    """migration's mig_guest died after `xl restore` and the check blamed the restore (CI,
+    stop 23): every Guest a check holds is verified after it, whatever its fixture name."""
+    (project(pytester) / "w.py").write_text(WATCHERS)
+    (pytester.path / "known.yaml").write_text(DEATH)
+    result = pytester.runpytest_inprocess("plugins", "--host-image", "alpha", "-rA", "--known-issues",
+                                          "known.yaml", "-k", "test_own_fixture_name")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*passed after emulator fault: plugins/w.py::test_own_fixture_name*",
+                                 "*during-check: nx-mig-pvh (pvh)*emulator fault*rerun*"])
+
+
+def test_a_watched_shared_guest_that_dies_beside_a_check_is_judged_by_its_signature(
+        pytester: pytest.Pytester) -> None:
+    """xen_tools_tests: a shared guest triple-faulted while a Xen test program ran; the
+    check watches the shared guests, so that death is an incident and a rerun, not the
+    program's failure."""
+    (project(pytester) / "w.py").write_text(WATCHERS)
+    (pytester.path / "known.yaml").write_text(DEATH)
+    result = pytester.runpytest_inprocess("plugins", "--host-image", "alpha", "-rA", "--known-issues",
+                                          "known.yaml", "-k",
+                                          "test_program_beside_shared_guests or test_watched")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*passed after emulator fault: plugins/w.py::test_watched*",
+                                 "*during-check: nx-shared-pvh (pvh)*test_watched*emulator fault*rerun*"])
+
+
 # ---------------------------------------------------------------------- xdist
 
 
