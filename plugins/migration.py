@@ -211,11 +211,14 @@ def created_domid(log: str) -> int | None:
     return found[-1] if found else None
 
 
-def follow_domid(guest, log: str) -> None:
-    """After a restore or a migration the guest is a new domain: take its domid from the
-    toolstack's log, so a death right after (a PVH guest's triple fault once resumed)
-    is looked up under the domain that died, not the one that was saved."""
-    domid = created_domid(log)
+def follow_domid(guest, log: str, ok: bool = True) -> None:
+    """After a restore, or a migration that succeeded, the guest is a new domain: take its
+    domid from the toolstack's log, so a death right after (a PVH guest's triple fault
+    once resumed) is looked up under the domain that died, not the one that was saved.
+    A migration that failed (``ok`` false) leaves the guest at the source: there a guest
+    that died while suspending, "d10v0 Triple fault", is d10, not the receiver's
+    half-built d11 (bookworm, Xen 4.17.5, seen here)."""
+    domid = created_domid(log) if ok else None
     if domid is not None:
         guest.domid = domid
 
@@ -337,8 +340,8 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
             save = timed_xl(remote, f"save {shlex.quote(mig_guest.name)} {path}", 1800)
             holder["stream"] = _stream_stats(remote, f"python3 {REMOTE_STREAM_TOOL} file {path}")
             restore = timed_xl(remote, f"restore {path}", 1800) if save.rc == 0 else save
-            if save.rc == 0:
-                follow_domid(mig_guest, restore.stdout)
+            # saved, the old domain is gone: the guest is what restore created, if anything
+            follow_domid(mig_guest, restore.stdout, ok=save.rc == 0)
             remote.run(f"rm -f {path}", timeout=60)
             holder["log"] = save.stdout + restore.stdout
             rc = save.rc or restore.rc
@@ -371,7 +374,7 @@ def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, rec
                                                     mig_guest.name, "localhost", mig.stream_stats)
             after = tx_bytes(xen_host.remote, "lo")
             holder["log"] = result.stdout
-            follow_domid(mig_guest, result.stdout)
+            follow_domid(mig_guest, result.stdout, ok=result.rc == 0)
             holder["wire"] = after - before if before is not None and after is not None else None
             return result.stdout, result.rc, result.seconds
 
@@ -423,7 +426,7 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
         src_ticks = tick_arrivals(watches[0].stop())
         dst_ticks = tick_arrivals(watches[1].stop())
     moved = dataclasses.replace(guest, xl=dst.xl)  # the guest as dst's domain
-    follow_domid(moved, result.stdout)
+    follow_domid(moved, result.stdout, ok=result.rc == 0)
     # Put the destination's arrivals on the source's clock, where the window is.
     shift = src_off - dst_off
     ticks = src_ticks + [(t + shift, seq) for t, seq in dst_ticks]
