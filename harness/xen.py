@@ -105,6 +105,18 @@ def parse_xl_list(text: str) -> list[Domain]:
     return domains
 
 
+# The domain an `xl -vvv restore` or `xl -vvv migrate-receive` created, as libxl names it
+# ("initiate_domain_create: Domain 6:restoring, not running bootloader") or libxc does
+# ("xc: detail: fd 12, dom 6, hvm 1, stream_type 0"); Xen 4.17.5's xl, seen here.
+CREATED_DOMID = re.compile(r"initiate_domain_create: Domain (\d+):|xc: detail: fd \d+, dom (\d+), hvm")
+
+
+def created_domid(log: str) -> int | None:
+    """The domid the restore side of a toolstack log created (the last one named), or None."""
+    found = [int(a or b) for a, b in CREATED_DOMID.findall(log)]
+    return found[-1] if found else None
+
+
 PANIC_PATTERNS = re.compile(
     r"(Panic on CPU|FATAL TRAP|Xen BUG at|Xen WARN at|\bBUG\b|Assertion '.*' failed)"
 )

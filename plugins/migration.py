@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import shlex
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
+from harness.xen import created_domid
 
 from .translation import content_mismatches
 
@@ -197,18 +197,6 @@ def apply_stream_stats(rec: Record, stats: dict) -> None:
     rec.iterations = stats.get("iterations") or rec.iterations
     rec.bytes_sent = stats.get("stream_bytes")
     rec.extra["stream_complete"] = stats.get("complete")
-
-
-# The domain an `xl restore` or `xl migrate-receive` created, as libxl (-vvv) names it:
-# "initiate_domain_create: Domain 6:restoring, not running bootloader", or libxc's
-# "xc: detail: fd 12, dom 6, hvm 1, stream_type 0".
-CREATED_DOMID = re.compile(r"initiate_domain_create: Domain (\d+):|xc: detail: fd \d+, dom (\d+),")
-
-
-def created_domid(log: str) -> int | None:
-    """The domid the restore side of ``log`` created (the last one named), or None."""
-    found = [int(a or b) for a, b in CREATED_DOMID.findall(log)]
-    return found[-1] if found else None
 
 
 def follow_domid(guest, log: str, ok: bool = True) -> None:

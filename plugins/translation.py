@@ -14,6 +14,7 @@ import shlex
 
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.plugins import check
+from harness.xen import XlError, created_domid
 
 
 def differences(pages, frames) -> list[str]:
@@ -66,10 +67,18 @@ def save_and_restore(guest, xl) -> dict:
     path = f"{REMOTE_PAYLOAD_DIR}/save/{guest.name}.chkpt"
     guest.remote.run_expect(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])}", timeout=30)
     saved = xl.save(guest.name, path)
-    restored = xl.restore(path)
-    guest.remote.run_expect(f"rm -f {shlex.quote(path)}", timeout=60)
     old = guest.domid
-    guest.domid = xl.domid(guest.name)
+    try:
+        restored = xl.restore(path)
+    except XlError as exc:
+        # Saved, the old domain is gone: the guest is what the restore created, which a
+        # PVH guest's triple fault right after resume can have killed; judge that domain.
+        guest.domid = created_domid(exc.result.stdout + exc.result.stderr) or old
+        raise
+    finally:
+        guest.remote.run(f"rm -f {shlex.quote(path)}", timeout=60)
+    created = created_domid(restored.stdout + restored.stderr)
+    guest.domid = created if created is not None else xl.domid(guest.name)
     assert guest.domid != old, "restore must create a new domain"
     return {"save_s": round(saved.seconds, 2), "restore_s": round(restored.seconds, 2)}
 
