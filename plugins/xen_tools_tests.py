@@ -260,10 +260,15 @@ def watch_shared_guests(request, xen_host) -> None:
     judged by the verdict layer as a death in this check (harness/verdict.py), so an
     emulator fault (a triple fault, its signature) is an incident and the check runs
     again, while a guest gone without one fails the check with Xen's and the console's
-    word on it. The shared-domid rule below still names the program for either."""
+    word on it. The shared-domid rule below still names the program for either. Only
+    the guests alive now are watched (one `xl list`): one that died before the program
+    started is not this check's death (the next check that takes it creates it again)."""
     pool = getattr(xen_host, "guest_pool", None)
-    if pool is not None:
-        watch(request.node, list(pool.guests.values()))
+    if pool is None or not pool.guests:
+        return
+    domains = xen_host.xl.list()
+    watch(request.node, [g for g in pool.guests.values()
+                         if not g.released and not g.death_recorded and g.death(domains) is None])
 
 
 def _program_check(program: str):

@@ -193,3 +193,18 @@ def test_programs_installed_where_the_plugin_does_not_look_are_found(tmp_path):
     script(other, "test-new", "true\n")
     script(tmp_path / "libexec", "test-other", "true\n")  # not under a *xen* directory
     assert tt.stray_programs(ShellRemote(), [str(looked)], root=str(tmp_path)) == [f"{other}/test-new"]
+
+
+def test_only_the_shared_guests_alive_when_a_program_starts_are_watched():
+    """A shared guest that died before the program is not the program's death: it is
+    not watched (the next check that takes it creates it again); live ones are."""
+    from harness.guests import Guest, GuestSpec
+    from harness.verdict import WATCHED_KEY
+
+    xl = SimpleNamespace(list=lambda: [dom("nx-shared-pv", 3)])
+    alive = Guest(GuestSpec(type="pv", name="nx-shared-pv"), xl, domid=3)
+    dead = Guest(GuestSpec(type="pvh", name="nx-shared-pvh"), xl, domid=4)
+    host = SimpleNamespace(xl=xl, guest_pool=SimpleNamespace(guests={"pv": alive, "pvh": dead}))
+    node = SimpleNamespace(stash=pytest.Stash())
+    tt.watch_shared_guests(SimpleNamespace(node=node), host)
+    assert node.stash[WATCHED_KEY] == [alive]
