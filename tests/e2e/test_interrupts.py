@@ -19,14 +19,41 @@ from .conftest import qemu_pids
 pytestmark = pytest.mark.e2e
 
 
-def _start_boot(tmp_path: Path, cache: Path) -> subprocess.Popen:
-    env = dict(os.environ, NESTED_XEN_CACHE=str(cache))
-    config = tmp_path / "run.yaml"
-    config.write_text(f"artifacts_dir: {tmp_path / 'artifacts'}\nsnapshot: 'off'\n")
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "boot", "--config", str(config), "true"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def _as_from_a_terminal() -> None:
+    # A job that a non-interactive shell put in the background inherits SIGINT ignored
+    # (this test run may be one: CI, nohup, `cmd &`), and Python then installs no
+    # KeyboardInterrupt handler. The runner under test gets Ctrl-C's default, as it would
+    # when started from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def boots():
+    """Start `nested-xen boot`; whatever a failed assertion leaves running is killed (its
+    QEMU dies with it: PR_SET_PDEATHSIG) and its registry entry reaped, so it cannot
+    disturb the next test (a leftover runner of the same host name did, once)."""
+    started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(tmp_path: Path, cache: Path) -> subprocess.Popen:
+        env = dict(os.environ, NESTED_XEN_CACHE=str(cache))
+        config = tmp_path / "run.yaml"
+        config.write_text(f"artifacts_dir: {tmp_path / 'artifacts'}\nsnapshot: 'off'\n")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", "boot", "--config", str(config), "true"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=_as_from_a_terminal,
+        )
+        started.append((proc, cache))
+        return proc
+
+    yield start
+    for proc, cache in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+            for pid in qemu_pids("bookworm-cli"):
+                _gone(pid, 20)
+            Registry(cache / "run").reap()
 
 
 def _wait_for_qemu(proc: subprocess.Popen, timeout: float = 120) -> int:
@@ -50,9 +77,9 @@ def _gone(pid: int, timeout: float) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_mid_boot_stops_qemu(tmp_path, e2e_config, sig):
+def test_signal_mid_boot_stops_qemu(tmp_path, e2e_config, sig, boots):
     cache = e2e_config.resolved_cache_dir()
-    proc = _start_boot(tmp_path, cache)
+    proc = boots(tmp_path, cache)
     qemu = _wait_for_qemu(proc)
     time.sleep(3)  # mid-boot: Xen is up, dom0 is booting
     proc.send_signal(sig)
@@ -62,9 +89,9 @@ def test_signal_mid_boot_stops_qemu(tmp_path, e2e_config, sig):
     assert not list((cache / "run").glob("nested-xen-bookworm-cli.json")), "registry entry left"
 
 
-def test_sigkill_of_runner_kills_qemu_and_next_run_reaps(tmp_path, e2e_config):
+def test_sigkill_of_runner_kills_qemu_and_next_run_reaps(tmp_path, e2e_config, boots):
     cache = e2e_config.resolved_cache_dir()
-    proc = _start_boot(tmp_path, cache)
+    proc = boots(tmp_path, cache)
     qemu = _wait_for_qemu(proc)
     proc.kill()
     proc.wait(timeout=30)
