@@ -117,6 +117,18 @@ def created_domid(log: str) -> int | None:
     return found[-1] if found else None
 
 
+def follow_domid(guest, log: str, ok: bool = True) -> None:
+    """After a restore, or a migration that succeeded, the guest is a new domain: take its
+    domid from the toolstack's log, so a death right after (a PVH guest's triple fault
+    once resumed) is looked up under the domain that died, not the one that was saved.
+    A migration that failed (``ok`` false) leaves the guest at the source: there a guest
+    that died while suspending, "d10v0 Triple fault", is d10, not the receiver's
+    half-built d11 (bookworm, Xen 4.17.5, seen here)."""
+    domid = created_domid(log) if ok else None
+    if domid is not None:
+        guest.domid = domid
+
+
 PANIC_PATTERNS = re.compile(
     r"(Panic on CPU|FATAL TRAP|Xen BUG at|Xen WARN at|\bBUG\b|Assertion '.*' failed)"
 )

@@ -32,7 +32,7 @@ from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
-from harness.xen import created_domid
+from harness.xen import follow_domid
 
 from .translation import content_mismatches
 
@@ -197,18 +197,6 @@ def apply_stream_stats(rec: Record, stats: dict) -> None:
     rec.iterations = stats.get("iterations") or rec.iterations
     rec.bytes_sent = stats.get("stream_bytes")
     rec.extra["stream_complete"] = stats.get("complete")
-
-
-def follow_domid(guest, log: str, ok: bool = True) -> None:
-    """After a restore, or a migration that succeeded, the guest is a new domain: take its
-    domid from the toolstack's log, so a death right after (a PVH guest's triple fault
-    once resumed) is looked up under the domain that died, not the one that was saved.
-    A migration that failed (``ok`` false) leaves the guest at the source: there a guest
-    that died while suspending, "d10v0 Triple fault", is d10, not the receiver's
-    half-built d11 (bookworm, Xen 4.17.5, seen here)."""
-    domid = created_domid(log) if ok else None
-    if domid is not None:
-        guest.domid = domid
 
 
 def timed_xl(remote, args: str, timeout: float):

@@ -14,7 +14,7 @@ import shlex
 
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.plugins import check
-from harness.xen import XlError, created_domid
+from harness.xen import XlError, follow_domid
 
 
 def differences(pages, frames) -> list[str]:
@@ -73,12 +73,13 @@ def save_and_restore(guest, xl) -> dict:
     except XlError as exc:
         # Saved, the old domain is gone: the guest is what the restore created, which a
         # PVH guest's triple fault right after resume can have killed; judge that domain.
-        guest.domid = created_domid(exc.result.stdout + exc.result.stderr) or old
+        follow_domid(guest, exc.result.stdout + exc.result.stderr)
         raise
     finally:
         guest.remote.run(f"rm -f {shlex.quote(path)}", timeout=60)
-    created = created_domid(restored.stdout + restored.stderr)
-    guest.domid = created if created is not None else xl.domid(guest.name)
+    follow_domid(guest, restored.stdout + restored.stderr)
+    if guest.domid == old:  # the log did not name it
+        guest.domid = xl.domid(guest.name)
     assert guest.domid != old, "restore must create a new domain"
     return {"save_s": round(saved.seconds, 2), "restore_s": round(restored.seconds, 2)}
 

@@ -168,10 +168,10 @@ class Case:
     dom0_answers: bool
 
 
-def run_case(remote, xl, program: str, path: str, timeout_s: float) -> Case:
+def run_case(remote, xl, program: str, path: str, timeout_s: float, before: list | None = None) -> Case:
     """The whole case: run the program, destroy what it left (also when the run raised),
-    check that dom0 still answers."""
-    before = xl.list()
+    check that dom0 still answers. ``before``: the domains just before, if already listed."""
+    before = xl.list() if before is None else before
     try:
         run = run_program(remote, program, path, timeout_s)
     except Exception:
@@ -240,13 +240,14 @@ def installed_programs(xen_host, host_facts) -> tuple[list[str], dict[str, str]]
     return dirs, discover(xen_host.remote, dirs)
 
 
-def run_installed(program: str, installed, xen_host, host_facts, image: str, metrics,
+def run_installed(program: str, installed, request, xen_host, host_facts, image: str, metrics,
                   record_property) -> None:
     dirs, found = installed
     if program not in found:
         looked = ", ".join(f"{d}/{program}" for d in dirs)
         pytest.skip(f"{program} is not installed with Xen {host_facts.xen_version} here; looked for {looked}")
-    case = run_case(xen_host.remote, xen_host.xl, program, found[program], KNOWN_PROGRAMS[program])
+    before = watch_shared_guests(request, xen_host)
+    case = run_case(xen_host.remote, xen_host.xl, program, found[program], KNOWN_PROGRAMS[program], before)
     print(f"{case.run.path}: exit {case.run.rc} in {case.run.seconds:.1f} s\n{case.run.output()}")
     record(case, record_property)
     for rec in measurements(case.run, host_facts, image):
@@ -255,28 +256,28 @@ def run_installed(program: str, installed, xen_host, host_facts, image: str, met
     judge(case)
 
 
-def watch_shared_guests(request, xen_host) -> None:
+def watch_shared_guests(request, xen_host) -> list:
     """The harness's shared guests run beside the program: one that dies during it is
     judged by the verdict layer as a death in this check (harness/verdict.py), so an
     emulator fault (a triple fault, its signature) is an incident and the check runs
     again, while a guest gone without one fails the check with Xen's and the console's
     word on it. The shared-domid rule below still names the program for either. Only
     the guests alive now are watched (one `xl list`): one that died before the program
-    started is not this check's death (the next check that takes it creates it again)."""
-    pool = getattr(xen_host, "guest_pool", None)
-    if pool is None or not pool.guests:
-        return
+    started is not this check's death (the next check that takes it creates it again).
+    Returns that `xl list`: the domains before the program (run_case's ``before``)."""
     domains = xen_host.xl.list()
-    watch(request.node, [g for g in pool.guests.values()
-                         if not g.released and not g.death_recorded and g.death(domains) is None])
+    pool = getattr(xen_host, "guest_pool", None)
+    if pool is not None:
+        watch(request.node, [g for g in pool.guests.values()
+                             if not g.released and not g.death_recorded and g.death(domains) is None])
+    return domains
 
 
 def _program_check(program: str):
     def program_check(request, installed_programs, xen_host, host_facts, host_image_name, metrics,
                       record_property) -> None:
-        watch_shared_guests(request, xen_host)
-        run_installed(program, installed_programs, xen_host, host_facts, host_image_name, metrics,
-                      record_property)
+        run_installed(program, installed_programs, request, xen_host, host_facts, host_image_name,
+                      metrics, record_property)
 
     program_check.__name__ = program_check.__qualname__ = check_name(program)
     program_check.__doc__ = f"Xen's {program} (tools/tests) exits 0 in dom0 within its timeout."
@@ -341,15 +342,15 @@ def test_negative_control_hung_program_is_killed_at_its_timeout(xen_host):
 def test_negative_control_created_domain_is_destroyed(request, xen_host):
     """A failing program that leaves a (paused) domain behind: its case destroys it and the
     shared guests keep their domids."""
-    watch_shared_guests(request, xen_host)
+    before = watch_shared_guests(request, xen_host)
     name = "tooltests-negative-control"
     config = (f'name = "{name}"\ntype = "pv"\nmemory = 256\nvcpus = 1\n'
               f'kernel = "{GUEST_DIR}/vmlinuz"\nramdisk = "{GUEST_DIR}/initramfs.gz"\n')
     xen_host.remote.put_text(config, f"{NEGATIVE_DIR}/{name}.cfg")
     path = _script(xen_host, "nx-leaks-a-domain",
                    f"xl create -p {NEGATIVE_DIR}/{name}.cfg || exit 99\necho 'NXNEG: left {name}'\nexit 1\n")
-    shared = {d.name: d.domid for d in xen_host.xl.list() if d.name.startswith(SHARED_PREFIX)}
-    case = run_case(xen_host.remote, xen_host.xl, "nx-leaks-a-domain", path, 120)
+    shared = {d.name: d.domid for d in before if d.name.startswith(SHARED_PREFIX)}
+    case = run_case(xen_host.remote, xen_host.xl, "nx-leaks-a-domain", path, 120, before)
     assert case.run.rc == 1, case.run.output()  # 99: the domain could not be created
     assert [d.split(" ")[0] for d in case.domains.destroyed] == [name], case.domains
     with pytest.raises(AssertionError, match="NXNEG: left"):

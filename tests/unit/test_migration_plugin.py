@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from harness.remote import CommandResult
+from harness.xen import created_domid, follow_domid
 from plugins import migration
 
 
@@ -79,11 +80,11 @@ def test_the_restored_domain_is_followed_by_its_new_domid():
     """(xl -vvv restore's lines on bookworm, Xen 4.17.5.) A guest restored as d6 that dies at
     once is looked up as d6, not as the d5 that was saved (CI at stop 23 blamed the restore)."""
     guest = type("G", (), {"domid": 5})()
-    migration.follow_domid(guest, SAVE_LOG + RESTORE_LOG)
+    follow_domid(guest, SAVE_LOG + RESTORE_LOG)
     assert guest.domid == 6
-    migration.follow_domid(guest, SAVE_LOG)  # a save alone creates nothing: unchanged
+    follow_domid(guest, SAVE_LOG)  # a save alone creates nothing: unchanged
     assert guest.domid == 6
-    assert migration.created_domid("xc: detail: fd 9, dom 12, hvm 0, stream_type 0") == 12
+    assert created_domid("xc: detail: fd 9, dom 12, hvm 0, stream_type 0") == 12
 
 
 FAILED_MIGRATION_LOG = """\
@@ -98,9 +99,9 @@ def test_a_failed_migration_leaves_the_guest_at_its_source_domid():
     """The sender's d10 died while suspending; the receiver's d11 was half built and
     destroyed: the death to judge is d10's (xl -vvv migrate on bookworm, Xen 4.17.5)."""
     guest = type("G", (), {"domid": 10})()
-    migration.follow_domid(guest, FAILED_MIGRATION_LOG, ok=False)
+    follow_domid(guest, FAILED_MIGRATION_LOG, ok=False)
     assert guest.domid == 10
-    migration.follow_domid(guest, FAILED_MIGRATION_LOG, ok=True)
+    follow_domid(guest, FAILED_MIGRATION_LOG, ok=True)
     assert guest.domid == 11
 
 
