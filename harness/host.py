@@ -18,7 +18,7 @@ from .agent.channel import Channel
 from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
-from .machines.qemu import find_qemu, qemu_version_label
+from .machines.qemu import find_qemu, iommu_device, qemu_version, qemu_version_label
 from .remote import Remote
 from .settle import settle_dom0_memory
 from .xen import XenInfo, Xl
@@ -52,6 +52,9 @@ class HostFacts:
     xen_build: str = ""
     origin: str = "debian"
     device_model: str | None = None
+    # The L1's IOMMU device ("" none: a PV dom0's L1 has none), with `pt=off` where that
+    # QEMU's AMD IOMMU has the unfixed pass-through mode (machines/qemu.py: iommu_device).
+    l1_iommu: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -66,6 +69,7 @@ class HostFacts:
             "xen_build": self.xen_build,
             "origin": self.origin,
             "device_model": self.device_model,
+            "l1_iommu": self.l1_iommu,
         }
 
 
@@ -205,6 +209,8 @@ class XenHost:
                 xen_caps=info.xen_caps,
                 accel=accel.accel if accel else "unknown",
                 qemu_version=qemu_version_label(getattr(spec, "qemu_binary", "qemu-system-x86_64")),
+                l1_iommu=(iommu_device(qemu_version(spec.qemu_binary))
+                          if getattr(spec, "iommu", False) else ""),
             )
         return self._facts
 

@@ -14,11 +14,9 @@ the next run reap what a SIGKILLed run could not.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -30,6 +28,19 @@ from pathlib import Path
 from ..procs import pid_alive
 from .base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
 from .common import LINK_SLOT, create_overlay, die_with_parent, free_link, free_port
+from .qemu_choice import (  # noqa: F401 (re-exported: callers import them from here)
+    IOMMU_DEVICE,
+    PRIVATE_QEMU_GLOB,
+    VIRTIO_BEHIND_IOMMU,
+    find_qemu,
+    iommu_device,
+    parse_qemu_release,
+    parse_qemu_version,
+    qemu_candidates,
+    qemu_version,
+    qemu_version_label,
+    with_iommu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,108 +50,6 @@ CHANNEL_SOCKET_PREFIX = "nx-chan-"
 # The virtio-serial port dom0's nxchannel.py answers on (/dev/virtio-ports/<name>).
 CHANNEL_NAME = "org.nested-xen.channel"
 CHANNEL_SLOT = 0x5
-
-
-@functools.cache
-def qemu_version(binary: str) -> str:
-    """The first line of ``binary --version``. Asked once per binary and process: the
-    snapshot key, its metadata, the host facts and the QEMU choice all need it."""
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise MachineStartError(
-            f"{binary} is not installed: run `apt-get install qemu-system-x86 qemu-utils` "
-            "(`nested-xen doctor` lists everything this host lacks)"
-        ) from None
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"
-
-
-def parse_qemu_version(line: str) -> tuple[int, int] | None:
-    """(major, minor) from `qemu-system-x86_64 --version`'s first line."""
-    m = re.search(r"version (\d+)\.(\d+)", line)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-# Private QEMU builds ./setup unpacks (cache/qemu/<version>/usr/bin/...): a recipe can
-# need another QEMU than the system's for TCG's nested SVM (see HostRecipe.qemu_tcg).
-PRIVATE_QEMU_GLOB = "qemu/*/usr/bin/qemu-system-x86_64"
-
-
-def _version_of_binary(binary: str) -> tuple[int, int] | None:
-    path = shutil.which(binary)
-    if path is None:
-        return None
-    try:
-        return parse_qemu_version(qemu_version(path))
-    except (MachineStartError, OSError, subprocess.SubprocessError):
-        return None
-
-
-def qemu_version_label(binary: str) -> str:
-    """"10.0" for ``binary``, "0" when it is missing or says no version (host facts and
-    known-issue matching compare it as a version)."""
-    version = _version_of_binary(binary)
-    return f"{version[0]}.{version[1]}" if version else "0"
-
-
-def qemu_candidates(preferred: str, cache_dir: Path) -> list[tuple[str, tuple[int, int]]]:
-    """(binary, version) of the configured QEMU, then of the private ones, newest first."""
-    private = [(str(p), v) for p in cache_dir.glob(PRIVATE_QEMU_GLOB)
-               if (v := _version_of_binary(str(p))) is not None]
-    private.sort(key=lambda c: c[1], reverse=True)
-    version = _version_of_binary(preferred)
-    return ([(preferred, version)] if version else []) + private
-
-
-def find_qemu(requirement: str, preferred: str, cache_dir: Path, why: str = "") -> str:
-    """The QEMU binary to run an L1 with: ``preferred`` when its version meets
-    ``requirement`` (a PEP 440 specifier such as ">=8"; empty: anything), else the
-    newest private QEMU that does. Raises MachineStartError saying how to get one."""
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    if not requirement:
-        return preferred
-    candidates = qemu_candidates(preferred, cache_dir)
-    wanted = SpecifierSet(requirement)
-    for binary, version in candidates:
-        if wanted.contains(Version(f"{version[0]}.{version[1]}")):
-            return binary
-    have = ", ".join(f"{b} ({v[0]}.{v[1]})" for b, v in candidates) or "none"
-    raise MachineStartError(
-        f"this host image needs QEMU {requirement} under TCG{f' ({why})' if why else ''}; found: {have}. "
-        f"Run ./setup (on Debian bookworm it unpacks QEMU 10.0 from bookworm-backports into "
-        f"{cache_dir / 'qemu'}), or set qemu_binary in the run config to such a QEMU"
-    )
-
-
-# Xen builds no PVH hardware domain without an IOMMU (Xen 4.17.5 on -machine pc panics:
-# "Presently, iommu must be enabled for PVH hardware domain"); with this one on q35,
-# Xen 4.17.5 and 4.20 boot a PVH dom0 under TCG.
-IOMMU_DEVICE = "amd-iommu,intremap=on"
-# Behind an IOMMU a virtio device must use the DMA API (iommu_platform) and be
-# modern-only (as measured before: without it a PVH dom0 saw neither disk nor NIC).
-VIRTIO_BEHIND_IOMMU = "iommu_platform=on,disable-legacy=on"
-
-
-def with_iommu(cmd: list[str]) -> list[str]:
-    """``cmd`` on a q35 machine (QEMU only plugs its AMD IOMMU into q35) with an AMD
-    IOMMU before the first PCI device, and every virtio PCI device put behind it."""
-    out: list[str] = []
-    added = False
-    for i, arg in enumerate(cmd):
-        device = i > 0 and cmd[i - 1] == "-device"
-        if i > 0 and cmd[i - 1] == "-machine" and arg.split(",", 1)[0] == "pc":
-            arg = "q35" + arg[2:]
-        if device and not added:
-            out[-1:] = ["-device", IOMMU_DEVICE, "-device"]
-            added = True
-        if device and arg.startswith("virtio-") and "-pci" in arg.split(",", 1)[0]:
-            arg = f"{arg},{VIRTIO_BEHIND_IOMMU}"
-        out.append(arg)
-    if not added:
-        out += ["-device", IOMMU_DEVICE]
-    return out
 
 
 class Registry:
@@ -272,7 +181,7 @@ class QemuMachine(Machine):
         cmd += ["-netdev", f"socket,id=link0,udp=127.0.0.1:{link.peer},localaddr=127.0.0.1:{link.local}",
                 "-device", f"virtio-net-pci,netdev=link0,addr={LINK_SLOT:#x},mac=52:54:00:12:35:01"]
         if spec.iommu:
-            cmd = with_iommu(cmd)
+            cmd = with_iommu(cmd, iommu_device(qemu_version(spec.qemu_binary)))
         if incoming and incoming.stream == "mapped-ram":
             cmd += ["-incoming", "defer"]  # capabilities first, then migrate-incoming
         elif incoming:

@@ -18,7 +18,9 @@ from harness.host import image_facts, machine_spec
 from harness.imaging import HostImage
 from harness.known_issues import boot_issue, load_known_issues
 from harness.machines.base import MachineCrashed, MachineSpec
-from harness.machines.qemu import IOMMU_DEVICE, VIRTIO_BEHIND_IOMMU, QemuMachine, with_iommu
+from harness.machines.qemu import (
+    IOMMU_DEVICE, VIRTIO_BEHIND_IOMMU, QemuMachine, iommu_device, qemu_version_label, with_iommu,
+)
 from harness.plugins import make_spec
 
 TCG = AccelChoice("tcg", "qemu64,+svm,+npt", "test")
@@ -307,3 +309,28 @@ def test_classes_that_agree_across_modes_are_not_in_the_side_by_side_table() -> 
     assert compare(guest, answers, "pvh") == [] and mode_table(guest, answers, "pvh") == ""
     bad = compare(guest, [(row, asked, _answer([-22]))], "pvh")
     assert [m.other for m in bad] == [""]
+
+
+@pytest.mark.parametrize("line, device", [
+    ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", IOMMU_DEVICE),
+    ("QEMU emulator version 9.1.3", IOMMU_DEVICE),
+    ("QEMU emulator version 9.2.0", IOMMU_DEVICE + ",pt=off"),
+    ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", IOMMU_DEVICE + ",pt=off"),
+    ("QEMU emulator version 10.0.3", IOMMU_DEVICE),
+    ("QEMU emulator version 10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)", IOMMU_DEVICE),
+    ("QEMU emulator version 10.1.0", IOMMU_DEVICE),
+    ("QEMU emulator version 11.1.3", IOMMU_DEVICE),
+    ("unknown", IOMMU_DEVICE),
+])
+def test_pt_off_only_where_the_pass_through_mode_is_unfixed(line: str, device: str) -> None:
+    assert iommu_device(line) == device
+
+
+def test_the_pvh_dom0_l1_gets_pt_off_under_qemu_10_0_2(tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-10.0.2"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 10.0.2 (fake)'\n")
+    fake.chmod(0o755)
+    spec = dataclasses.replace(spec_for(tmp_path, "pvh"), qemu_binary=str(fake))
+    devs = devices(QemuMachine(spec).command_line())
+    assert devs[0] == IOMMU_DEVICE + ",pt=off"
+    assert qemu_version_label(str(fake)) == "10.0.2"
