@@ -97,10 +97,27 @@ def build_xen(src: Path, cache: Path, jobs: int, configure: bool = True) -> Path
     return final
 
 
+# What a defconfig + xen.config x86 build runs or includes, and the Debian package with it
+# (objtool needs libelf's gelf.h: measured, the build stopped there without libelf-dev).
+KERNEL_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
+                "perl": "perl"}
+KERNEL_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
+
+
+def kernel_build_missing(root: Path = Path("/")) -> list[str]:
+    """The Debian packages a kernel build needs that this machine lacks."""
+    missing = [pkg for tool, pkg in KERNEL_TOOLS.items() if shutil.which(tool) is None]
+    missing += [pkg for header, pkg in KERNEL_HEADERS.items() if not (root / header.lstrip("/")).is_file()]
+    return sorted(set(missing))
+
+
 def build_kernel(src: Path, cache: Path, jobs: int) -> Path:
     """defconfig + xen.config, bzImage + modules; copy both into the cache; return the dir."""
     if not (src / "Kbuild").is_file() or not (src / "arch" / "x86").is_dir():
         raise BuildError(f"{src} is not a Linux source tree (expected Kbuild and arch/x86/)")
+    if missing := kernel_build_missing():
+        raise BuildError(f"a kernel build needs {', '.join(missing)}: "
+                         f"apt-get install {' '.join(missing)} (nothing was built)")
     log = cache / "builds" / "logs" / f"linux-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     _step(["make", "defconfig", "xen.config"], src, log)

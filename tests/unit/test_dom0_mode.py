@@ -19,7 +19,12 @@ from harness.imaging import HostImage
 from harness.known_issues import boot_issue, load_known_issues
 from harness.machines.base import MachineCrashed, MachineSpec
 from harness.machines.qemu import (
-    IOMMU_DEVICE, VIRTIO_BEHIND_IOMMU, QemuMachine, iommu_device, qemu_version_label, with_iommu,
+    IOMMU_DEVICE,
+    VIRTIO_BEHIND_IOMMU,
+    QemuMachine,
+    iommu_device,
+    qemu_version_label,
+    with_iommu,
 )
 from harness.plugins import make_spec
 

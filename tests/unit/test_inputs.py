@@ -251,3 +251,17 @@ def test_build_xen_rejects_a_tree_that_is_not_xen(tmp_path: Path) -> None:
     flags = xen_configure_flags()
     assert "--disable-stubdom" in flags and "--disable-docs" in flags
     assert any(f.startswith(("--with-system-seabios=", "--disable-seabios")) for f in flags)
+
+
+def test_kernel_build_names_the_packages_it_lacks(tmp_path: Path, monkeypatch) -> None:
+    from harness import ownbuild
+
+    src = tmp_path / "linux"
+    (src / "arch" / "x86").mkdir(parents=True)
+    (src / "Kbuild").write_text("")
+    monkeypatch.setattr(ownbuild.shutil, "which", lambda tool: None if tool == "flex" else f"/usr/bin/{tool}")
+    monkeypatch.setattr(ownbuild, "KERNEL_HEADERS", {str(tmp_path / "no" / "gelf.h"): "libelf-dev"})
+    assert ownbuild.kernel_build_missing() == ["flex", "libelf-dev"]
+    with pytest.raises(ownbuild.BuildError, match="apt-get install flex libelf-dev"):
+        ownbuild.build_kernel(src, tmp_path / "cache", 1)
+    assert not (tmp_path / "cache").exists(), "nothing built, nothing left in the cache"
