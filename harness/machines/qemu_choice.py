@@ -105,6 +105,11 @@ IOMMU_DEVICE = "amd-iommu,intremap=on"
 PT_MODE_SINCE = (9, 2, 0)
 PT_FIXED_IN = ((10, 0, 3), (10, 1, 0))  # the stable 10.0 branch, and every release after it
 IOMMU_PT_OFF = "pt=off"
+# QEMU 10.2 (8a8837f90323) made the AMD IOMMU's DMA remapping a property, `dma-remap`, off
+# by default: device DMA is then untranslated whatever Xen sets up (11.1.3 lists it,
+# "default: off", and has no `pt`). A PVH dom0 needs it on.
+DMA_REMAP_SINCE = (10, 2, 0)
+IOMMU_DMA_REMAP = "dma-remap=on"
 # Behind an IOMMU a virtio device must use the DMA API (iommu_platform) and be
 # modern-only (as measured before: without it a PVH dom0 saw neither disk nor NIC).
 VIRTIO_BEHIND_IOMMU = "iommu_platform=on,disable-legacy=on"
@@ -118,10 +123,13 @@ def parse_qemu_release(line: str) -> tuple[int, int, int] | None:
 
 def iommu_device(version_line: str) -> str:
     """The AMD IOMMU device for a PVH dom0's L1 under the QEMU that says ``version_line``:
-    with ``pt=off`` where that QEMU has the pass-through mode but not its fix."""
+    with ``pt=off`` where that QEMU has the pass-through mode but not its fix, and
+    ``dma-remap=on`` where remapping is a property that is off by default."""
     release = parse_qemu_release(version_line)
     if release is None or release < PT_MODE_SINCE:
         return IOMMU_DEVICE
+    if release >= DMA_REMAP_SINCE:
+        return f"{IOMMU_DEVICE},{IOMMU_DMA_REMAP}"
     fixed = release >= PT_FIXED_IN[1] or (release[:2] == PT_FIXED_IN[0][:2] and release >= PT_FIXED_IN[0])
     return IOMMU_DEVICE if fixed else f"{IOMMU_DEVICE},{IOMMU_PT_OFF}"
 

@@ -324,10 +324,11 @@ def test_classes_that_agree_across_modes_are_not_in_the_side_by_side_table() -> 
     ("QEMU emulator version 10.0.3", IOMMU_DEVICE),
     ("QEMU emulator version 10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)", IOMMU_DEVICE),
     ("QEMU emulator version 10.1.0", IOMMU_DEVICE),
-    ("QEMU emulator version 11.1.3", IOMMU_DEVICE),
+    ("QEMU emulator version 10.2.0", IOMMU_DEVICE + ",dma-remap=on"),
+    ("QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-2~bpo13+1)", IOMMU_DEVICE + ",dma-remap=on"),
     ("unknown", IOMMU_DEVICE),
 ])
-def test_pt_off_only_where_the_pass_through_mode_is_unfixed(line: str, device: str) -> None:
+def test_pt_off_where_pass_through_is_unfixed_dma_remap_where_a_property(line: str, device: str) -> None:
     assert iommu_device(line) == device
 
 
