@@ -1,7 +1,7 @@
 """Known issues: one versioned file; an entry is versions *and* a signature.
 
-An entry names a check (``plugins/FILE.py::test_name``, ``boot``, or
-``guest-death``), optionally the guest types, Xen and dom0-kernel version ranges
+An entry names a check (``plugins/FILE.py::test_name``, ``boot``, ``guest-death``
+or ``host-death``), optionally the guest types, Xen and dom0-kernel version ranges
 (PEP 440 specifiers against what the booted host reports), dom0 modes,
 accelerators and QEMU versions it applies to, the reason and a link, and a
 required ``signature:``: a regular expression over the evidence (the check's
@@ -14,8 +14,9 @@ names the entry considered. A strict entry (not ``flaky: true``) whose check
 passes fails the run (XPASS(strict)) so the entry gets removed.
 
 ``guest-death`` entries are not about one check: they say which deaths of a
-guest (or host) are emulator faults (rerun once on a fresh guest) rather than a
-failure of the check that saw them.
+guest are emulator faults (rerun once on a fresh guest) rather than a failure of
+the check that saw them; ``host-death`` entries say the same of dom0 dying under a
+check (the host lost).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ BOOT_CHECK = "boot"
 # one check: its signature decides whether a death is an emulator fault (the check
 # that saw it is run again on a fresh guest) or a plain failure.
 GUEST_DEATH = "guest-death"
+# The check name of an entry about dom0 dying under a check (the host lost): its signature
+# over the host's serial tail decides whether that death is an emulator fault. The check
+# it happened under is then an expected failure (its result is unknown, not wrong) and the
+# module's later checks on that host are skipped as not run; without a match the check
+# fails and so do the later ones, naming the incident.
+HOST_DEATH = "host-death"
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from .fixtures.run import (
     run_incidents,
     worker,
 )
-from .known_issues import emulator_fault, load_known_issues
+from .known_issues import HOST_DEATH, emulator_fault, load_known_issues
 from .plugins import GUEST_TYPES, MARKER, PluginError, spec_of
 from .results import ResultsPlugin, check_properties
 from .selection import narrow
@@ -259,10 +259,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A check whose module's host was lost by an earlier check does not try it: it fails
-    naming that incident (whatever that check's outcome, never an expected failure)."""
+    naming that incident (never an expected failure), or, when a ``host-death`` entry
+    showed that death to be an emulator fault, is skipped as not run, naming it."""
     lost = LOST_HOSTS.get(lost_key(item))
     if lost is None:
         return
+    if (lost.signature or "").startswith(f"{HOST_DEATH} "):
+        pytest.skip(f"not run: {lost.name} (dom0) died during {lost.nodeid} of a known emulator fault "
+                    f"[{lost.signature}]; the next module gets a fresh host")
     pytest.fail(f"{lost.name} stopped answering during {lost.nodeid} (incident: {lost.line()}); "
                 "this check could not run on it; the next module gets a fresh host", pytrace=False)
 

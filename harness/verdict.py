@@ -30,7 +30,7 @@ from _pytest.runner import runtestprotocol
 
 from . import incidents
 from .incidents import Incident
-from .known_issues import KnownIssue, decide, emulator_fault, match
+from .known_issues import HOST_DEATH, KnownIssue, decide, emulator_fault, match
 
 log = logging.getLogger("nested_xen")
 
@@ -206,6 +206,8 @@ class VerdictPlugin:
         if report.failed:
             evidence = f"{_text(report)}\n{lost.text() if lost is not None else ''}"
             decision = decide(self.issues, check, kind, facts, evidence)
+            if lost is not None and decision.matched is None and self._host_fault(report, lost, facts):
+                return
             if lost is not None:
                 lost.action = "expected-failure" if decision.matched is not None else "failed"
                 lost.signature = decision.matched.label() if decision.matched is not None else None
@@ -227,6 +229,18 @@ class VerdictPlugin:
                 report.wasxfail = entry.describe()  # XPASS, shown, not failing the run
             if state.attempt == 2 and report.passed:
                 attach(item, report, "verdict", PASSED_AFTER_FAULT)
+
+    def _host_fault(self, report: pytest.TestReport, lost: Incident, facts: Any) -> bool:
+        """dom0 died under this check: with a ``host-death`` entry's versions and signature
+        in the serial tail, an emulator fault: the check's result is unknown, not wrong."""
+        fault = decide(self.issues, HOST_DEATH, None, facts, lost.text()).matched
+        if fault is None:
+            return False
+        lost.action, lost.signature = "expected-failure", fault.label()
+        expected(report, fault)
+        report.wasxfail = (f"{lost.name} (dom0) died during this check of a known emulator fault "
+                           f"[{lost.signature}]: its result is unknown; {fault.describe()}")
+        return True
 
     def _judge_death(self, item: pytest.Item, report: pytest.TestReport, state: CheckState,
                      death: Incident, facts: Any) -> None:
