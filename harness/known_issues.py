@@ -52,6 +52,7 @@ GUEST_DEATH = "guest-death"
 # module's later checks on that host are skipped as not run; without a match the check
 # fails and so do the later ones, naming the incident.
 HOST_DEATH = "host-death"
+SPECIAL_CHECKS = (BOOT_CHECK, GUEST_DEATH, HOST_DEATH)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,10 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
             signature = re.compile(str(pattern))
         except re.error as exc:
             raise ConfigError(f"{where}: signature: not a regular expression: {exc}") from None
+        name = str(entry["check"])
+        if name not in SPECIAL_CHECKS and not (name.startswith("plugins/") and "::test" in name):
+            raise ConfigError(f"{where}: check: expected plugins/FILE.py::test_name or one of "
+                              f"{', '.join(SPECIAL_CHECKS)} (an entry no check can match is a typo)")
         issues.append(KnownIssue(
             check=entry["check"], reason=entry["reason"], link=entry.get("link", ""),
             guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,

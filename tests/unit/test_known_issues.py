@@ -11,6 +11,7 @@ from harness.config import ConfigError
 from harness.known_issues import (
     BOOT_CHECK,
     GUEST_DEATH,
+    HOST_DEATH,
     KNOWN_ISSUES,
     decide,
     emulator_fault,
@@ -30,9 +31,17 @@ def write(tmp_path, text):
 
 def test_repository_file_loads():
     for issue in load_known_issues(KNOWN_ISSUES):
-        assert issue.check in (BOOT_CHECK, GUEST_DEATH) or (issue.check.startswith("plugins/")
+        assert issue.check in (BOOT_CHECK, GUEST_DEATH, HOST_DEATH) or (issue.check.startswith("plugins/")
                                                            and "::test_" in issue.check)
         assert issue.reason and issue.signature is not None and issue.signature.pattern
+
+
+def test_an_entry_naming_no_check_is_rejected(tmp_path):
+    text = "- check: host_death\n  signature: x\n  reason: r\n"
+    with pytest.raises(ConfigError, match=r"entry 1 \(host_death\): check: expected "
+                                          r"plugins/FILE.py::test_name or one of boot, guest-death, "
+                                          r"host-death"):
+        load_known_issues(write(tmp_path, text))
 
 
 def test_an_entry_without_a_signature_is_rejected_naming_it(tmp_path):
