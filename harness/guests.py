@@ -443,10 +443,8 @@ class GuestPool:
                 except GuestCrashed as again:
                     if not died_in_early_boot(again):
                         raise
-                    # Every death is an incident already. The host comes up without this
-                    # guest, so checks that need none still run (seen on trixie: a shared
-                    # PVH guest died 4 times in a row and every xen_tools_tests check
-                    # errored); a check that needs it asks the pool, which tries again.
+                    # Each death is an incident. The host comes up without it: checks that
+                    # need none run (trixie: 4 deaths errored all of xen_tools_tests).
                     log.warning("%s (%s) died in early boot %d times in a row; the host comes up "
                                 "without it, and a check that needs it creates it again",
                                 guest.name, guest.type, SHARED_EARLY_CRASH_RETRIES + 1)
