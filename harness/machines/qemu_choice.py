@@ -31,8 +31,8 @@ def qemu_version(binary: str) -> str:
 
 def parse_qemu_version(line: str) -> tuple[int, int] | None:
     """(major, minor) from `qemu-system-x86_64 --version`'s first line."""
-    m = re.search(r"version (\d+)\.(\d+)", line)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    release = parse_qemu_release(line)
+    return (release[0], release[1]) if release else None
 
 
 # Private QEMU builds ./setup unpacks (cache/qemu/<version>/usr/bin/...): a recipe can
@@ -40,25 +40,26 @@ def parse_qemu_version(line: str) -> tuple[int, int] | None:
 PRIVATE_QEMU_GLOB = "qemu/*/usr/bin/qemu-system-x86_64"
 
 
-def _version_of_binary(binary: str) -> tuple[int, int] | None:
+def _release_of_binary(binary: str) -> tuple[int, int, int] | None:
     path = shutil.which(binary)
     if path is None:
         return None
     try:
-        return parse_qemu_version(qemu_version(path))
+        return parse_qemu_release(qemu_version(path))
     except (MachineStartError, OSError, subprocess.SubprocessError):
         return None
+
+
+def _version_of_binary(binary: str) -> tuple[int, int] | None:
+    release = _release_of_binary(binary)
+    return (release[0], release[1]) if release else None
 
 
 def qemu_version_label(binary: str) -> str:
     """"10.0.2" for ``binary``, "0" when it is missing or says no version (host facts and
     known-issue matching compare it as a version; the micro release matters: 10.0.3 fixed
     the AMD IOMMU's pass-through mode)."""
-    path = shutil.which(binary)
-    try:
-        release = parse_qemu_release(qemu_version(path)) if path else None
-    except (MachineStartError, OSError, subprocess.SubprocessError):
-        release = None
+    release = _release_of_binary(binary)
     return ".".join(map(str, release)) if release else "0"
 
 
