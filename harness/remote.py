@@ -56,6 +56,13 @@ class CommandFailed(RuntimeError):
         super().__init__(f"expected exit status in {sorted(expected)}: " + result.describe())
 
 
+# How long dom0's sshd may take to open a channel (or to answer a reconnect). Under TCG a
+# dom0 sharing 2 vCPUs with a booting HVM guest (its device model runs in dom0) can be
+# slow to schedule sshd; a dead dom0 is told apart by the host check (fixtures/hosts.py:
+# healthy), not by this timeout.
+CHANNEL_OPEN_S = 30.0
+
+
 class Remote:
     """An SSH connection to one host, reconnecting when the transport drops."""
 
@@ -67,7 +74,7 @@ class Remote:
         self._client: paramiko.SSHClient | None = None
 
     # ------------------------------------------------------------ connection
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = CHANNEL_OPEN_S) -> None:
         client = paramiko.SSHClient()
         # Host keys are per image and ports are reused: the image key is the trust anchor.
         client.set_missing_host_key_policy(paramiko.MissingHostKeyPolicy())
@@ -118,7 +125,7 @@ class Remote:
         log.log(log_level, "[%s] %s", self.label, command)
         started = time.monotonic()
         try:
-            chan = self._transport().open_session(timeout=10)
+            chan = self._transport().open_session(timeout=CHANNEL_OPEN_S)
             chan.settimeout(1.0)
             chan.exec_command(command)
             if stdin is not None:

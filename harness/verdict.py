@@ -181,6 +181,9 @@ class VerdictPlugin:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Any:
         report = yield
         facts = item.stash.get(FACTS_KEY, None)
+        if report.when == "setup" and report.failed and facts is not None:
+            self._judge_setup(item, report, facts)
+            return report
         if report.when != "call" or facts is None:
             return report
         state = state_of(item)
@@ -230,7 +233,24 @@ class VerdictPlugin:
             if state.attempt == 2 and report.passed:
                 attach(item, report, "verdict", PASSED_AFTER_FAULT)
 
-    def _host_fault(self, report: pytest.TestReport, lost: Incident, facts: Any) -> bool:
+    def _judge_setup(self, item: pytest.Item, report: pytest.TestReport, facts: Any) -> None:
+        """A check whose setup failed (its own guest being created, say) while dom0 stopped
+        answering: the host is lost (an incident with the serial tail), judged as under a
+        check: a ``host-death`` signature makes it an expected failure (not run, result
+        unknown); without one the setup error stays, naming the incident. A setup error
+        on a host that still answers is left as it is."""
+        lost = self.host_lost(item, report)
+        if lost is None:
+            return
+        state_of(item).incidents.append(lost)
+        if not self._host_fault(report, lost, facts, "while this check was being set up"):
+            lost.action = "failed"
+            add_note(report, f"{lost.name} stopped answering while this check was being set up "
+                             f"(incident: host lost)\n{_evidence_text(lost)}")
+        attach(item, report, "incident", lost.as_property())
+
+    def _host_fault(self, report: pytest.TestReport, lost: Incident, facts: Any,
+                    during: str = "during this check") -> bool:
         """dom0 died under this check: with a ``host-death`` entry's versions and signature
         in the serial tail, an emulator fault: the check's result is unknown, not wrong."""
         fault = decide(self.issues, HOST_DEATH, None, facts, lost.text()).matched
@@ -238,7 +258,7 @@ class VerdictPlugin:
             return False
         lost.action, lost.signature = "expected-failure", fault.label()
         expected(report, fault)
-        report.wasxfail = (f"{lost.name} (dom0) died during this check of a known emulator fault "
+        report.wasxfail = (f"{lost.name} (dom0) died {during} of a known emulator fault "
                            f"[{lost.signature}]: its result is unknown; {fault.describe()}")
         return True
 

@@ -330,3 +330,45 @@ def test_openssh_order_output_after_exit_status_is_kept(remote: Remote, openssh_
     # than the client's 1 s poll) must not be cut off.
     result = remote.run("(sleep 1.3; echo late) & echo early")
     assert result.stdout == "early\nlate\n"
+
+
+class _Dom0:
+    """dom0 at the SSH boundary: `answers` says, try by try, whether `xl list` works."""
+
+    def __init__(self, answers: list[object]) -> None:
+        self.answers, self.tries = answers, 0
+
+    def run(self, command: str, timeout: float | None = None):
+        from types import SimpleNamespace
+
+        answer = self.answers[min(self.tries, len(self.answers) - 1)]
+        self.tries += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return SimpleNamespace(rc=answer)
+
+
+def _host(answers: list[object], ended: str | None = None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name="h", remote=_Dom0(answers), machine=SimpleNamespace(alive=lambda: ended))
+
+
+def test_a_slow_dom0_is_not_lost_at_its_first_failed_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI, stop 23: one 10 s channel-open timeout under an HVM guest's boot errored a check;
+    a dom0 that answers within the patience is healthy. Control: one that never does is lost."""
+    from harness.fixtures import hosts
+    from harness.remote import RemoteError
+
+    monkeypatch.setattr(hosts.time, "sleep", lambda s: None)
+    slow = _host([RemoteError("Timeout opening channel."), 255, 0])
+    assert hosts.healthy(slow, patience=60) and slow.remote.tries == 3
+    assert not hosts.healthy(_host([RemoteError("No existing session")]), patience=0)
+
+
+def test_a_machine_whose_emulator_exited_is_lost_at_once() -> None:
+    from harness.fixtures import hosts
+    from harness.remote import RemoteError
+
+    gone = _host([RemoteError("cannot connect")], ended="exit status 1")
+    assert not hosts.healthy(gone, patience=600) and gone.remote.tries == 1
