@@ -17,7 +17,9 @@ import pytest
 
 from .conftest import qemu_pids
 
-pytestmark = pytest.mark.e2e
+# Three L1 lifetimes, each killed mid-save or mid-restore (206 s warm): nightly
+# (tox -e e2e-nightly); the push run keeps the corrupted-snapshot fallback (test_snapshots.py).
+pytestmark = [pytest.mark.e2e, pytest.mark.nightly]
 
 LABEL = "bookworm-cli"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+# Two cold L1s at once on 2 cores (~5 min with an empty cache): nightly (tox -e e2e-nightly).
+pytestmark = [pytest.mark.e2e, pytest.mark.nightly]
 
 ROOT = Path(__file__).resolve().parents[2]
 
