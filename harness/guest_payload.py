@@ -11,16 +11,24 @@ harness/probe_report.py for the console protocol.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import stat
 import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .imaging import HostImage
+    from .provision import GuestPayload
 
 PROBE_SOURCE = Path(__file__).resolve().parent.parent / "images" / "guests" / "probe.c"
+PAYLOAD_VERSION = 1
 PROBE_CFLAGS = ("-static", "-O2", "-Wall", "-Wextra")
 GZIP_LEVEL = 6
 COMPILE_TIMEOUT_S = 300
@@ -213,3 +221,26 @@ def compile_probe(src: Path, out: Path, cc: str = "gcc") -> Path:
         )
     os.replace(tmp, out)
     return out
+
+
+def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], GuestPayload]:
+    """A function building (and caching) the guest payload for an image: keyed by the
+    probe's source, this module, the image's busybox and PAYLOAD_VERSION."""
+    from .provision import GuestPayload
+
+    def build(image: HostImage) -> GuestPayload:
+        h = hashlib.sha256()
+        for path in (PROBE_SOURCE, Path(__file__), image.busybox):
+            h.update(path.read_bytes())
+        h.update(str(PAYLOAD_VERSION).encode())
+        out = cfg.resolved_cache_dir() / "guests" / f"{image.name}-{image.key}-{h.hexdigest()[:12]}"
+        initramfs = out / "initramfs.gz"
+        if not initramfs.exists():
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            probe = compile_probe(PROBE_SOURCE, tmp / "probe")
+            build_guest_initramfs(image.busybox, probe, tmp / "initramfs.gz")
+            tmp.rename(out)
+        return GuestPayload(kernel=image.guest_kernel, initramfs=initramfs)
+
+    return build

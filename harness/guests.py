@@ -10,7 +10,6 @@ harness reads those files over SSH and parses them (harness/probe_report.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import shlex
 import time
@@ -19,17 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import incidents
-from .config import REPO_ROOT, RunConfig
+from .config import RunConfig
 from .dom0_files import GUEST_DIR
-from .imaging import REMOTE_PAYLOAD_DIR, HostImage
+from .imaging import REMOTE_PAYLOAD_DIR
 from .probe_report import ProbeReport, parse_probe_log
+from .remote import RemoteError
 from .xen import Domain, Xl, XlError
 
 log = logging.getLogger(__name__)
 
 CONSOLE_DIR = "/var/log/xen/console"
-PROBE_SOURCE = REPO_ROOT / "images" / "guests" / "probe.c"
-PAYLOAD_VERSION = 1
 
 
 class GuestError(RuntimeError):
@@ -185,7 +183,16 @@ class Guest:
         started = getattr(self, "_created_at", time.monotonic())
         deadline = time.monotonic() + timeout
         while True:
-            state = parse_probe_log(self.console())
+            try:
+                state = parse_probe_log(self.console())
+                if state.report is None and state.error is None:
+                    self.check_alive()
+            except RemoteError as exc:  # dom0 slow (TCG, an HVM guest booting): not yet lost
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s: dom0 did not answer (%s); still waiting", self.name, exc)
+                time.sleep(1.0)
+                continue
             if state.error:
                 raise GuestError(f"{self.name}: probe reported an error: {state.error}\n"
                                  f"{self.console_tail()}")
@@ -194,7 +201,6 @@ class Guest:
                 self.timings["ready"] = round(time.monotonic() - started, 2)
                 self.pages = [ProbePageInfo(p.index, p.pfn, p.sha256) for p in state.report.pages]
                 return state.report
-            self.check_alive()
             if time.monotonic() > deadline:
                 raise GuestTimeout(f"{self.name} ({self.type}): the probe did not report within "
                                    f"{timeout:.0f} s; last console lines:\n{self.console_tail()}")
@@ -349,32 +355,6 @@ def start_guest(xl: Xl, spec: GuestSpec, timeout: float,
         break
     log.info("%s (%s) ready in %.1f s after xl create", guest.name, guest.type, guest.timings["ready"])
     return guest
-
-
-# ---------------------------------------------------------------------- payload
-
-
-def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], object]:
-    """A function building (and caching) the guest payload for an image."""
-    from .guest_payload import build_guest_initramfs, compile_probe
-    from .provision import GuestPayload
-
-    def build(image: HostImage) -> GuestPayload:
-        h = hashlib.sha256()
-        for path in (PROBE_SOURCE, Path(__file__).with_name("guest_payload.py"), image.busybox):
-            h.update(path.read_bytes())
-        h.update(str(PAYLOAD_VERSION).encode())
-        out = cfg.resolved_cache_dir() / "guests" / f"{image.name}-{image.key}-{h.hexdigest()[:12]}"
-        initramfs = out / "initramfs.gz"
-        if not initramfs.exists():
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            probe = compile_probe(PROBE_SOURCE, tmp / "probe")
-            build_guest_initramfs(image.busybox, probe, tmp / "initramfs.gz")
-            tmp.rename(out)
-        return GuestPayload(kernel=image.guest_kernel, initramfs=initramfs)
-
-    return build
 
 
 class GuestPool:

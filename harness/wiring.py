@@ -21,7 +21,8 @@ def provisioner_for(cfg: RunConfig, progress: Callable[[str], None] | None = Non
     """A ``Provisioner`` for ``cfg``: with the guest payload (unless ``guest_payload`` is
     false, e.g. to time an image build alone) and, with ``shared_guests``, creating the
     run's shared guests on each new host (after ``before_guests(host)``, if given)."""
-    from .guests import attach_pool, guest_payload_for
+    from .guest_payload import guest_payload_for
+    from .guests import attach_pool
 
     setup_guests = None
     if shared_guests:

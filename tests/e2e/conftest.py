@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.config import RunConfig, Timeouts
-from harness.guests import guest_payload_for
+from harness.guest_payload import guest_payload_for
 from harness.machines.qemu import NAME_PREFIX
 from harness.provision import Provisioner
 

@@ -26,7 +26,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed
 
 from harness.agent.client import REMOTE_AGENT_PATH  # noqa: E402
 from harness.config import RunConfig  # noqa: E402
-from harness.guests import guest_payload_for  # noqa: E402
+from harness.guest_payload import guest_payload_for  # noqa: E402
 from harness.machines.libvirt import POOL_NAME, connect, reap_domains  # noqa: E402
 from harness.machines.qemu import free_port  # noqa: E402
 from harness.provision import Provisioner  # noqa: E402

@@ -279,3 +279,34 @@ def test_a_crashed_guest_is_destroyed_before_it_is_created_again(monkeypatch):
     assert guest.replace_if_dead(lambda domid, pfns: {p: p + 1000 for p in pfns}, timeout=5, why="w")
     assert destroyed == ["g"] and guest.pages[0].mfn == 1100
     assert "crashed" in incidents.INCIDENTS[0].detail
+
+
+class StallingRemote(FakeRemote):
+    """dom0's sshd too slow to open a channel for the first ``stalls`` commands."""
+
+    def __init__(self, console: str, stalls: int) -> None:
+        super().__init__(console)
+        self.stalls = stalls
+
+    def run(self, cmd: str, timeout: float | None = None, **kwargs: object) -> CommandResult:
+        from harness.remote import RemoteError
+
+        if self.stalls > 0:
+            self.stalls -= 1
+            raise RemoteError("[dom0] transport failed during `cat`: Timeout opening channel.")
+        return super().run(cmd, timeout, **kwargs)
+
+
+def test_a_slow_dom0_while_a_guest_boots_is_waited_on(monkeypatch: pytest.MonkeyPatch):
+    """CI, stop 23: one channel-open timeout while an HVM guest booted errored the check.
+    Within the guest's deadline the wait goes on; past it, the transport error stands."""
+    import harness.guests
+
+    monkeypatch.setattr(harness.guests.time, "sleep", lambda s: None)
+    slow = Guest(GuestSpec(type="hvm", name="g"), FakeXl(StallingRemote(report_text(), 2), running()))
+    assert slow.wait_ready(timeout=30).nonce == "ab" * 16
+    from harness.remote import RemoteError
+
+    dead = Guest(GuestSpec(type="hvm", name="g"), FakeXl(StallingRemote(report_text(), 10**9), running()))
+    with pytest.raises(RemoteError, match="Timeout opening channel"):
+        dead.wait_ready(timeout=0.05)
