@@ -18,7 +18,7 @@ from .agent.channel import Channel
 from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
-from .machines.qemu import find_qemu, iommu_device, qemu_version, qemu_version_label
+from .machines.qemu import find_qemu, l1_iommu, qemu_version_label
 from .remote import Remote
 from .settle import settle_dom0_memory
 from .xen import XenInfo, Xl
@@ -209,8 +209,7 @@ class XenHost:
                 xen_caps=info.xen_caps,
                 accel=accel.accel if accel else "unknown",
                 qemu_version=qemu_version_label(getattr(spec, "qemu_binary", "qemu-system-x86_64")),
-                l1_iommu=(iommu_device(qemu_version(spec.qemu_binary))
-                          if getattr(spec, "iommu", False) else ""),
+                l1_iommu=l1_iommu(spec),
             )
         return self._facts
 

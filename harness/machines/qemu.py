@@ -34,6 +34,7 @@ from .qemu_choice import (  # noqa: F401 (re-exported: callers import them from 
     VIRTIO_BEHIND_IOMMU,
     find_qemu,
     iommu_device,
+    l1_iommu,
     parse_qemu_release,
     parse_qemu_version,
     qemu_candidates,
@@ -181,7 +182,7 @@ class QemuMachine(Machine):
         cmd += ["-netdev", f"socket,id=link0,udp=127.0.0.1:{link.peer},localaddr=127.0.0.1:{link.local}",
                 "-device", f"virtio-net-pci,netdev=link0,addr={LINK_SLOT:#x},mac=52:54:00:12:35:01"]
         if spec.iommu:
-            cmd = with_iommu(cmd, iommu_device(qemu_version(spec.qemu_binary)))
+            cmd = with_iommu(cmd, l1_iommu(spec))
         if incoming and incoming.stream == "mapped-ram":
             cmd += ["-incoming", "defer"]  # capabilities first, then migrate-incoming
         elif incoming:

@@ -135,6 +135,14 @@ def iommu_device(version_line: str) -> str:
     return IOMMU_DEVICE if fixed else f"{IOMMU_DEVICE},{IOMMU_PT_OFF}"
 
 
+def l1_iommu(spec: object) -> str:
+    """The IOMMU device an L1 of ``spec`` gets (its ``qemu_binary``'s release decides), or
+    "" for one without (a PV dom0): the command line and the host facts both use it."""
+    if not getattr(spec, "iommu", False):
+        return ""
+    return iommu_device(qemu_version(getattr(spec, "qemu_binary", "qemu-system-x86_64")))
+
+
 def with_iommu(cmd: list[str], device: str = IOMMU_DEVICE) -> list[str]:
     """``cmd`` on a q35 machine (QEMU only plugs its AMD IOMMU into q35) with an AMD
     IOMMU (``device``) before the first PCI device, and every virtio PCI device put behind it."""

@@ -340,3 +340,7 @@ def test_the_pvh_dom0_l1_gets_pt_off_under_qemu_10_0_2(tmp_path: Path) -> None:
     devs = devices(QemuMachine(spec).command_line())
     assert devs[0] == IOMMU_DEVICE + ",pt=off"
     assert qemu_version_label(str(fake)) == "10.0.2"
+    from harness.machines.qemu import l1_iommu
+
+    assert l1_iommu(spec) == devs[0]  # the host facts' l1_iommu is the device on the command line
+    assert l1_iommu(spec_for(tmp_path, "pv")) == ""
