@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -80,14 +81,58 @@ def xen_version(src: Path) -> str:
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def build_xen(src: Path, cache: Path, jobs: int, configure: bool = True) -> Path:
-    """Build ``src`` (a Xen checkout) and copy its dist/install into the cache; return it."""
+def parse_kconfig(settings: list[str]) -> dict[str, str]:
+    """``CONFIG_X=y`` (or ``=n``, ``=VALUE``) options -> {symbol: value}; BuildError otherwise."""
+    out = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"CONFIG_[A-Z0-9_]+", name) or not value:
+            raise BuildError(f"--kconfig {item!r}: expected CONFIG_NAME=VALUE, e.g. CONFIG_SHADOW_PAGING=y")
+        out[name] = value
+    return out
+
+
+def apply_kconfig(config: Path, wanted: dict[str, str]) -> None:
+    """Set ``wanted`` in a Kconfig .config (``=n`` as "is not set"), replacing their lines."""
+    drop = re.compile(r"^(?:(" + "|".join(wanted) + r")=.*|# (" + "|".join(wanted) + r") is not set)$")
+    lines = [ln for ln in config.read_text().splitlines() if not drop.match(ln)]
+    lines += [f"# {k} is not set" if v == "n" else f"{k}={v}" for k, v in wanted.items()]
+    config.write_text("\n".join(lines) + "\n")
+
+
+def kconfig_lost(config: Path, wanted: dict[str, str]) -> list[str]:
+    """The ``wanted`` settings that olddefconfig dropped (unmet dependencies)."""
+    lines = config.read_text().splitlines()
+    return [f"{k}={v}" for k, v in wanted.items()
+            if (any(ln.startswith(f"{k}=") for ln in lines) if v == "n" else f"{k}={v}" not in lines)]
+
+
+def _configure_hypervisor(src: Path, wanted: dict[str, str], log: Path) -> None:
+    """xen/.config (the tree's, else defconfig) with ``wanted`` set, checked after olddefconfig."""
+    config = src / "xen" / ".config"
+    if not config.is_file():
+        _step(["make", "-C", "xen", "defconfig"], src, log)
+    apply_kconfig(config, wanted)
+    _step(["make", "-C", "xen", "olddefconfig"], src, log)
+    lost = kconfig_lost(config, wanted)
+    if lost:
+        raise BuildError(f"{', '.join(lost)} did not survive `make -C xen olddefconfig` (a dependency "
+                         f"is not met: see the symbol in xen/ Kconfig files); {config} says otherwise")
+
+
+def build_xen(src: Path, cache: Path, jobs: int, configure: bool = True,
+              kconfig: dict[str, str] | None = None) -> Path:
+    """Build ``src`` (a Xen checkout) and copy its dist/install into the cache; return it.
+    ``kconfig`` settings go into the hypervisor's xen/.config first (e.g. shadow paging,
+    which PV live migration needs and Xen 4.22 leaves out by default)."""
     if not (src / "xen" / "Makefile").is_file() or not (src / "tools").is_dir():
         raise BuildError(f"{src} is not a Xen source tree (expected xen/Makefile and tools/)")
     log = cache / "builds" / "logs" / f"xen-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if configure:
         _step(["./configure", *xen_configure_flags()], src, log)
+    if kconfig:
+        _configure_hypervisor(src, kconfig, log)
     _step(["make", f"-j{jobs}", "dist"], src, log)
     install = src / "dist" / "install"
     if not (install / "boot").is_dir():
@@ -163,7 +208,8 @@ def cmd_build_xen(args: argparse.Namespace) -> int:
 
     cache = _config(args).resolved_cache_dir()
     started = time.monotonic()
-    dist = build_xen(Path(args.src).resolve(), cache, args.jobs, configure=not args.no_configure)
+    dist = build_xen(Path(args.src).resolve(), cache, args.jobs, configure=not args.no_configure,
+                     kconfig=parse_kconfig(args.kconfig))
     print(f"Xen dist tree: {dist} (built in {time.monotonic() - started:.0f} s)\n"
           f"next: nested-xen run --xen-dist {dist} --image bookworm -- plugins/smoke.py")
     return 0
@@ -192,6 +238,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("--jobs", type=int, default=jobs)
     p.add_argument("--no-configure", action="store_true", help="reuse the tree's configuration")
+    p.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y",
+                   help="set a hypervisor Kconfig option in xen/.config before the build (repeatable), "
+                        "e.g. CONFIG_SHADOW_PAGING=y for PV live migration")
     p.add_argument("--config", metavar="YAML", help="run configuration file (its cache_dir:)")
     p.set_defaults(func=cmd_build_xen)
     p = sub.add_parser("build-kernel", help="build a Linux tree (defconfig + xen.config) into the cache")

@@ -265,3 +265,30 @@ def test_kernel_build_names_the_packages_it_lacks(tmp_path: Path, monkeypatch) -
     with pytest.raises(ownbuild.BuildError, match="apt-get install flex libelf-dev"):
         ownbuild.build_kernel(src, tmp_path / "cache", 1)
     assert not (tmp_path / "cache").exists(), "nothing built, nothing left in the cache"
+
+
+def test_build_xen_sets_kconfig_options_and_says_when_one_is_dropped(tmp_path: Path, monkeypatch) -> None:
+    """`build-xen --kconfig CONFIG_SHADOW_PAGING=y`: Xen 4.22's default config leaves shadow
+    paging out, so its PV guests cannot live-migrate; the option goes into xen/.config and
+    must survive olddefconfig (here a fake olddefconfig drops one to show the error)."""
+    from harness import ownbuild
+
+    with pytest.raises(ownbuild.BuildError, match="expected CONFIG_NAME=VALUE"):
+        ownbuild.parse_kconfig(["SHADOW_PAGING=y"])
+    wanted = ownbuild.parse_kconfig(["CONFIG_SHADOW_PAGING=y", "CONFIG_HVM=n"])
+    config = tmp_path / "xen" / ".config"
+    config.parent.mkdir()
+    config.write_text("CONFIG_PV=y\n# CONFIG_SHADOW_PAGING is not set\nCONFIG_HVM=y\n")
+    ownbuild.apply_kconfig(config, wanted)
+    assert config.read_text().splitlines() == ["CONFIG_PV=y", "CONFIG_SHADOW_PAGING=y",
+                                               "# CONFIG_HVM is not set"]
+    assert ownbuild.kconfig_lost(config, wanted) == []
+
+    def olddefconfig(cmd, cwd, log, offline=True):  # drops shadow paging, as an unmet dependency would
+        if cmd[-1] == "olddefconfig":
+            text = config.read_text()
+            config.write_text(text.replace("CONFIG_SHADOW_PAGING=y", "# CONFIG_SHADOW_PAGING is not set"))
+
+    monkeypatch.setattr(ownbuild, "_step", olddefconfig)
+    with pytest.raises(ownbuild.BuildError, match="CONFIG_SHADOW_PAGING=y did not survive"):
+        ownbuild._configure_hypervisor(tmp_path, wanted, tmp_path / "log")
