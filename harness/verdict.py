@@ -49,6 +49,7 @@ class CheckState:
     incidents: list[Incident] = field(default_factory=list)
     fault: str | None = None  # the first attempt's emulator-fault signature
     rerun: bool = False
+    setup_from: int = 0  # incidents.INCIDENTS' length when its setup began
 
 
 STATE_KEY = pytest.StashKey[CheckState]()
@@ -178,9 +179,16 @@ class VerdictPlugin:
         return True
 
     @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Any:
+        state_of(item).setup_from = len(incidents.INCIDENTS)
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Any:
         report = yield
         facts = item.stash.get(FACTS_KEY, None)
+        if report.when == "setup" and report.passed:
+            _unexplained_deaths_before(item, report)
         if report.when == "setup" and report.failed and facts is not None:
             self._judge_setup(item, report, facts)
             return report
@@ -292,6 +300,25 @@ class VerdictPlugin:
         death.action = "failed"
         fail(report, f"{told}\n{why} [{death.signature}]; no known issue of this check names it"
                      + (f"\n{decision.note()}" if decision.considered else ""))
+
+
+def _unexplained_deaths_before(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A guest this check's setup found dead (between checks) with no emulator-fault
+    signature: it was created again for the checks after, but this one fails its setup
+    with the evidence. A death nobody can explain is never a green run (a Xen that kills
+    idle guests now and then would otherwise pass on the fresh ones)."""
+    found = [i for i in incidents.INCIDENTS[state_of(item).setup_from:]
+             if i.subject == "guest" and i.phase == "between-checks" and i.signature is None]
+    if not found:
+        return
+    for incident in found:
+        incident.action = "failed"
+        attach(item, report, "incident", incident.as_property())
+    fail(report, "\n\n".join(
+        f"{i.name}{f' ({i.guest_type})' if i.guest_type else ''} d{i.domid} died before this check "
+        f"({i.detail}); no known emulator-fault signature matches (known_issues.yaml, "
+        f"check: guest-death), so this is not judged an emulator fault. It was created again for "
+        f"the checks after this one.\n{_evidence_text(i)}" for i in found))
 
 
 def _evidence_text(incident: Incident) -> str:
