@@ -104,7 +104,9 @@ def test_a_guest_dying_during_checks_is_an_incident_rerun_or_failed(tmp_path: Pa
 
     assert results["test_c_the_next_check_gets_a_live_guest"]["outcome"] == "passed"
     assert "emulator-fault reruns: 1 of 6 this run" in run.stdout
-    saved = json.loads((artifacts / "incidents.json").read_text())
+    # The checks' incidents; a cold boot may add one of its own (the pre-check of session 10
+    # saw the shared PVH guest die in early boot under QEMU 7.2: not this test's subject).
+    saved = [i for i in json.loads((artifacts / "incidents.json").read_text()) if i["nodeid"]]
     assert [(i["phase"], i["action"]) for i in saved] == [("during-check", "rerun"),
                                                           ("during-check", "failed")]
     assert "Resetting" in saved[0]["evidence"]["console"]
