@@ -212,8 +212,7 @@ class VerdictPlugin:
         versions and signature match (the evidence: its failure text and, for a host
         lost during it, the serial tail)."""
         check, kind = check_id(item), guest_type_of(item)
-        lost_note = (f"{lost.name} stopped answering during this check (incident: host lost)\n"
-                     f"{_evidence_text(lost)}" if lost is not None else "")
+        lost_note = _lost_note(lost, "during this check") if lost is not None else ""
         if report.failed:
             evidence = f"{_text(report)}\n{lost.text() if lost is not None else ''}"
             decision = decide(self.issues, check, kind, facts, evidence)
@@ -253,8 +252,7 @@ class VerdictPlugin:
         state_of(item).incidents.append(lost)
         if not self._host_fault(report, lost, facts, "while this check was being set up"):
             lost.action = "failed"
-            add_note(report, f"{lost.name} stopped answering while this check was being set up "
-                             f"(incident: host lost)\n{_evidence_text(lost)}")
+            add_note(report, _lost_note(lost, "while this check was being set up"))
         attach(item, report, "incident", lost.as_property())
 
     def _host_fault(self, report: pytest.TestReport, lost: Incident, facts: Any,
@@ -319,6 +317,10 @@ def _unexplained_deaths_before(item: pytest.Item, report: pytest.TestReport) -> 
         f"({i.detail}); no known emulator-fault signature matches (known_issues.yaml, "
         f"check: guest-death), so this is not judged an emulator fault. It was created again for "
         f"the checks after this one.\n{_evidence_text(i)}" for i in found))
+
+
+def _lost_note(lost: Incident, during: str) -> str:
+    return f"{lost.name} stopped answering {during} (incident: host lost)\n{_evidence_text(lost)}"
 
 
 def _evidence_text(incident: Incident) -> str:
