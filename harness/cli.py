@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, available_recipes, load_recipe, load_run_config
+from . import options
+from .config import ConfigError, RunConfig, available_recipes, load_recipe
+from .config import run_config_from_args as _config
 
 log = logging.getLogger("nested_xen")
 
@@ -116,28 +118,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _arg(args: argparse.Namespace, flag: str) -> object:
-    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
-
-
-def _config(args: argparse.Namespace) -> RunConfig:
-    from .inputs import InputError, from_options
-
-    cfg = load_run_config(Path(args.config) if args.config else None)
-    try:
-        inputs = from_options(lambda flag: _arg(args, flag), cfg.inputs)
-    except InputError as exc:
-        raise UserError(str(exc)) from None
-    return cfg.with_overrides(
-        inputs=inputs,
-        host_images=tuple(args.image) if getattr(args, "image", None) else None,
-        accel=getattr(args, "accel", None), mirror=getattr(args, "mirror", None),
-        rebuild=True if getattr(args, "rebuild", False) else None,
-        snapshot=getattr(args, "snapshot", None), dom0=getattr(args, "dom0", None),
-        backend=getattr(args, "backend", None), libvirt_uri=getattr(args, "libvirt_uri", None),
-    )
 
 
 def _provisioner(cfg: RunConfig):
@@ -276,22 +256,17 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the plugin checks (pytest plugins/ with these options)."""
-    args.pytest_args = [a for a in args.pytest_args if a != "--"]
-    paths = [a for a in args.pytest_args if not a.startswith("-") and ".py" in a]
-    cmd = [sys.executable, "-m", "pytest", *([] if paths else ["plugins"]), "-v", "-rA"]
-    if args.config:
-        cmd += ["--nx-config", args.config]
-    for image in args.image or ():
-        cmd += ["--host-image", image]
-    from .inputs import OPTIONS
-
-    for flag, _key, _text in OPTIONS:
-        value = _arg(args, flag)
-        if value:
-            cmd += [flag, str(value) if flag == "--kernel-for" else str(Path(str(value)).resolve())]
-    cmd += args.pytest_args
+    """Run the plugin checks: pytest plugins/ with every option given (harness/options.py)."""
+    cmd = [sys.executable, "-m", "pytest", *pytest_args(args)]
     return subprocess.call(cmd)
+
+
+def pytest_args(args: argparse.Namespace) -> list[str]:
+    """pytest's arguments for `nested-xen run ARGS`: the options, then what followed them."""
+    rest = [a for a in args.pytest_args if a != "--"]
+    paths = [a for a in rest if not a.startswith("-") and ".py" in a]
+    return [*([] if paths else ["plugins"]), "-v", "-rA",
+            *options.pytest_args(lambda name: getattr(args, name, None)), *rest]
 
 
 # ---------------------------------------------------------------------- main
@@ -303,18 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="YAML", help="run configuration file")
-        p.add_argument("--image", action="append", metavar="NAME", help="host image recipe")
-        p.add_argument("--accel", choices=["auto", "kvm", "tcg"])
-        p.add_argument("--mirror", metavar="URL", help="Debian mirror for image builds")
-        p.add_argument("--rebuild", action="store_true", help="rebuild images, drop snapshots")
-        p.add_argument("--snapshot", choices=["auto", "off", "refresh"])
-        p.add_argument("--dom0", choices=["pv", "pvh"], help="dom0 mode (overrides the recipe)")
-        p.add_argument("--backend", choices=["qemu", "libvirt"], help="L1 machine backend")
-        p.add_argument("--libvirt-uri", metavar="URI", help="libvirt connection (default qemu:///system)")
-        from .inputs import add_options
-
-        add_options(p.add_argument)
+        options.add_arguments(p)  # every run-config option (harness/options.py)
 
     sub.add_parser("doctor", help="what this host has and lacks").set_defaults(func=cmd_doctor)
     p = sub.add_parser("images", help="list recipes or build images")
@@ -351,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
-    common(p)
+    options.add_arguments(p, scopes=options.SCOPES)  # and pytest's own: all go on to pytest
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
     return parser

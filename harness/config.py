@@ -14,16 +14,12 @@ from typing import Any
 
 import yaml
 
-from .inputs import InputError, Inputs, parse_inputs
+from .inputs import InputError, Inputs, from_options, parse_inputs
 from .inputs import key_material as inputs_key_material
+from .options import ACCELS, BACKENDS, DOM0_MODES, SNAPSHOT_MODES, Getter, overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO_ROOT / "images" / "hosts"
-
-BACKENDS = ("qemu", "libvirt")
-ACCELS = ("auto", "kvm", "tcg")
-SNAPSHOT_MODES = ("auto", "off", "refresh")
-DOM0_MODES = ("pv", "pvh")
 
 
 class ConfigError(Exception):
@@ -195,6 +191,23 @@ def load_run_config(path: Path | None) -> RunConfig:
     cfg = RunConfig(**kwargs)
     cfg.validate()
     return cfg
+
+
+def run_config_from_options(get: Getter) -> RunConfig:
+    """The run configuration a command line asks for (``get(option name)``, harness/options.py):
+    its YAML file (``--config`` / ``--nx-config``), with the options given over it."""
+    path = get("nx_config")
+    cfg = load_run_config(Path(path).expanduser() if path else None)
+    try:
+        inputs = from_options(get, cfg.inputs)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg.with_overrides(inputs=inputs, **overrides(get))
+
+
+def run_config_from_args(args: Any) -> RunConfig:
+    """:func:`run_config_from_options` for parsed arguments (an argparse namespace)."""
+    return run_config_from_options(lambda name: getattr(args, name, None))
 
 
 def _convert_run_key(source: str, key: str, value: Any) -> Any:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KERNEL_FOR = ("dom0", "guests", "both")
+from .options import KERNEL_FOR, input_values
+
 ELF_X86_64 = 0x3E
 # Debian packages a Xen input replaces (the base recipe's own Xen and device model).
 XEN_PACKAGE = re.compile(r"^(xen-|libxen|qemu-system-xen)")
@@ -332,31 +333,14 @@ def key_material(inputs: Inputs) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- options
 
-# Command-line options (nested-xen and pytest) -> Inputs keys.
-OPTIONS = (("--xen-dist", "xen_dist", "a Xen `make dist` (or `make install DESTDIR=`) tree"),
-           ("--xen-debs", "xen_debs", "a directory of Xen .debs"),
-           ("--xen", "xen", "a Xen hypervisor file (xen-*.gz); the tools stay the recipe's"),
-           ("--kernel", "kernel", "a Linux bzImage"),
-           ("--kernel-modules", "kernel_modules", "the tree `make modules_install INSTALL_MOD_PATH=` wrote"),
-           ("--kernel-for", "kernel_for", "who boots --kernel: dom0, guests or both (default both)"),
-           ("--device-model", "device_model", "a qemu-system-i386 built against the Xen under test"))
-
-
-def add_options(add: Any) -> None:
-    """Register the inputs' options with an argparse parser's or a pytest group's add."""
-    for flag, _key, text in OPTIONS:
-        if flag == "--kernel-for":
-            add(flag, choices=list(KERNEL_FOR), help=text)
-        else:
-            add(flag, metavar="PATH", help=text)
-
 
 def from_options(get: Any, over: Inputs) -> Inputs:
-    """``over`` with the options given on the command line (``get(flag)``) over it."""
-    values = {key: get(flag) for flag, key, _text in OPTIONS if get(flag)}
+    """``over`` with the inputs given on a command line (``get(option name)``, harness/options.py)
+    over it."""
+    values = input_values(get)
     if not values:
         return over
-    merged = {k: getattr(over, k) for k in Inputs.KEYS} | {k: str(v) for k, v in values.items()}
+    merged = {k: getattr(over, k) for k in Inputs.KEYS} | values
     # Paths from the command line are relative to where it ran.
     for key in values:
         if key != "kernel_for":

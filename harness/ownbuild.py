@@ -19,6 +19,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import options
+from .config import run_config_from_args as _config
+
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 # Where libxl looks for its device model; `--device-model` installs one there.
 QEMU_PATH = "/usr/local/lib/xen/bin/qemu-system-i386"
@@ -185,7 +188,6 @@ def build_kernel(src: Path, cache: Path, jobs: int) -> Path:
 
 
 def cmd_inputs(args: argparse.Namespace) -> int:
-    from .cli import _config
     from .config import load_recipe
     from .debian_inputs import PrepareError, prepare
     from .imaging import resolve_mirror
@@ -204,8 +206,6 @@ def cmd_inputs(args: argparse.Namespace) -> int:
 
 
 def cmd_build_xen(args: argparse.Namespace) -> int:
-    from .cli import _config
-
     cache = _config(args).resolved_cache_dir()
     started = time.monotonic()
     dist = build_xen(Path(args.src).resolve(), cache, args.jobs, configure=not args.no_configure,
@@ -216,8 +216,6 @@ def cmd_build_xen(args: argparse.Namespace) -> int:
 
 
 def cmd_build_kernel(args: argparse.Namespace) -> int:
-    from .cli import _config
-
     cache = _config(args).resolved_cache_dir()
     out = build_kernel(Path(args.src).resolve(), cache, args.jobs)
     print(f"kernel: {out}/bzImage, modules: {out}/modules\n"
@@ -230,8 +228,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "its xen.gz + vmlinuz + modules as files: own-build inputs from Debian")
     p.add_argument("suite", help="e.g. bookworm or trixie")
     p.add_argument("--dir", help="write DIR/SUITE/ (default: $NESTED_XEN_INPUTS or <cache>/inputs)")
-    p.add_argument("--config", metavar="YAML", help="run configuration file (its mirror:)")
-    p.add_argument("--mirror", metavar="URL", help="Debian mirror")
+    options.add_arguments(p, ("nx_config", "mirror", "cache_dir"))  # its mirror: and cache_dir:
     p.set_defaults(func=cmd_inputs)
     jobs = os.cpu_count() or 1
     p = sub.add_parser("build-xen", help="build a Xen source tree (make dist) into the cache")
@@ -241,10 +238,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kconfig", action="append", default=[], metavar="CONFIG_X=y",
                    help="set a hypervisor Kconfig option in xen/.config before the build (repeatable), "
                         "e.g. CONFIG_SHADOW_PAGING=y for PV live migration")
-    p.add_argument("--config", metavar="YAML", help="run configuration file (its cache_dir:)")
+    options.add_arguments(p, ("nx_config", "cache_dir"))  # its cache_dir:
     p.set_defaults(func=cmd_build_xen)
     p = sub.add_parser("build-kernel", help="build a Linux tree (defconfig + xen.config) into the cache")
     p.add_argument("src", metavar="SRC")
     p.add_argument("--jobs", type=int, default=jobs)
-    p.add_argument("--config", metavar="YAML", help="run configuration file (its cache_dir:)")
+    options.add_arguments(p, ("nx_config", "cache_dir"))  # its cache_dir:
     p.set_defaults(func=cmd_build_kernel)

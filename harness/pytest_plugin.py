@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from . import incidents
-from .config import ConfigError, RunConfig, check_host_images, load_run_config
+from . import incidents, options
+from .config import ConfigError, RunConfig, check_host_images, run_config_from_options
 from .discovery import SOURCES_KEY, Sources, collect_directory, entry_point_plugins, report_header
 from .fixtures.hosts import FACTS_BY_IMAGE, HOST_FIXTURES, LOST_HOSTS, host_lost, lost_key
 from .fixtures.run import (
@@ -65,56 +65,11 @@ pytest_plugins = ["harness.fixtures.hosts", "harness.fixtures.guests", "harness.
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nested-xen", "nested-xen: Xen in QEMU")
-    group.addoption("--nx-config", metavar="YAML", help="run configuration file")
-    group.addoption("--host-image", action="append", metavar="NAME",
-                    help="host image recipe (images/hosts/NAME.yaml); repeat or comma-separate")
-    group.addoption("--backend", choices=["qemu", "libvirt"], help="L1 machine backend")
-    group.addoption("--libvirt-uri", metavar="URI",
-                    help="libvirt connection for --backend libvirt (default qemu:///system)")
-    group.addoption("--accel", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
-    group.addoption("--dom0", choices=["pv", "pvh"], help="dom0 mode (overrides the recipe)")
-    group.addoption("--artifacts-dir", metavar="DIR", help="where logs and reports go")
-    group.addoption("--cache-dir", metavar="DIR", help="image and snapshot cache")
-    group.addoption("--mirror", metavar="URL", help="Debian mirror for image builds")
-    group.addoption("--snapshot", choices=["auto", "off", "refresh"],
-                    help="L1 snapshots: use/create (auto), never (off), recreate (refresh)")
-    group.addoption("--rebuild", action="store_true", default=None,
-                    help="rebuild images and drop snapshots")
-    group.addoption("--memory-mb", type=int, help="L1 memory in MiB")
-    from .inputs import add_options
-
-    add_options(group.addoption)
-    group.addoption("--print-config", action="store_true", help="print the effective config and exit")
-    group.addoption("--known-issues", metavar="YAML",
-                    help="known issues file (default: the repository's known_issues.yaml)")
-    group.addoption("--nx-no-entry-points", action="store_true",
-                    help="do not collect checks from installed packages' nested_xen.plugins entry points")
+    options.add_pytest_options(group.addoption)  # every option, declared in harness/options.py
 
 
 def _build_config(config: pytest.Config) -> RunConfig:
-    opt = config.getoption
-    path = opt("--nx-config")
-    cfg = load_run_config(Path(path) if path else None)
-    images = opt("--host-image")
-    if images:
-        images = tuple(n.strip() for arg in images for n in arg.split(",") if n.strip())
-    return cfg.with_overrides(
-        host_images=images or None,
-        backend=opt("--backend"), libvirt_uri=opt("--libvirt-uri"), accel=opt("--accel"), dom0=opt("--dom0"),
-        artifacts_dir=Path(opt("--artifacts-dir")) if opt("--artifacts-dir") else None,
-        cache_dir=Path(opt("--cache-dir")) if opt("--cache-dir") else None,
-        mirror=opt("--mirror"), snapshot=opt("--snapshot"), rebuild=opt("--rebuild"),
-        memory_mb=opt("--memory-mb"), inputs=_inputs_of(opt, cfg),
-    )
-
-
-def _inputs_of(opt, cfg: RunConfig):
-    from .inputs import InputError, from_options
-
-    try:
-        return from_options(opt, cfg.inputs)
-    except InputError as exc:
-        raise ConfigError(str(exc)) from None
+    return run_config_from_options(config.getoption)  # the YAML file, the options over it
 
 
 def pytest_configure(config: pytest.Config) -> None:

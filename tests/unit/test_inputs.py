@@ -89,7 +89,7 @@ def test_run_config_inputs_and_options(tmp_path: Path) -> None:
     cfg.write_text("inputs:\n  xen_debs: debs\n  device_model: qemu\n")
     loaded = load_run_config(cfg)
     assert loaded.inputs == Inputs(xen_debs="debs", device_model="qemu")
-    opts = {"--kernel": "bz", "--kernel-for": "guests"}
+    opts = {"kernel": "bz", "kernel_for": "guests"}  # option names (harness/options.py)
     merged = from_options(opts.get, loaded.inputs)
     assert merged.xen_debs == "debs" and merged.kernel == str(Path("bz").resolve())
     assert merged.kernel_for == "guests"
