@@ -6,7 +6,10 @@ hvmloader), niced so VM jobs keep priority and, as root, without network (``unsh
 a build that reaches for the network fails saying so. ``make dist``'s ``dist/install``
 is copied into the cache (``<cache>/builds/xen-<version>``), the tree `--xen-dist` takes.
 ``build-kernel SRC`` does the same for Linux: defconfig + Linux's own ``xen.config``.
-Neither takes the VM lock: only booting does.
+Neither takes the VM lock: only booting does. Both first check the tools and headers
+they need (``XEN_TOOLS``/``XEN_FILES``, ``KERNEL_TOOLS``/``KERNEL_HEADERS``) and stop,
+before configuring anything, with the one ``apt-get install`` line that brings the
+missing Debian packages.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def build_xen(src: Path, cache: Path, jobs: int, configure: bool = True,
     which PV live migration needs and Xen 4.22 leaves out by default)."""
     if not (src / "xen" / "Makefile").is_file() or not (src / "tools").is_dir():
         raise BuildError(f"{src} is not a Xen source tree (expected xen/Makefile and tools/)")
+    require("a Xen build", xen_build_missing())
     log = cache / "builds" / "logs" / f"xen-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if configure:
@@ -151,21 +155,64 @@ KERNEL_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", 
                 "perl": "perl"}
 KERNEL_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
 
+# What Xen's ./configure (XEN_CONFIGURE) and `make dist` run, and the bookworm/trixie package
+# with it: the hypervisor's Kconfig is built from lexer.l and parser.y (flex, bison); the
+# tools' configure fails without iasl, Python's headers, uuid, curses, yajl or zlib.
+XEN_TOOLS = {"gcc": "build-essential", "make": "build-essential", "python3": "python3-dev",
+             "iasl": "acpica-tools", "flex": "flex", "bison": "bison",
+             # without pkg-config, configure quietly leaves out zstd and libnl
+             "pkg-config": "pkg-config"}
+XEN_FILES = {
+    "/usr/include/python3*/Python.h": "python3-dev",  # brings distutils too (Xen 4.17's setup.py)
+    "/usr/include/uuid/uuid.h": "uuid-dev",
+    "/usr/include/ncurses.h": "libncurses-dev",
+    "/usr/include/yajl/yajl_version.h": "libyajl-dev",
+    "/usr/include/zlib.h": "zlib1g-dev",
+    # Optional to configure, but what a dist tree's tools link against in the image
+    # (inputs.TOOLS_RUNTIME): libxenguest's kernel decompressors, Remus/COLO's libnl,
+    # pygrub's ext2fs; left out, PV guests with such kernels or those tools fail in dom0.
+    "/usr/include/zstd.h": "libzstd-dev",
+    "/usr/include/lzma.h": "liblzma-dev",
+    "/usr/include/bzlib.h": "libbz2-dev",
+    "/usr/include/lzo/lzo1x.h": "liblzo2-dev",
+    "/usr/include/libnl3/netlink/netlink.h": "libnl-3-dev",
+    "/usr/include/libnl3/netlink/route/link.h": "libnl-route-3-dev",
+    "/usr/include/ext2fs/ext2fs.h": "libext2fs-dev",
+    str(SEABIOS): "seabios",  # hvmloader's BIOS: without it HVM guests have none
+}
 
-def kernel_build_missing(root: Path = Path("/")) -> list[str]:
-    """The Debian packages a kernel build needs that this machine lacks."""
-    missing = [pkg for tool, pkg in KERNEL_TOOLS.items() if shutil.which(tool) is None]
-    missing += [pkg for header, pkg in KERNEL_HEADERS.items() if not (root / header.lstrip("/")).is_file()]
+
+def build_missing(tools: dict[str, str], files: dict[str, str], root: Path = Path("/"),
+                  path: str | None = None) -> list[str]:
+    """The Debian packages of ``tools`` (looked up on ``path``, default $PATH) and ``files``
+    (globs under ``root``) that this machine lacks, sorted, each once."""
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool, path=path) is None]
+    missing += [pkg for pattern, pkg in files.items() if not any(root.glob(pattern.lstrip("/")))]
     return sorted(set(missing))
+
+
+def kernel_build_missing(root: Path = Path("/"), path: str | None = None) -> list[str]:
+    """The Debian packages a kernel build needs that this machine lacks."""
+    return build_missing(KERNEL_TOOLS, KERNEL_HEADERS, root, path)
+
+
+def xen_build_missing(root: Path = Path("/"), path: str | None = None) -> list[str]:
+    """The Debian packages a Xen build (configure + make dist) needs that this machine lacks."""
+    return build_missing(XEN_TOOLS, XEN_FILES, root, path)
+
+
+def require(what: str, missing: list[str]) -> None:
+    """Stop before anything is configured or built, naming the one apt-get line to run."""
+    if missing:
+        raise BuildError(f"{what} needs {', '.join(missing)}: "
+                         f"apt-get install {' '.join(missing)} (nothing was built)")
 
 
 def build_kernel(src: Path, cache: Path, jobs: int) -> Path:
     """defconfig + xen.config, bzImage + modules; copy both into the cache; return the dir."""
     if not (src / "Kbuild").is_file() or not (src / "arch" / "x86").is_dir():
         raise BuildError(f"{src} is not a Linux source tree (expected Kbuild and arch/x86/)")
-    if missing := kernel_build_missing():
-        raise BuildError(f"a kernel build needs {', '.join(missing)}: "
-                         f"apt-get install {' '.join(missing)} (nothing was built)")
+    require("a kernel build", kernel_build_missing())
     log = cache / "builds" / "logs" / f"linux-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     _step(["make", "defconfig", "xen.config"], src, log)

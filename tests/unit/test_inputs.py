@@ -259,7 +259,13 @@ def test_kernel_build_names_the_packages_it_lacks(tmp_path: Path, monkeypatch) -
     src = tmp_path / "linux"
     (src / "arch" / "x86").mkdir(parents=True)
     (src / "Kbuild").write_text("")
-    monkeypatch.setattr(ownbuild.shutil, "which", lambda tool: None if tool == "flex" else f"/usr/bin/{tool}")
+    bin_dir = tmp_path / "bin"  # every kernel tool but flex
+    bin_dir.mkdir()
+    for tool in ownbuild.KERNEL_TOOLS:
+        if tool != "flex":
+            (bin_dir / tool).write_text("#!/bin/sh\n")
+            (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setattr(ownbuild, "KERNEL_HEADERS", {str(tmp_path / "no" / "gelf.h"): "libelf-dev"})
     assert ownbuild.kernel_build_missing() == ["flex", "libelf-dev"]
     with pytest.raises(ownbuild.BuildError, match="apt-get install flex libelf-dev"):
