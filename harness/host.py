@@ -19,6 +19,7 @@ from .config import HostRecipe, RunConfig, Timeouts
 from .imaging import HostImage
 from .machines.base import LinkPorts, Machine, MachineSpec, Module, Stage
 from .machines.qemu import find_qemu, l1_iommu, qemu_version_label
+from .machines.qemu_choice import parse_qemu_release
 from .remote import Remote
 from .settle import settle_dom0_memory
 from .xen import XenInfo, Xl
@@ -52,6 +53,10 @@ class HostFacts:
     xen_build: str = ""
     origin: str = "debian"
     device_model: str | None = None
+    # That device model's version, from the binary itself ("11.1.2"), and the package that
+    # installed it ("qemu-system-xen 1:11.1.2+ds-3"; "" not from a package); None unknown.
+    device_model_version: str | None = None
+    device_model_package: str | None = None
     # The L1's IOMMU device ("" none: a PV dom0's L1 has none), with `pt=off` where that
     # QEMU's AMD IOMMU has the unfixed pass-through mode (machines/qemu.py: iommu_device).
     l1_iommu: str = ""
@@ -69,17 +74,52 @@ class HostFacts:
             "xen_build": self.xen_build,
             "origin": self.origin,
             "device_model": self.device_model,
+            "device_model_version": self.device_model_version,
+            "device_model_package": self.device_model_package,
             "l1_iommu": self.l1_iommu,
         }
 
 
-# Line 1: the image's inputs label; line 2: libxl's device model, if present and executable.
+# Line 1: the image's inputs label; line 2: libxl's device model, if present and executable;
+# line 3: its `--version` line; line 4: the package that installed it and its version.
 DEVICE_MODEL_PROBE = (
     "cat /etc/nested-xen/inputs 2>/dev/null || echo debian; "
     "lib=$(ldconfig -p | awk '/libxenlight\\.so/{print $NF; exit}'); "
     "dm=$(grep -aoE '/[-_./A-Za-z0-9]*qemu-system-i386' \"$lib\" 2>/dev/null | head -n1); "
-    "[ -n \"$dm\" ] && [ -x \"$dm\" ] && echo \"$dm\" || echo"
+    "if [ -n \"$dm\" ] && [ -x \"$dm\" ]; then echo \"$dm\"; "
+    "echo \"$(timeout 30 \"$dm\" --version 2>&1 | head -n1)\"; "
+    # dpkg knows a file by the path its package ships (usrmerge: /bin/x for /usr/bin/x)
+    "pkg=$(for f in \"$dm\" \"$(readlink -f \"$dm\")\" \"${dm#/usr}\"; do "
+    "dpkg -S \"$f\" 2>/dev/null && break; done); pkg=${pkg%%:*}; pkg=${pkg%%,*}; "
+    "[ -n \"$pkg\" ] && echo \"$pkg $(dpkg-query -W --showformat='${Version}' \"$pkg\" 2>/dev/null)\" "
+    "|| echo; "
+    "else echo; fi"
 )
+
+
+def device_model_version(line: str) -> str:
+    """The version a device model's `--version` line gives, "11.1.2" for "QEMU emulator
+    version 11.1.2 (Debian 1:11.1.2+ds-3)" ("" if it names none)."""
+    release = parse_qemu_release(line)
+    return ".".join(map(str, release)) if release else ""
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """What DEVICE_MODEL_PROBE found: the image's inputs label, libxl's device model ("" none
+    here), its version and package ("" each when unknown or none)."""
+
+    origin: str
+    path: str
+    version: str = ""
+    package: str = ""
+
+
+def parse_device_model_probe(text: str) -> DeviceModel:
+    lines = [line.strip() for line in text.splitlines()] + ["", "", "", ""]
+    path = lines[1]
+    return DeviceModel(lines[0] or "debian", path, device_model_version(lines[2]) if path else "",
+                       lines[3].strip() if path else "")
 
 
 def build_of(raw: dict[str, str]) -> str:
@@ -196,12 +236,14 @@ class XenHost:
             ).split()
             spec = getattr(self.machine, "spec", None)
             accel = getattr(spec, "accel", None)
-            origin, device_model = self._build_facts()
+            dm = parse_device_model_probe(self.remote.check_output(DEVICE_MODEL_PROBE, timeout=60))
             self._facts = HostFacts(
                 xen_changeset=info.raw.get("xen_changeset", ""),
                 xen_build=build_of(info.raw),
-                origin=origin,
-                device_model=device_model,
+                origin=dm.origin,
+                device_model=dm.path,
+                device_model_version=dm.version,
+                device_model_package=dm.package,
                 xen_version=info.xen_version,
                 kernel_release=out[0],
                 dom0_mode=out[1].lower() if len(out) > 1 else "unknown",
@@ -212,13 +254,6 @@ class XenHost:
                 l1_iommu=l1_iommu(spec),
             )
         return self._facts
-
-    def _build_facts(self) -> tuple[str, str]:
-        """(origin, device model): the image's inputs label, and the qemu-system-i386 path
-        compiled into libxenlight if it is executable here ("" if not)."""
-        out = self.remote.check_output(DEVICE_MODEL_PROBE, timeout=30).splitlines()
-        origin = out[0].strip() if out and out[0].strip() else "debian"
-        return origin, (out[1].strip() if len(out) > 1 else "")
 
     def sync_clock(self) -> None:
         """Set dom0's clock to the harness's (a restored snapshot's clock is old)."""
