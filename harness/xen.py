@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .remote import CommandResult, Remote
@@ -220,7 +220,70 @@ class Xl:
     def debug_keys(self, keys: str) -> None:
         self._xl(f"debug-keys {shlex.quote(keys)}")
 
+    def guest_logs(self, *names: str) -> list[GuestLog]:
+        """These guests' own logs in this dom0 (:func:`guest_logs`)."""
+        return guest_logs(self.remote, names)
+
 
 def dmesg_problems(text: str) -> list[str]:
     """Lines of `xl dmesg` that show a panic, BUG, WARN or failed assertion."""
     return [line for line in text.splitlines() if PANIC_PATTERNS.search(line)]
+
+
+# ------------------------------------------------------------------ a guest's own logs
+
+XEN_LOG_DIR = "/var/log/xen"
+# What each of a guest's logs in XEN_LOG_DIR is evidence of: its device model's
+# (libxl's qemu-dm-<name>.log: QEMU's own complaints, as "xen-qemu-system-i386:
+# -incoming fd:15: ...") and xl's own (xl-<name>.log, when xl waits in the background).
+LOG_KINDS = (("qemu-dm-", "device-model"), ("xl-", "toolstack"))
+# A domain being received (xl migrate-receive) is "<name>--incoming" until it is complete,
+# and its device model logs under that name.
+INCOMING = "--incoming"
+LOG_MARK = "=====nx-guest-log "
+LOG_BYTES = 256 * 1024  # of each log, its end: a device model's log is a few lines
+
+
+@dataclass(frozen=True)
+class GuestLog:
+    """One of a guest's logs in dom0: ``kind`` "device-model" or "toolstack"."""
+
+    kind: str
+    path: str
+    text: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def tail(self, lines: int) -> str:
+        return "\n".join(self.text.rstrip("\n").splitlines()[-lines:])
+
+
+def guest_log_paths(names: Iterable[str]) -> list[str]:
+    """Each guest's qemu-dm and xl logs, as itself and as ``<name>--incoming``."""
+    return [f"{XEN_LOG_DIR}/{prefix}{name}{suffix}.log" for name in names for suffix in ("", INCOMING)
+            for prefix, _ in LOG_KINDS]
+
+
+def guest_logs(remote: Remote, names: Iterable[str], max_bytes: int = LOG_BYTES) -> list[GuestLog]:
+    """The logs dom0 keeps of the guests ``names`` (:func:`guest_log_paths`, those that
+    exist; the last ``max_bytes`` of each), read in one command."""
+    paths = guest_log_paths(names)
+    script = (f"for f in {' '.join(shlex.quote(p) for p in paths)}; do [ -f \"$f\" ] || continue; "
+              f"printf '%s%s\\n' {shlex.quote(LOG_MARK)} \"$f\"; tail -c {max_bytes} \"$f\"; echo; done")
+    result = remote.run(script, timeout=60)
+    if result.rc != 0:
+        raise XlError(result)
+    return parse_guest_logs(result.stdout)
+
+
+def parse_guest_logs(text: str) -> list[GuestLog]:
+    """:func:`guest_logs`'s output, one GuestLog per file in it."""
+    logs: list[GuestLog] = []
+    for chunk in text.split(LOG_MARK)[1:]:
+        path, _, body = chunk.partition("\n")
+        name = path.rsplit("/", 1)[-1]
+        kind = next(k for prefix, k in LOG_KINDS if name.startswith(prefix))
+        logs.append(GuestLog(kind, path, body.removesuffix("\n")))
+    return logs

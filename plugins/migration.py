@@ -28,11 +28,12 @@ import pytest
 
 from harness.dom0_files import REMOTE_STREAM_TOOL, REMOTE_WATCH_PATH, STREAM, install
 from harness.fixtures import run_config
+from harness.guest_logs import Side, check_dir, failure_evidence
 from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
-from harness.xen import follow_domid
+from harness.xen import created_domid, follow_domid
 
 from .translation import content_mismatches
 
@@ -231,8 +232,9 @@ def finish_record(rec: Record, *, log: str, rc: int, seconds: float, ticks: list
                   dmesg, intact) -> Record:
     """Fill ``rec`` from one operation: the toolstack's timestamped log (kept at
     ``log_path``), its exit status and duration, and the probe's tick arrivals on the
-    clock of the log's timestamps. On failure ``dmesg()`` gives the hypervisor's view;
-    on success ``intact()`` lists the pages whose content changed."""
+    clock of the log's timestamps. On failure ``dmesg()`` gives the hypervisor's view (its
+    tail is kept in the record; the failure's evidence is :func:`evidence`'s); on success
+    ``intact()`` lists the pages whose content changed."""
     rec.ok = rc == 0
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(log)
@@ -256,9 +258,11 @@ def finish_record(rec: Record, *, log: str, rc: int, seconds: float, ticks: list
     return rec
 
 
-def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run) -> Record:
-    """Run one operation under the watcher and turn what it saw into a Record."""
+def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run, node) -> Record:
+    """Run one operation under the watcher and turn what it saw into a Record; a failure's
+    evidence goes to the check ``node`` (:func:`evidence`)."""
     rec = record_base(kind, guest, xen_host.facts(), xen_host.image.name, repeat)
+    domid = guest.domid  # the source's: the operation may leave the guest another
     watch = Watch(xen_host.remote, guest.name)
     time.sleep(1.0)  # a few ticks before the operation
     try:
@@ -266,16 +270,28 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
     finally:
         time.sleep(2.0)  # ticks after resume
         ticks = tick_arrivals(watch.stop())
+    dmesg = xen_host.xl.dmesg() if rc != 0 else ""
     finish_record(rec, log=log, rc=rc, seconds=seconds, ticks=ticks,
                   log_path=metrics.path.parent / "migration" / f"{guest.name}-{kind}-{repeat}.log",
-                  dmesg=xen_host.xl.dmesg, intact=lambda: memory_intact(guest, agent))
+                  dmesg=lambda: dmesg, intact=lambda: memory_intact(guest, agent))
+    if not rec.ok:  # save/restore or localhost: one dom0, the source domain and the one created
+        evidence(node, rec, [Side(xen_host.name, xen_host.remote, dmesg, (domid, created_domid(log)))],
+                 guest.name, metrics)
     metrics.add(rec)
     return rec
 
 
+def evidence(node, rec: Record, sides: list[Side], name: str, metrics) -> None:
+    """A failed operation's evidence for the check ``node`` (harness/guest_logs.py): the
+    guest's own `xl dmesg` lines and dom0 logs; the device model's last lines are kept for
+    the failure message. The host-wide `xl dmesg` tail is only shown, never matched."""
+    dest = check_dir(metrics.path.parent, node.nodeid)
+    rec.extra["device_model"] = failure_evidence(node, sides, [name], dest)
+
+
 def _assert_good(rec: Record, log_tail: str, mig) -> None:
     assert rec.ok, (f"{rec.kind} failed (full log: {rec.extra['toolstack_log']}):\n{log_tail}"
-                    + (f"\nxl dmesg:\n{rec.extra['dmesg']}" if rec.extra.get("dmesg") else ""))
+                    + (f"\n\n{rec.extra['device_model']}" if rec.extra.get("device_model") else ""))
     assert rec.memory_intact, "memory corrupted:\n" + "\n".join(rec.extra["corrupted_pages"])
     assert rec.downtime_s is not None, (
         f"probe ticks did not reach dom0 both before and after the {rec.kind} "
@@ -303,7 +319,7 @@ def _wanted(guest, types: tuple[str, ...], key: str) -> None:
 
 
 @check()
-def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_property):
+def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_property, request):
     mig = nx_config.migration
     _wanted(mig_guest, mig.guest_types, "guest_types")
     path = f"{REMOTE_PAYLOAD_DIR}/save/{mig_guest.name}.chkpt"
@@ -323,7 +339,8 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
             rc = save.rc or restore.rc
             return save.stdout + restore.stdout, rc, save.seconds + (restore.seconds if save.rc == 0 else 0)
 
-        rec = measure("save_restore", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
+        rec = measure("save_restore", mig_guest, xen_host, agent, metrics, nx_config, repeat, run,
+                      request.node)
         apply_stream_stats(rec, holder.get("stream", {}))
         metrics.write()
         record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s})
@@ -338,7 +355,7 @@ LIVE_MIGRATION_CAPS = {"pv": ["shadow"]}
 
 
 @check(guest_caps=LIVE_MIGRATION_CAPS)
-def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, record_property):
+def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, record_property, request):
     mig = nx_config.migration
     _wanted(mig_guest, mig.guest_types, "guest_types")
     for repeat in range(mig.repeats):
@@ -354,7 +371,8 @@ def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, rec
             holder["wire"] = after - before if before is not None and after is not None else None
             return result.stdout, result.rc, result.seconds
 
-        rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run)
+        rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run,
+                      request.node)
         apply_stream_stats(rec, holder.get("stream", {}))
         rec.extra["wire_bytes"] = holder.get("wire")  # dom0 lo tx bytes: the stream as carried
         rec.extra["transport"] = mig.transport
@@ -380,10 +398,12 @@ def clock_offset_ns(remote, samples: int = 5) -> tuple[int, int]:
 
 
 def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, repeat: int,
-                    counted: bool = True, transport: str = "tcp") -> Record:
+                    counted: bool = True, transport: str = "tcp", *, node) -> Record:
     """Migrate ``guest`` from ``src`` to ``dst`` over the private link, timed like the
-    localhost case; the memory check runs on ``dst``, where the guest now lives."""
+    localhost case; the memory check runs on ``dst``, where the guest now lives. A failure's
+    evidence, from both dom0s, goes to the check ``node``."""
     rec = record_base("two_host_migrate", guest, src.facts(), src.image.name, repeat)
+    domid = guest.domid  # on src
     rec.extra["direction"] = f"{src.name} -> {dst.name}"
     src_off, src_err = clock_offset_ns(src.remote)
     dst_off, dst_err = clock_offset_ns(dst.remote)
@@ -407,9 +427,14 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     shift = src_off - dst_off
     ticks = src_ticks + [(t + shift, seq) for t, seq in dst_ticks]
     log_name = f"{guest.name}-two-host-{repeat}-{src.name}.log"
+    dmesg = (src.xl.dmesg(), dst.xl.dmesg()) if result.rc != 0 else ("", "")
     finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds, ticks=ticks,
                   log_path=metrics.path.parent / "migration" / log_name,
-                  dmesg=dst.xl.dmesg, intact=lambda: memory_intact(moved, agents[dst.name]))
+                  dmesg=lambda: dmesg[1], intact=lambda: memory_intact(moved, agents[dst.name]))
+    if not rec.ok:
+        evidence(node, rec, [Side(src.name, src.remote, dmesg[0], (domid,)),
+                             Side(dst.name, dst.remote, dmesg[1], (created_domid(result.stdout),))],
+                 guest.name, metrics)
     rec.extra["log_tail"] = result.stdout[-3000:]
     apply_stream_stats(rec, stream)
     rec.extra["transport"] = transport
@@ -421,7 +446,8 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
 
 
 @check(guest_caps=LIVE_MIGRATION_CAPS)
-def test_two_host_migration(mig_guest, xen_host, peer_host, agent, metrics, nx_config, record_property):
+def test_two_host_migration(mig_guest, xen_host, peer_host, agent, metrics, nx_config, record_property,
+                            request):
     """Migrate the guest to a second L1 over a private link and back, ``repeats`` times."""
     from harness.agent.client import Agent
     from harness.host import LINK_NET
@@ -435,7 +461,7 @@ def test_two_host_migration(mig_guest, xen_host, peer_host, agent, metrics, nx_c
         for repeat in range(mig.repeats):
             for (src, _), (dst, address) in ((here, there), (there, here)):
                 rec = migrate_between(mig_guest, src, dst, address, agents, metrics, repeat,
-                                      mig.stream_stats, mig.transport)
+                                      mig.stream_stats, mig.transport, node=request.node)
                 record_property(f"repeat{repeat}-{src.name}", {
                     "total_s": rec.total_s, "downtime_s": rec.downtime_s,
                     "downtime_toolstack_s": rec.downtime_toolstack_s,

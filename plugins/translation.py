@@ -11,7 +11,9 @@ no longer do and the new ones from the p2m do.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
+from harness.guest_logs import Side, check_dir, log_evidence
 from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.plugins import check
 from harness.xen import XlError, follow_domid
@@ -84,15 +86,29 @@ def save_and_restore(guest, xl) -> dict:
     return {"save_s": round(saved.seconds, 2), "restore_s": round(restored.seconds, 2)}
 
 
+def restored(guest, xl, node, artifacts: Path) -> dict:
+    """:func:`save_and_restore`, and the restored guest running. On failure the guest's
+    own dom0 logs are its evidence (harness/guest_logs.py) and the device model's last
+    lines are added to the failure's text (libxl says only "device model spawn failed")."""
+    try:
+        timings = save_and_restore(guest, xl)
+        dom = xl.domain(guest.name)
+        assert dom is not None and dom.running, "the restored guest is not running"
+        return timings
+    except (XlError, AssertionError) as exc:
+        said = log_evidence(node, [Side(getattr(xl.remote, "label", "dom0"), xl.remote)], [guest.name],
+                            check_dir(artifacts, node.nodeid))
+        if not said:
+            raise
+        raise AssertionError(f"{exc}\n\n{said}") from exc
+
+
 @check()
-def test_translation_survives_save_restore(own_guest, agent, xl, record_property):
+def test_translation_survives_save_restore(own_guest, agent, xl, record_property, request, artifacts_dir):
     guest = own_guest
     before = {p.index: p.gfn for p in guest.pages}
     old_mfns = {p.index: p.mfn for p in guest.pages}
-    timings = save_and_restore(guest, xl)
-    record_property("save_restore", timings)
-    dom = xl.domain(guest.name)
-    assert dom is not None and dom.running, "the restored guest is not running"
+    record_property("save_restore", restored(guest, xl, request.node, artifacts_dir))
     if guest.type != "pv":
         bad = content_mismatches(guest, agent, [before[p.index] for p in guest.pages])
         assert not bad, "same gfns after restore must show the same content:\n" + "\n".join(bad)
