@@ -60,6 +60,8 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def results_section(artifacts: Path) -> str:
+    from .results import device_model_label
+
     data = _json(artifacts / "results.json") or {}
     results = data.get("results", [])
     if not results:
@@ -67,10 +69,11 @@ def results_section(artifacts: Path) -> str:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.get("outcome") or "?"] = counts.get(r.get("outcome") or "?", 0) + 1
-    head = ("check", "image", "guest", "outcome", "s", "Xen", "kernel", "reason")
+    head = ("check", "image", "guest", "outcome", "s", "Xen", "kernel", "device model", "reason")
     rows = [(f"{r['plugin']}::{r['check']}", r.get("image", ""), r.get("guest_type", ""),
              r.get("outcome", ""), f"{r.get('duration', 0):.1f}", r.get("xen_version", ""),
              r.get("kernel_release", ""),
+             device_model_label(*(r.get(f"device_model{k}", "") for k in ("", "_version", "_package"))),
              (r.get("reason") or "")[:160]) for r in results]
     colours = [OUTCOME_COLOURS.get(r.get("outcome", ""), "") for r in results]
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))

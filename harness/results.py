@@ -31,7 +31,8 @@ LEGEND = ("P passed, F failed, E error (setup or teardown), s skipped, "
           "x expected failure (known issue), X passed although expected to fail")
 NO_GUEST = "no guest"
 CHECK_PROPERTIES = ("plugin", "check", "image", "guest_type")
-HOST_PROPERTIES = ("xen_version", "kernel_release", "dom0_mode", "accel", "origin", "xen_changeset")
+HOST_PROPERTIES = ("xen_version", "kernel_release", "dom0_mode", "accel", "origin", "xen_changeset",
+                   "device_model", "device_model_version", "device_model_package")
 
 
 @dataclass
@@ -57,6 +58,10 @@ class CheckResult:
     properties: dict[str, Any] = dataclasses.field(default_factory=dict)
     origin: str = ""  # where the host's Xen/kernel came from: "debian" or the inputs' label
     xen_changeset: str = ""
+    # libxl's device model (HVM guests' QEMU): its path, version ("11.1.2") and package
+    device_model: str = ""
+    device_model_version: str = ""
+    device_model_package: str = ""
 
 
 def plugin_name(nodeid: str) -> str:
@@ -227,6 +232,18 @@ def xen_label(r: CheckResult) -> str:
     return f"{r.xen_version} ({' '.join(changeset[-1:])})" if changeset else r.xen_version
 
 
+def device_model_label(path: str, version: str, package: str) -> str:
+    """``11.1.2 (qemu-system-xen 1:11.1.2+ds-3) /usr/libexec/xen-qemu-system-i386``; ``-``
+    when the host has none (or did not say)."""
+    if not path:
+        return "-"
+    return " ".join(p for p in (version or "?", f"({package})" if package else "", path) if p)
+
+
+def dm_label(r: CheckResult) -> str:
+    return device_model_label(r.device_model, r.device_model_version, r.device_model_package)
+
+
 def incidents_markdown(found: Sequence[Any], results: Sequence[CheckResult] = ()) -> list[str]:
     """Incidents per image and guest type, by phase and signature (harness/incidents.py),
     and the checks that passed only after an emulator fault."""
@@ -250,15 +267,16 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = (), found: 
     parts = ["## nested-xen results", ""]
     if results:
         times = image_times(results)
-        hosts = sorted({(r.image, r.dom0_mode, xen_label(r), r.kernel_release, r.accel)
-                        for r in results if r.xen_version})
+        dm = any(r.device_model for r in results)  # a column once a host named its device model
+        hosts = sorted({(r.image, r.dom0_mode, xen_label(r), r.kernel_release, *([dm_label(r)] if dm else []),
+                         r.accel) for r in results if r.xen_version})
         parts += [f"**{totals(results)}** ({len(results)} tests)", ""]
         if hosts:
             origins = {r.image: r.origin for r in results if r.origin}
             rows = [(image_label(h[0], origins.get(h[0], "")), *h[1:], str(times[h[0]][0]),
                      f"{times[h[0]][1]:.0f} s") for h in hosts]
-            parts += [markdown_table(("image", "dom0", "Xen", "dom0 kernel", "accel", "tests", "time"),
-                                     rows), ""]
+            header = ("image", "dom0", "Xen", "dom0 kernel", *(["device model"] if dm else []), "accel")
+            parts += [markdown_table((*header, "tests", "time"), rows), ""]
         parts += [markdown_table(*_matrix_rows(results)), "", LEGEND, ""]
         order = list(OUTCOMES)
         others = sorted((r for r in results if r.outcome != "passed"),

@@ -86,3 +86,43 @@ def test_the_facts_carry_the_device_model() -> None:
     assert data["device_model_version"] == "11.1.2"
     assert data["device_model_package"] == "qemu-system-xen 1:11.1.2+ds-3"
     assert set(data) == {f.name for f in dataclasses.fields(HostFacts)}  # as_dict in step with the fields
+
+
+# ------------------------------------------------------------------ results.json, summary.md, report.html
+
+TESTING_DM = {"device_model": "/usr/libexec/xen-qemu-system-i386", "device_model_version": "11.1.2",
+              "device_model_package": "qemu-system-xen 1:11.1.2+ds-3"}
+
+
+def result_on_testing(**dm: str):
+    from harness.results import CheckResult
+
+    return CheckResult("plugins/translation.py::test_translation_survives_save_restore[hvm]", "translation",
+                       "test_translation_survives_save_restore", "testing", "hvm", "pv", "4.20.4", "7.2.12",
+                       "tcg", "failed", 12.0, "device model spawn failed", **dm)
+
+
+def test_the_device_model_reaches_results_summary_and_report(tmp_path: Path) -> None:
+    from harness.html_report import results_section
+    from harness.results import Results, host_properties, markdown, write_json
+
+    facts = HostFacts(xen_version="4.20.4", kernel_release="7.2.12", dom0_mode="pv", virt_caps=frozenset(),
+                      xen_caps=frozenset(), accel="tcg", **TESTING_DM)
+    props = dict(host_properties(facts))
+    assert {k: props[k] for k in TESTING_DM} == TESTING_DM  # JUnit properties from the facts
+    report = pytest.TestReport(result_on_testing().nodeid, ("plugins/translation.py", 0, "x"), {}, "passed",
+                               None, "call", user_properties=[("plugin", "translation"), *props.items()])
+    results = Results()
+    results.add(report)
+    assert {k: getattr(results.results[0], k) for k in TESTING_DM} == TESTING_DM
+    label = "11.1.2 (qemu-system-xen 1:11.1.2+ds-3) /usr/libexec/xen-qemu-system-i386"
+    summary = markdown([result_on_testing(**TESTING_DM)])
+    assert "| image | dom0 | Xen | dom0 kernel | device model | accel | tests | time |" in summary
+    assert f"| testing | pv | 4.20.4 | 7.2.12 | {label} | tcg | 1 | 12 s |" in summary
+    write_json([result_on_testing(**TESTING_DM)], tmp_path / "results.json")
+    assert label in results_section(tmp_path)
+    # a run whose hosts named no device model (an older results.json) has no such column
+    assert "| device model |" not in markdown([result_on_testing()])
+    own_build = result_on_testing(device_model="/usr/lib/xen/bin/qemu-system-i386")  # version unknown
+    write_json([own_build], tmp_path / "results.json")
+    assert "? /usr/lib/xen/bin/qemu-system-i386" in results_section(tmp_path)
