@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.agent.client import MapResult
+from harness.agent.client import M2PResult, MapResult
 from harness.guests import ProbePageInfo
 from harness.results import CheckResult, markdown
 from plugins import no_raw_mfn, paging, privcmd_mmapbatch, smoke, translation
@@ -159,15 +159,17 @@ def _statuses(mapping: set[str], extent_sha: str = "ab" * 32) -> dict[str, no_ra
 def test_paths_that_map_nothing_are_reported_and_not_counted() -> None:
     statuses = _statuses(set(no_raw_mfn.PATHS) - set(no_raw_mfn.GATED))
     no_raw_mfn.assert_paths_can_map(statuses, "pv")
-    assert {s.path for s in statuses.values() if not s.proves} == set(no_raw_mfn.GATED)
+    # /dev/mem maps its control frame, yet Linux, not Xen, refuses RAM: never counted either.
+    assert {s.path for s in statuses.values() if not s.proves} == set(no_raw_mfn.GATED) | {"/dev/mem"}
+    assert statuses["/dev/mem"].maps and "STRICT_DEVMEM" in statuses["/dev/mem"].line()
     assert statuses["DOMID_IO"].detail == "content verified"  # it read what /dev/mem read
     line = statuses["DOMID_COW"].line()
     assert "maps nothing" in line and "ESRCH" in line
     facts = SimpleNamespace(xen_version="4.20.4", dom0_mode="pvh", kernel_release="6.12.117")
     text = no_raw_mfn.findings(facts, statuses, "hvm")
     assert "Xen 4.20.4, pvh dom0" in text
-    assert ("proves nothing: DOMID_COW (refused: ESRCH), dom0_itself (refused: ESRCH), "
-            "restricted_fd_other") in text
+    assert ("proves nothing about Xen here: DOMID_COW (refused: ESRCH), dom0_itself (refused: ESRCH), "
+            "/dev/mem (Linux decides, not Xen), restricted_fd_other") in text
     assert "4.17" not in text
 
 
@@ -273,3 +275,130 @@ def test_paging_gate_tells_built_without_from_built_with_and_unknown() -> None:
     assert paging.paging_built_in("CONFIG_HVM=y\nCONFIG_MEM_ACCESS=y\n") is False
     assert paging.paging_built_in("CONFIG_HVM=y\nCONFIG_MEM_PAGING=y\n") is True
     assert paging.paging_built_in("") is None
+
+
+# ------------------------------------------------------------------ no_raw_mfn: the M2P proof's pages
+
+
+def _m2p(candidates: dict[int, list[int]], *, complete: bool = True, truncated: tuple[int, ...] = (),
+         map_errors: int = 0) -> M2PResult:
+    """An m2p answer as nxagent's run_m2p() shapes it."""
+    return M2PResult.from_json({
+        "ok": True, "call": "m2p", "gfns": list(candidates), "max_candidates": 64,
+        "hypercall": {"rc": 0, "errno": None, "errno_name": None, "cmd": "XENMEM_machphys_mfn_list"},
+        "map": {"call": "mmapbatch_v2", "rc": 0, "frames": 512, "errors_nonzero": map_errors},
+        "extents": [0x7000], "candidates": {str(g): m for g, m in candidates.items()},
+        "truncated": list(truncated), "complete": complete,
+        "scan": {"entries": 262144 if complete else 131072, "expected_entries": 262144}})
+
+
+PAIRS = [(0xFEFFC, 0x3A1B2), (0xFEFFB, 0x3A1B3)]  # what Xen's 'g' dump printed
+CANDIDATES = {0xFEFFC: [0x1111, 0x3A1B2], 0xFEFFB: [0x2222, 0x3A1B3]}
+
+
+def test_m2p_answer_must_be_complete_and_untruncated_for_the_attacked_gfns() -> None:
+    gfns = [g for g, _ in PAIRS]
+    no_raw_mfn.assert_m2p_answer_complete(_m2p(CANDIDATES), gfns)
+    with pytest.raises(AssertionError, match="read 131072 of 262144"):
+        no_raw_mfn.assert_m2p_answer_complete(_m2p(CANDIDATES, complete=False), gfns)
+    with pytest.raises(AssertionError, match="0xfeffb: the list was cut short"):
+        no_raw_mfn.assert_m2p_answer_complete(_m2p(CANDIDATES, truncated=(0xFEFFB,)), gfns)
+    # A truncated gfn the check does not attack does not matter.
+    no_raw_mfn.assert_m2p_answer_complete(_m2p(CANDIDATES, truncated=(0x100,)), gfns)
+    with pytest.raises(AssertionError, match="positive control failed"):
+        no_raw_mfn.assert_m2p_answer_complete(_m2p(CANDIDATES, map_errors=3), gfns)
+
+
+def test_the_attacked_pages_are_exactly_those_whose_true_mfn_is_proven() -> None:
+    contents = {0xFEFFC: _sha("xenstore ring"), 0xFEFFB: _sha("another granted page")}
+    targets, left = no_raw_mfn.proven_targets(PAIRS, CANDIDATES, contents)
+    assert left == []
+    assert {(g, m) for g, m, _ in targets} == {(g, m) for g, ms in CANDIDATES.items() for m in ms}
+    assert {(g, m) for g, m in PAIRS} <= {(g, m) for g, m, _ in targets}, "each true MFN is attacked"
+    assert all(sha == contents[g] for g, _, sha in targets)
+
+
+def test_a_page_the_proof_does_not_cover_or_that_is_all_zeros_is_left_out_saying_why() -> None:
+    contents = {0xFEFFC: no_raw_mfn.ZERO_PAGE_SHA, 0xFEFFB: _sha("another granted page")}
+    targets, left = no_raw_mfn.proven_targets(PAIRS, {0xFEFFC: CANDIDATES[0xFEFFC], 0xFEFFB: [0x2222]},
+                                              contents)
+    assert targets == []
+    assert any("0xfeffc: all zeros" in why for why in left)
+    assert any("0xfeffb: Xen's mfn 0x3a1b3 is not among its M2P candidates" in why for why in left)
+
+
+def _pv_guest_and_m2p(**kwargs):
+    guest = _guest("pv")
+    return guest, _m2p({p.pfn: [0x9000 + p.index, p.mfn] for p in guest.pages}, **kwargs)
+
+
+def test_m2p_pv_positive_control_passes_on_the_p2ms_mfns_and_fails_without_them() -> None:
+    guest, m2p = _pv_guest_and_m2p()
+    no_raw_mfn.test_positive_control_m2p_finds_pv_mfns(guest, m2p)
+    with pytest.raises(AssertionError, match="lack the p2m MFN for pages \\[2\\]"):
+        guest.pages[2].mfn = 0x6666  # the lookup did not find the page's real MFN
+        no_raw_mfn.test_positive_control_m2p_finds_pv_mfns(guest, m2p)
+    guest, m2p = _pv_guest_and_m2p(truncated=(0x101,))
+    with pytest.raises(AssertionError, match="cut short"):
+        no_raw_mfn.test_positive_control_m2p_finds_pv_mfns(guest, m2p)
+    guest, m2p = _pv_guest_and_m2p(complete=False)
+    with pytest.raises(AssertionError, match="unread stretch"):
+        no_raw_mfn.test_positive_control_m2p_finds_pv_mfns(guest, m2p)
+
+
+class _RestrictingAgent:
+    """privcmd behind IOCTL_PRIVCMD_RESTRICT as the agent reports it: restricted to the
+    guest, its frames map; restricted elsewhere, the ioctl fails whole with EPERM (or, with
+    ``restricts`` false, the restriction is ignored)."""
+
+    def __init__(self, guest, restricts: bool = True, maps: bool = True) -> None:
+        self.guest, self.restricts, self.maps = guest, restricts, maps
+
+    def restrict_then_map(self, domid, frames, restrict_domid):
+        pages = {p.gfn: p.sha256 for p in self.guest.pages}
+        if restrict_domid != domid and self.restricts:
+            return MapResult.from_json({"ok": True, "call": "restrict_then_map", "rc": -1, "errno": 1,
+                                        "errno_name": "EPERM", "pages": [{"frame": f} for f in frames]})
+        shas = [pages[f] if self.maps else None for f in frames]
+        return _mapped(frames, shas, [0 if self.maps else -22] * len(frames))
+
+
+def test_restricted_fd_positive_control_passes_only_where_restriction_works_both_ways() -> None:
+    guest = _guest("hvm")
+    no_raw_mfn.test_positive_control_restricted_fd_maps_its_own_domain(guest, _RestrictingAgent(guest))
+    with pytest.raises(AssertionError, match="refused whole with EPERM"):  # restricted elsewhere, it maps
+        no_raw_mfn.test_positive_control_restricted_fd_maps_its_own_domain(
+            guest, _RestrictingAgent(guest, restricts=False))
+    with pytest.raises(AssertionError, match="must map its probe page"):  # restricted to the guest: nothing
+        no_raw_mfn.test_positive_control_restricted_fd_maps_its_own_domain(
+            guest, _RestrictingAgent(guest, maps=False))
+
+
+# ------------------------------------------------------------------ no_raw_mfn: who refused /dev/mem
+
+IOMEM = """\
+00000000-00000fff : Reserved
+00001000-0009ffff : System RAM
+000a0000-000fffff : Reserved
+  000f0000-000fffff : System ROM
+00100000-3fffffff : System RAM
+  01000000-01ffffff : Kernel code
+fee00000-fee00fff : Local APIC
+100000000-13fffffff : System RAM
+"""
+
+
+def test_devmem_refusals_name_the_linux_rule_and_never_xen() -> None:
+    ram = no_raw_mfn.system_ram(IOMEM)
+    assert ram == [(0x1000, 0x9FFFF), (0x100000, 0x3FFFFFFF), (0x100000000, 0x13FFFFFFF)]
+    strict = no_raw_mfn.devmem_layer(0x3A1B2000, {"errno_name": "EPERM"}, ram)
+    assert "STRICT_DEVMEM" in strict and "System RAM 0x100000-0x3fffffff" in strict
+    assert "Xen not asked" in strict
+    beyond = no_raw_mfn.devmem_layer(0x200000000, {"errno_name": "EFAULT"}, ram)
+    assert "valid_phys_addr_range" in beyond and "0x13fffffff" in beyond
+    inside = no_raw_mfn.devmem_layer(0x3A1B2000, {"errno_name": "EFAULT"}, ram)
+    assert "layer is not established" in inside and "inside dom0's System RAM" in inside
+    read = no_raw_mfn.devmem_layer(0xF0000, {"complete": True, "sha256": "ab" * 32}, ram)
+    assert "read, sha abababababab" in read and "not the MFN" in read
+    lines = no_raw_mfn.devmem_refusals([(0x3A1B2, {"errno_name": "EPERM"})], IOMEM)
+    assert lines == [strict]
