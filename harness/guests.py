@@ -318,11 +318,19 @@ def died_in_early_boot(exc: GuestCrashed) -> bool:
     return exc.gone and (silent or "Triple fault" in exc.evidence.get("dmesg", ""))
 
 
-def _early_death(guest: Guest, exc: GuestCrashed, retry: bool) -> None:
-    guest.incident(exc.phase, str(exc).split("; last console lines")[0], "recreated" if retry else "failed",
-                   evidence=exc.evidence)
+def _early_death(guest: Guest, exc: GuestCrashed, retry: bool) -> bool:
+    """Record the death (an incident, classified by that domain's own evidence); whether
+    the guest may be created again: ``retry`` allows it and a known emulator-fault signature
+    matched (:func:`incidents.retriable`). A death with no signature is a failure at once."""
+    incident = guest.incident(exc.phase, str(exc).split("; last console lines")[0], "failed",
+                              evidence=exc.evidence)
+    again = retry and incidents.retriable(incident)
+    if again:
+        incident.action = "recreated"
     log.warning("%s (%s) died in early boot%s: %s", guest.name, guest.type,
-                "; creating it again" if retry else "", exc)
+                "; creating it again" if again else
+                ("" if not retry else " with no known emulator-fault signature: not created again"), exc)
+    return again
 
 
 def start_guest(xl: Xl, spec: GuestSpec, timeout: float,
@@ -345,8 +353,7 @@ def start_guest(xl: Xl, spec: GuestSpec, timeout: float,
             guest.destroy()
             if not died_in_early_boot(exc):
                 raise
-            _early_death(guest, exc, retry=attempt < early_crash_retries)
-            if attempt == early_crash_retries:
+            if not _early_death(guest, exc, retry=attempt < early_crash_retries):
                 raise
             continue
         except BaseException:
@@ -415,7 +422,9 @@ class GuestPool:
                 # The same early-boot death start_guest retries: an incident.
                 if not died_in_early_boot(exc):
                     raise
-                _early_death(guest, exc, retry=True)
+                if not _early_death(guest, exc, retry=True):
+                    guest.destroy()  # the first check's setup fails naming it (harness/verdict.py)
+                    continue
                 guest.destroy()
                 try:
                     guest = start_guest(self.xl, guest.spec, self.timeout,

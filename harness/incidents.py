@@ -48,6 +48,7 @@ class Incident:
     signature: str | None = None  # the known issue (emulator fault) it matched, as text
     action: str = "failed"  # an ACTIONS entry
     worker: str = "main"
+    accel: str = ""  # the host's accelerator, when known (an emulator fault is TCG's)
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.subject, SUBJECTS, "subject"), (self.phase, PHASES, "phase"),
@@ -93,6 +94,14 @@ def record(incident: Incident) -> Incident:
     INCIDENTS.append(incident)
     log.warning("incident: %s", incident.line())  # a stage line too (harness/stages.py)
     return incident
+
+
+def retriable(incident: Incident) -> bool:
+    """May a guest whose early-boot death this is be created again? Only when a known
+    emulator-fault signature matched that domain's own evidence, and never under KVM (no
+    emulator fault is expected there): a guest that dies silently at boot half the time
+    would otherwise give a green run."""
+    return incident.signature is not None and incident.accel != "kvm"
 
 
 def clear() -> None:

@@ -101,7 +101,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                                 lambda: run_incidents(config)),
                                   "nested-xen-results")
     issues = config.stash[ISSUES_KEY]
-    verdicts = VerdictPlugin(issues, run_config(config).emulator_fault_reruns, host_lost)
+    verdicts = VerdictPlugin(issues, run_config(config).emulator_fault_reruns, host_lost,
+                             strict=_option(config, "strict_emulator", "auto"))
     config.stash[VERDICTS_KEY] = verdicts
     config.pluginmanager.register(verdicts, "nested-xen-verdicts")
     incidents.set_classifier(lambda incident: _classify(issues, incident))
@@ -130,11 +131,22 @@ def _register_stages(config: pytest.Config, artifacts: Path) -> None:
 
     config.pluginmanager.register(ReportPlugin(artifacts, ran_checks), "nested-xen-html")
 
+
+def _option(config: pytest.Config, name: str, default: str) -> str:
+    try:
+        return config.getoption(name) or default
+    except ValueError:  # not declared (a pytester run of an older option table)
+        return default
+
+
 def _classify(issues: list, incident: incidents.Incident) -> str | None:
+    """The guest-death entry this death's own evidence (that domain's xl dmesg lines and
+    console) shows, as a label; None when none matches or the host's facts are unknown."""
     facts = FACTS_BY_IMAGE.get(incident.image)
-    if facts is None:
+    if facts is None or incident.subject != "guest":
         return None
-    fault = emulator_fault(issues, incident.guest_type or None, facts, incident.text())
+    incident.accel = getattr(facts, "accel", "")
+    fault = emulator_fault(issues, incident.guest_type or None, facts, incident.evidence)
     return fault.label() if fault is not None else None
 
 

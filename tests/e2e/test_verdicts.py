@@ -64,6 +64,7 @@ KNOWN = """
 - check: guest-death
   guests: [pv]
   signature: '(?i)sysrq.{0,3}resetting'
+  evidence: [dmesg]
   reason: injected by tests/e2e/test_verdicts.py (xl sysrq b)
 """
 

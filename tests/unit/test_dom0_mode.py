@@ -143,6 +143,7 @@ BOOT_ENTRY = """
   xen: ">=4.17,<4.18"
   dom0: [pvh]
   console: "iommu must be enabled for PVH hardware domain"
+  evidence: [failure, serial]
   reason: "Xen 4.17 panics: iommu must be enabled for PVH hardware domain"
 """
 
@@ -155,10 +156,10 @@ def test_boot_issue_needs_versions_mode_and_the_console_line(tmp_path: Path) -> 
     path = tmp_path / "k.yaml"
     path.write_text(BOOT_ENTRY)
     issues = load_known_issues(path)
-    assert boot_issue(issues, facts(), PANIC).reason.startswith("Xen 4.17 panics")
-    assert boot_issue(issues, facts(), "stage 'dom0-ssh' not reached within 420 s") is None
-    assert boot_issue(issues, facts(dom0="pv"), PANIC) is None
-    assert boot_issue(issues, facts(xen="4.20.4"), PANIC) is None
+    assert boot_issue(issues, facts(), {"serial": PANIC}).reason.startswith("Xen 4.17 panics")
+    assert boot_issue(issues, facts(), {"failure": "stage 'dom0-ssh' not reached within 420 s"}) is None
+    assert boot_issue(issues, facts(dom0="pv"), {"serial": PANIC}) is None
+    assert boot_issue(issues, facts(xen="4.20.4"), {"serial": PANIC}) is None
     assert boot_issue(issues, facts()) is not None  # no failure text: "would it apply?"
 
 
@@ -166,7 +167,7 @@ def test_bad_console_pattern_is_a_config_error(tmp_path: Path) -> None:
     from harness.config import ConfigError
 
     path = tmp_path / "k.yaml"
-    path.write_text("- check: boot\n  reason: r\n  console: '(unclosed'\n")
+    path.write_text("- check: boot\n  reason: r\n  console: '(unclosed'\n  evidence: [serial]\n")
     with pytest.raises(ConfigError, match="signature: not a regular expression"):
         load_known_issues(path)
 
@@ -181,9 +182,9 @@ def test_image_facts_match_a_boot_entry(tmp_path: Path) -> None:
     issues = boot_entries(tmp_path)
     recipe = dataclasses.replace(load_recipe("bookworm"), dom0="pvh")
     predicted = image_facts(recipe, image(tmp_path), "tcg")
-    assert boot_issue(issues, predicted, PANIC) is not None
-    assert boot_issue(issues, dataclasses.replace(predicted, dom0_mode="pv"), PANIC) is None
-    assert boot_issue(issues, dataclasses.replace(predicted, xen_version="4.20"), PANIC) is None
+    assert boot_issue(issues, predicted, {"serial": PANIC}) is not None
+    assert boot_issue(issues, dataclasses.replace(predicted, dom0_mode="pv"), {"serial": PANIC}) is None
+    assert boot_issue(issues, dataclasses.replace(predicted, xen_version="4.20"), {"serial": PANIC}) is None
 
 
 class FakeProvisioner:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from harness import incidents
@@ -167,14 +169,57 @@ class CreatingXl(FakeXl):
         pass
 
 
-def test_early_boot_death_is_retried_once_and_recorded(monkeypatch):
+TRIPLE = "(XEN) d5v0 Triple fault - invoking HVM shutdown action 1\n"
+
+
+@pytest.fixture
+def classified(tmp_path):
+    """The pytest plugin's classifier (harness/pytest_plugin.py _classify) with one TCG
+    guest-death entry: a death is an emulator fault only on its own domain's lines."""
+    from harness.known_issues import emulator_fault, load_known_issues
+
+    (tmp_path / "k.yaml").write_text("- check: guest-death\n  signature: 'd\\d+v\\d+ Triple fault'\n"
+                                     "  evidence: [dmesg]\n  accel: [tcg]\n  reason: TCG nested SVM\n")
+    issues = load_known_issues(tmp_path / "k.yaml")
+    facts = SimpleNamespace(xen_version="4.17.5", kernel_release="6.1.0", dom0_mode="pv", accel="tcg")
+
+    def classify(incident):
+        incident.accel = facts.accel
+        fault = emulator_fault(issues, incident.guest_type, facts, incident.evidence)
+        return fault.label() if fault is not None else None
+
+    incidents.set_classifier(classify)
+    yield facts
+    incidents.set_classifier(None)
+
+
+def test_early_boot_death_is_retried_once_and_recorded(classified):
     from harness import guests
 
     xl = CreatingXl(first_console="")
+    xl._dmesg = TRIPLE
     guest = guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
     assert xl.created == 2 and guest.report is not None
     [incident] = incidents.INCIDENTS
     assert (incident.guest_type, incident.phase, incident.action) == ("pvh", "early-boot", "recreated")
+
+
+def test_an_early_boot_death_without_a_signature_is_not_retried(classified):
+    """Route 5 of issue 26: a guest that dies silently at boot (no triple fault of its own
+    domid) is a failure at once; so is one with the signature under KVM."""
+    from harness import guests
+
+    xl = CreatingXl(first_console="")
+    with pytest.raises(GuestCrashed):
+        guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
+    assert xl.created == 1 and [i.action for i in incidents.INCIDENTS] == ["failed"]
+    incidents.clear()
+    classified.accel = "kvm"
+    xl = CreatingXl(first_console="")
+    xl._dmesg = TRIPLE
+    with pytest.raises(GuestCrashed):
+        guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
+    assert xl.created == 1 and [i.action for i in incidents.INCIDENTS] == ["failed"]
 
 
 def test_a_guest_that_printed_something_is_not_retried(monkeypatch):
@@ -186,12 +231,13 @@ def test_a_guest_that_printed_something_is_not_retried(monkeypatch):
     assert xl.created == 1 and incidents.INCIDENTS == []
 
 
-def test_shared_guest_is_created_again_until_it_boots(monkeypatch):
+def test_shared_guest_is_created_again_until_it_boots(classified):
     """A shared guest (every check of its type reads it) died in early boot twice in a
     row here: the pool creates it again up to SHARED_EARLY_CRASH_RETRIES times."""
     from harness import guests
 
     xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES)
+    xl._dmesg = TRIPLE
     pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
     pool.adopt_or_create(("pvh",))
     assert xl.created == guests.SHARED_EARLY_CRASH_RETRIES + 1
@@ -203,6 +249,7 @@ def test_shared_guest_is_created_again_until_it_boots(monkeypatch):
     # the pool comes up without it (each death an incident, the last one "failed"), so
     # checks that need no guest run; a check that asks for it gets it created again.
     xl = CreatingXl(first_console="", failures=guests.SHARED_EARLY_CRASH_RETRIES + 1)
+    xl._dmesg = TRIPLE
     pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
     pool.adopt_or_create(("pvh",))
     assert "pvh" not in pool.guests and xl.created == guests.SHARED_EARLY_CRASH_RETRIES + 1
@@ -231,21 +278,19 @@ class VanishingXl(CreatingXl):
         return 5
 
 
-def test_guest_gone_before_xl_domid_is_an_early_death_retried(monkeypatch):
-    """Seen in a CI pre-check: a PVH guest died between `xl create` and `xl domid`; that
-    is the same early-boot death as one that vanishes later, and is created again."""
+def test_guest_gone_before_xl_domid_is_an_early_death_not_retried(classified):
+    """Seen in a CI pre-check: a PVH guest died between `xl create` and `xl domid`. It is
+    an incident (phase create), but with no domid there is no evidence of its own (no
+    `xl dmesg` line can be tied to it), so no signature matches and it is not created
+    again: a death nobody can explain fails (issue 26, route 5)."""
     from harness import guests
 
     xl = VanishingXl(first_console="")
-    guest = guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
-    assert xl.created == 2 and guest.report is not None
-    assert "right after `xl create -p`" in incidents.INCIDENTS[0].detail
-    assert incidents.INCIDENTS[0].phase == "create"
-
-    xl = VanishingXl(first_console="")
-    pool = guests.GuestPool(xl, lambda domid, pfns: {}, timeout=5)
-    pool.adopt_or_create(("pvh",))
-    assert xl.created == 2 and pool.guests["pvh"].report is not None
+    xl._dmesg = TRIPLE  # another domain's line is never evidence
+    with pytest.raises(GuestCrashed):
+        guests.start_guest(xl, GuestSpec(type="pvh", name="g"), timeout=5)
+    assert xl.created == 1 and "right after `xl create -p`" in incidents.INCIDENTS[0].detail
+    assert (incidents.INCIDENTS[0].phase, incidents.INCIDENTS[0].action) == ("create", "failed")
 
 
 def test_guest_found_dead_between_checks_is_recorded_and_created_again(monkeypatch):

@@ -48,6 +48,7 @@ def test_an_entry_without_a_signature_is_rejected_naming_it(tmp_path):
     text = """
 - check: plugins/a.py::test_a
   signature: x
+  evidence: [failure, dmesg]
   reason: r
 - check: plugins/migration.py::test_save_restore
   guests: [pvh]
@@ -59,8 +60,11 @@ def test_an_entry_without_a_signature_is_rejected_naming_it(tmp_path):
 
 
 def test_boot_entries_may_still_say_console(tmp_path):
-    [issue] = load_known_issues(write(tmp_path, "- check: boot\n  reason: r\n  console: 'guard page'\n"))
-    assert issue.seen_in("... stack guard page was hit") and not issue.seen_in("all fine")
+    [issue] = load_known_issues(write(tmp_path, "- check: boot\n  reason: r\n  console: 'guard page'\n"
+                                                       "  evidence: [serial]\n"))
+    assert issue.seen_in({"serial": "... stack guard page was hit"})
+    assert not issue.seen_in({"serial": "all fine"})
+    assert not issue.seen_in({"failure": "... stack guard page was hit"})  # not the evidence it reads
 
 
 def test_decide_needs_versions_and_signature(tmp_path):
@@ -68,17 +72,18 @@ def test_decide_needs_versions_and_signature(tmp_path):
 - check: plugins/t.py::test_x
   xen: ">=4.17,<4.18"
   signature: 'd\\d+v\\d+ Triple fault'
+  evidence: [failure, dmesg]
   reason: triple fault
 """))
     check = "plugins/t.py::test_x"
-    hit = decide(issues, check, "pvh", FACTS, "(XEN) d3v0 Triple fault")
+    hit = decide(issues, check, "pvh", FACTS, {"dmesg": "(XEN) d3v0 Triple fault"})
     assert hit.matched is issues[0] and hit.considered == ()
-    miss = decide(issues, check, "pvh", FACTS, "memory corrupted after restore")
+    miss = decide(issues, check, "pvh", FACTS, {"failure": "memory corrupted after restore"})
     assert miss.matched is None and miss.considered == (issues[0],)
     assert "signature is absent" in miss.note() and "Triple fault" in miss.note()
     newer = SimpleNamespace(**{**vars(FACTS), "xen_version": "4.20.0"})
-    assert decide(issues, check, "pvh", newer, "(XEN) d3v0 Triple fault") == decide(issues, check, "pvh",
-                                                                                     newer, "")
+    assert decide(issues, check, "pvh", newer, {"dmesg": "(XEN) d3v0 Triple fault"}) == decide(
+        issues, check, "pvh", newer, {})
 
 
 def test_emulator_fault_is_a_guest_death_entry_or_the_checks_own(tmp_path):
@@ -86,16 +91,20 @@ def test_emulator_fault_is_a_guest_death_entry_or_the_checks_own(tmp_path):
 - check: guest-death
   guests: [pvh]
   signature: 'd\\d+v\\d+ Triple fault'
+  evidence: [dmesg]
   reason: TCG nested SVM
 - check: plugins/t.py::test_x
   signature: 'Failed to get types for pfn batch'
+  evidence: [failure, dmesg]
   reason: log-dirty
 """))
-    assert emulator_fault(issues, "pvh", FACTS, "(XEN) d9v0 Triple fault").check == GUEST_DEATH
-    assert emulator_fault(issues, "pv", FACTS, "(XEN) d9v0 Triple fault") is None
-    assert emulator_fault(issues, "pvh", FACTS, "Failed to get types for pfn batch") is None
-    assert emulator_fault(issues, "pv", FACTS, "Failed to get types for pfn batch",
+    assert emulator_fault(issues, "pvh", FACTS, {"dmesg": "(XEN) d9v0 Triple fault"}).check == GUEST_DEATH
+    assert emulator_fault(issues, "pv", FACTS, {"dmesg": "(XEN) d9v0 Triple fault"}) is None
+    assert emulator_fault(issues, "pvh", FACTS, {"failure": "Failed to get types for pfn batch"}) is None
+    assert emulator_fault(issues, "pv", FACTS, {"failure": "Failed to get types for pfn batch"},
                           check="plugins/t.py::test_x").check == "plugins/t.py::test_x"
+    # a guest-death entry never reads the failure text, only the dead domain's own lines
+    assert emulator_fault(issues, "pvh", FACTS, {"failure": "(XEN) d9v0 Triple fault"}) is None
 
 
 def test_match_by_guest_versions_and_accel(tmp_path):
@@ -106,6 +115,7 @@ def test_match_by_guest_versions_and_accel(tmp_path):
   kernel: "<6.2"
   accel: tcg
   signature: 'd\\d+v\\d+ Triple fault'
+  evidence: [failure, dmesg]
   reason: PVH guest triple-faults
 """))
     check = "plugins/migration.py::test_localhost_migration"
@@ -125,6 +135,7 @@ def test_match_by_qemu_version(tmp_path):
   accel: tcg
   qemu: "<8"
   signature: Triple fault
+  evidence: [failure, dmesg]
   reason: QEMU 7.2's nested SVM
 """))
     check = "plugins/guests_smoke.py::test_probe_reported_every_page"

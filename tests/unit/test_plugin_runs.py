@@ -30,6 +30,7 @@ README = REPO_ROOT / "README.md"
 # maps a frame to the page the (fake) translation puts there, through the real MapResult.
 FAKE_HOST = '''
 import hashlib
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -59,7 +60,8 @@ def xen_host(host_image_name):
 @pytest.fixture(scope="module")
 def host_facts(host_image_name):
     xen, kernel, dom0 = FACTS[host_image_name]
-    return SimpleNamespace(xen_version=xen, kernel_release=kernel, dom0_mode=dom0, accel="kvm",
+    accel = os.environ.get("NX_FAKE_ACCEL", "tcg")
+    return SimpleNamespace(xen_version=xen, kernel_release=kernel, dom0_mode=dom0, accel=accel,
                            virt_caps=frozenset({"pv", "hvm", "hap"}), xen_caps=frozenset())
 
 
@@ -411,7 +413,7 @@ def test_junit_names_and_properties_identify_plugin_image_guest(pytester: pytest
     cases = junit_cases(junit)
     assert cases["test_guest_is_up[img=beta-guest=hvm]"] == ("plugins.fake", {
         "plugin": "fake", "check": "test_guest_is_up", "image": "beta", "guest_type": "hvm",
-        "xen_version": "4.19.1", "kernel_release": "6.12.9+deb13-amd64", "dom0_mode": "pvh", "accel": "kvm"})
+        "xen_version": "4.19.1", "kernel_release": "6.12.9+deb13-amd64", "dom0_mode": "pvh", "accel": "tcg"})
     _, skipped = cases["test_needs_newer_xen[img=alpha]"]
     assert skipped["image"] == "alpha" and skipped["dom0_mode"] == "pv" and "guest_type" not in skipped
     assert {name for name, (_, props) in cases.items() if "plugin" not in props} == {"test_not_a_check"}
@@ -438,7 +440,7 @@ def test_results_json_summary_md_and_the_terminal_matrix(pytester: pytest.Pytest
     record = records["plugins/fake.py::test_needs_newer_xen[img=alpha]"]
     assert record == {**record, "plugin": "fake", "check": "test_needs_newer_xen", "image": "alpha",
                       "guest_type": "", "dom0_mode": "pv", "xen_version": "4.17.5",
-                      "kernel_release": "6.1.0-50-amd64", "accel": "kvm", "outcome": "skipped",
+                      "kernel_release": "6.1.0-50-amd64", "accel": "tcg", "outcome": "skipped",
                       "reason": "needs Xen >=4.18, host runs 4.17.5"}
     assert record["duration"] >= 0
     failed = records["plugins/fake.py::test_runs_the_pinned_xen[img=beta]"]
@@ -447,7 +449,7 @@ def test_results_json_summary_md_and_the_terminal_matrix(pytester: pytest.Pytest
     assert (xfailed["outcome"], xfailed["reason"]) == ("xfailed", "a known fault")
     summary = (artifacts / "summary.md").read_text()
     assert "| fake | beta | pvh | 1F 1P | 1P | 1x | 1P |" in summary
-    assert "| alpha | pv | 4.17.5 | 6.1.0-50-amd64 | kvm |" in summary
+    assert "| alpha | pv | 4.17.5 | 6.1.0-50-amd64 | tcg |" in summary
     assert "| `plugins/fake.py::test_runs_the_pinned_xen[img=beta]` | failed | AssertionError: wrong Xen" \
         in summary
 
@@ -559,6 +561,7 @@ HOST_DEATH_ENTRY = """
 - check: host-death
   xen: ">=4.17,<4.18"
   signature: 'd0v\\d+ Triple fault(?s:.*?)RIP:\\s+e008:\\[<ffff82d0'
+  evidence: [serial]
   reason: the emulator leaked Xen's state into dom0's vCPU
 """
 

@@ -68,6 +68,7 @@ DEATH = """
   guests: [pvh]
   xen: ">=4.17,<4.18"
   signature: 'd\\d+v\\d+ Triple fault'
+  evidence: [dmesg]
   reason: TCG nested SVM triple-faults PVH guests
 """
 
@@ -76,7 +77,9 @@ REFUSAL_ENTRY = """
   guests: [pvh]
   xen: ">=4.17,<4.18"
   flaky: true
+  rate: 1/2
   signature: 'Triple fault'
+  evidence: [failure, dmesg]
   reason: the refusal check's guest triple-faults under TCG
 """
 
@@ -85,6 +88,7 @@ MAPS_ENTRY = """
   guests: [pvh]
   xen: ">=4.17,<4.18"
   signature: '{signature}'
+  evidence: [failure, dmesg]
   reason: the PVH guest triple-faults
 """
 
@@ -122,7 +126,8 @@ def test_versions_match_but_signature_absent_leaves_the_failure_a_failure(pytest
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "*memory corrupted after restore*",
-        "*known issue considered: plugins/v.py::test_maps [[]pvh, xen*/d\\d+v\\d+ Triple fault/: "
+        "*known issue considered: plugins/v.py::test_maps [[]pvh, xen*/d\\d+v\\d+ Triple fault/ in "
+        "failure+dmesg: "
         "versions match, but its signature is absent from the evidence*"])
     assert results(pytester)["test_maps"]["outcome"] == "failed"
     # The short summary (CI's one line per failure) keeps the assertion's own message, not
@@ -155,7 +160,7 @@ def test_an_emulator_fault_reruns_the_check_on_a_fresh_guest_which_passes(pytest
     result.stdout.fnmatch_lines([
         "*passed after emulator fault: plugins/v.py::test_refusal*(1 incident(s))*",
         "*during-check: nx-shared-pvh (pvh) d7 in plugins/v.py::test_refusal*gone from `xl list`*"
-        "emulator fault [[]guest-death*Triple fault/]; rerun*",
+        "emulator fault [[]guest-death*Triple fault/ in dmesg]; rerun*",
         "*guest verification around checks: * `xl list` calls, * s in all*",
         "*emulator-fault reruns: 1 of 6 this run*"])
     record = results(pytester)["test_refusal"]

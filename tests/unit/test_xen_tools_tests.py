@@ -175,8 +175,8 @@ def test_tsx_known_issue_is_scoped_to_tcg_and_has_its_signature():
     issues = load_known_issues(KNOWN_ISSUES)
     issue = match(issues, "plugins/xen_tools_tests.py::test_tsx", None, TCG)
     assert issue is not None and issue.signature is not None
-    assert issue.seen_in("--- stdout ---\nHost reports no RTM, but appears available\n")
-    assert not issue.seen_in("test-tsx exited 139")
+    assert issue.seen_in({"failure": "--- stdout ---\nHost reports no RTM, but appears available\n"})
+    assert not issue.seen_in({"failure": "test-tsx exited 139"})
     kvm = SimpleNamespace(**{**vars(TCG), "accel": "kvm"})
     assert match(issues, "plugins/xen_tools_tests.py::test_tsx", None, kvm) is None
     assert match(issues, "plugins/xen_tools_tests.py::test_resource", None, TCG) is None
