@@ -4,18 +4,20 @@
 before an L1 snapshot is taken, with the guest payload (``payload_files``); the
 snapshot key hashes exactly those entries (``digest``). ``ON_DEMAND`` files are
 put in by the checks that need them and are not part of a snapshot. ``install``
-is the one step that copies entries in.
+is the one step that copies entries in. The agent is built (harness/agent/build.py)
+when it is first needed: into the run's cache at install, its bytes for the digest.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .agent.client import AGENT_PATH, REMOTE_AGENT_PATH
+from .agent.build import agent_bytes, built_agent
+from .agent.client import REMOTE_AGENT_PATH
 from .imaging import REMOTE_PAYLOAD_DIR
 from .machines.qemu import CHANNEL_NAME
 
@@ -49,18 +51,30 @@ WantedBy=multi-user.target
 
 @dataclass(frozen=True)
 class Dom0File:
-    """One file in dom0: a local file's copy (``local``) or generated ``text``."""
+    """One file in dom0: a local file's copy (``local``), generated ``text``, or a file
+    ``built`` into the run's cache when it is installed (``data`` gives its bytes)."""
 
     remote: str
     local: Path | None = None
     text: str | None = None
     mode: int | None = None
+    built: Callable[[Path], Path] | None = None
+    data: Callable[[], bytes] | None = None
 
     def content(self) -> bytes:
-        return self.text.encode() if self.text is not None else Path(self.local).read_bytes()
+        if self.text is not None:
+            return self.text.encode()
+        if self.data is not None:
+            return self.data()
+        return Path(self.local).read_bytes()
+
+    def source(self, cache: Path) -> Path:
+        """The local file to copy (a built one is built into ``cache`` first)."""
+        return self.built(cache) if self.built is not None else Path(self.local)
 
 
-AGENT = Dom0File(REMOTE_AGENT_PATH, AGENT_PATH, mode=0o755)  # privcmd calls (harness/agent/nxagent/, built)
+# privcmd calls (harness/agent/nxagent/, built into one file)
+AGENT = Dom0File(REMOTE_AGENT_PATH, mode=0o755, built=built_agent, data=agent_bytes)
 WATCHER = Dom0File(REMOTE_WATCH_PATH, WATCH_PATH, mode=0o755)  # file watcher (migration timings)
 CHANNEL = Dom0File(REMOTE_CHANNEL_PATH, CHANNEL_PATH, mode=0o755)  # answers on the virtio-serial port
 CHANNEL_SERVICE = Dom0File("/etc/systemd/system/nx-channel.service", text=CHANNEL_UNIT)
@@ -78,13 +92,16 @@ def payload_files(payload: GuestPayload | None) -> tuple[Dom0File, ...]:
             Dom0File(f"{GUEST_DIR}/initramfs.gz", payload.initramfs))
 
 
-def install(remote, files: Iterable[Dom0File]) -> None:
-    """Put ``files`` into dom0 through ``remote`` (harness/remote.py), in order."""
+def install(remote, files: Iterable[Dom0File], cache: Path | None = None) -> None:
+    """Put ``files`` into dom0 through ``remote`` (harness/remote.py), in order; a built
+    file is built into ``cache`` (the run's) first."""
     for f in files:
         if f.text is not None:
             remote.put_text(f.text, f.remote, mode=f.mode)
+        elif f.built is not None and cache is None:
+            raise ValueError(f"{f.remote} is built into the run's cache: install it with cache=")
         else:
-            remote.put(f.local, f.remote, mode=f.mode)
+            remote.put(f.source(cache), f.remote, mode=f.mode)
 
 
 def digest(files: Iterable[Dom0File]) -> str:

@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from .accel import AccelChoice, choose_accel
 from .agent.channel import ChannelError
+from .agent.client import Agent, AgentError
 from .config import ConfigError, HostRecipe, RunConfig, load_recipe
 from .dom0_files import PREPARED, digest, install, payload_files
 from .host import XenHost, machine_spec
@@ -209,7 +210,7 @@ class Provisioner:
             host.boot(self.cfg.timeouts)
             started = time.monotonic()
             self.progress(f"[{label}] preparing dom0: agent, channel service, guest payload")
-            prepare(host, payload)
+            prepare(host, payload, self.cache)
             host.timings["prepare"] = round(time.monotonic() - started, 2)
             if self.setup_guests:
                 self.progress(f"[{label}] starting the shared guests ({', '.join(self.cfg.snapshot_guests)})")
@@ -329,10 +330,15 @@ class Provisioner:
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(host: XenHost, payload: GuestPayload | None) -> None:
-    """Put what checks need into dom0 (harness/dom0_files.py: the agent, the watcher, the
-    channel service, then the guest payload) and start the channel service."""
-    install(host.remote, PREPARED)  # harness/dom0_files.py
+def prepare(host: XenHost, payload: GuestPayload | None, cache: Path) -> None:
+    """Put what checks need into dom0 (harness/dom0_files.py: the agent, built into the
+    run's ``cache``, the watcher, the channel service, then the guest payload), check that
+    the agent answers with this harness's version, and start the channel service."""
+    install(host.remote, PREPARED, cache)  # harness/dom0_files.py
+    try:
+        Agent(host.remote.as_runner()).handshake()
+    except AgentError as exc:
+        raise AgentError(f"[{host.name}] the dom0 agent just installed: {exc}", answer=exc.answer) from None
     host.remote.run_expect("systemctl daemon-reload && systemctl enable --now nx-channel.service",
                            timeout=120)
     if host.channel is not None:

@@ -82,12 +82,9 @@ def build(dest: Path, data: bytes | None = None) -> Path:
     return dest
 
 
-def built_agent(cache_dir: Path | None = None) -> Path:
-    """The built agent in the run cache, under a directory named for its content."""
-    if cache_dir is None:
-        from ..config import RunConfig
-
-        cache_dir = RunConfig().resolved_cache_dir()
+def built_agent(cache_dir: Path) -> Path:
+    """The built agent in the run's cache (``cache_dir``), under a directory named for its
+    content: built when first asked for (an install into dom0), not when imported."""
     data = agent_bytes()
     key = hashlib.sha256(data).hexdigest()[:16]
     return build(cache_dir / "agent" / key / FILE_NAME, data)

@@ -1,6 +1,8 @@
 """Host-side driver for the dom0 agent (the package ``nxagent/``, shipped as one ``nxagent.py``).
 
-The agent is copied into dom0 once (:meth:`Agent.install`) and then run as
+The agent is built into the run's cache and copied into dom0 with the other prepared
+files (harness/dom0_files.py, harness/provision.py ``prepare``, which then runs
+:meth:`Agent.handshake`), and run as
 ``python3 /usr/local/lib/nested-xen/nxagent.py COMMAND`` with a JSON request on
 stdin, through whatever ``run`` callable the caller provides (an SSH runner in
 the harness, a fake in unit tests).
@@ -21,26 +23,21 @@ import json
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any
-
-from .build import built_agent
 
 # The protocol's constants come from the agent itself (stdlib only, importable here),
 # not from a copy that could drift from what dom0 runs.
-from .nxagent import DEFAULT_TIMEOUT_S, MAP_CALLS
+from .nxagent import AGENT_VERSION, DEFAULT_TIMEOUT_S, MAP_CALLS
 from .nxagent import M2P_DEFAULT_TIMEOUT_S as M2P_TIMEOUT_S
 
-# The file shipped to dom0: the package harness/agent/nxagent/ built into one zipapp
-# (harness/agent/build.py; deterministic, in the run cache under its content's hash).
-AGENT_PATH = built_agent()
+# Where dom0 keeps the agent: the package harness/agent/nxagent/ built into one zipapp
+# (harness/agent/build.py ``built_agent``, into the run's cache when first installed).
 REMOTE_AGENT_PATH = "/usr/local/lib/nested-xen/nxagent.py"
 
 #: Answers of these calls are parsed into MapResult.
 MAP_ANSWERS = (*MAP_CALLS, "restrict_then_map")
 
 Runner = Callable[[str, str, float], tuple[int, str, str]]
-PutFile = Callable[[Path, str], None]
 
 
 class AgentError(RuntimeError):
@@ -364,24 +361,14 @@ class Agent:
         return answer
 
     # -- commands -----------------------------------------------------------
-    def install(self, put_file: PutFile) -> dict[str, Any]:
-        """Copy the built agent (one file) into dom0 and check that the installed copy answers ``info``."""
-        from harness.agent.nxagent import AGENT_VERSION
-
-        directory = str(PurePosixPath(self.remote_path).parent)
-        status, _, err = self._run(f"mkdir -p {shlex.quote(directory)}", "", 30.0 + self.overhead_s)
-        if status != 0:
-            raise AgentError(
-                f"cannot create {directory} in dom0: exit {status}; stderr: {_tail(err)}",
-                command=f"mkdir -p {directory}",
-                status=status,
-                stderr=_tail(err),
-            )
-        put_file(AGENT_PATH, self.remote_path)
+    def handshake(self) -> dict[str, Any]:
+        """``info`` from the installed agent, which must report this harness's AGENT_VERSION
+        (a stale or half-copied file would answer in another protocol, or not at all). Run
+        after every install (harness/provision.py ``prepare``)."""
         info = self.info()
         if info.get("agent_version") != AGENT_VERSION:
             raise AgentError(
-                f"installed agent reports version {info.get('agent_version')!r}, "
+                f"installed agent {self.remote_path} reports version {info.get('agent_version')!r}, "
                 f"expected {AGENT_VERSION!r}",
                 answer=info,
             )

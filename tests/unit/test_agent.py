@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.agent import build, nxagent
 from harness.agent import client as agent_client
-from harness.agent import nxagent
 from harness.agent.client import Agent, AgentError, FrameResult, M2PResult, MapResult
 
-AGENT_FILE = agent_client.AGENT_PATH  # the file shipped to dom0: the package built into one zipapp
 AGENT_MODULES = sorted(Path(nxagent.__file__).parent.glob("*.py"))
 PAGE = nxagent.abi.XEN_PAGE_SIZE
 
@@ -864,8 +863,8 @@ def test_m2p_validation_defaults():
 
 
 @pytest.mark.skipif(os.path.exists("/dev/xen/privcmd"), reason="this machine has privcmd")
-def test_program_m2p_without_privcmd():
-    proc = _agent("m2p", json.dumps({"gfns": [1]}))
+def test_program_m2p_without_privcmd(agent_file: Path):
+    proc = _agent(agent_file, "m2p", json.dumps({"gfns": [1]}))
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)
     assert answer["ok"] is False and answer["call"] == "m2p"
@@ -875,16 +874,22 @@ def test_program_m2p_without_privcmd():
 # --------------------------------------------------------------------------
 # The agent as a program
 # --------------------------------------------------------------------------
-def _agent(command: str, stdin: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def agent_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file shipped to dom0: the package built into one zipapp, in a cache of the test's."""
+    return build.built_agent(tmp_path_factory.mktemp("cache"))
+
+
+def _agent(agent_file: Path, command: str, stdin: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(AGENT_FILE), command],
+        [sys.executable, str(agent_file), command],
         input=stdin, capture_output=True, text=True, timeout=60, check=False,
     )
 
 
 @pytest.mark.skipif(os.path.exists("/dev/xen/privcmd"), reason="this machine has privcmd")
-def test_program_without_privcmd_answers_json():
-    proc = _agent("mmapbatch_v2", json.dumps({"domid": 1, "frames": [5, 6]}))
+def test_program_without_privcmd_answers_json(agent_file: Path):
+    proc = _agent(agent_file, "mmapbatch_v2", json.dumps({"domid": 1, "frames": [5, 6]}))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     answer = json.loads(proc.stdout)
@@ -904,9 +909,9 @@ def test_program_without_privcmd_answers_json():
         ([], "{}", "usage"),
     ],
 )
-def test_program_request_errors_exit_2(args, stdin, message):
+def test_program_request_errors_exit_2(agent_file: Path, args, stdin, message):
     proc = subprocess.run(
-        [sys.executable, str(AGENT_FILE), *args],
+        [sys.executable, str(agent_file), *args],
         input=stdin, capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 2
@@ -914,8 +919,8 @@ def test_program_request_errors_exit_2(args, stdin, message):
     assert answer["ok"] is False and message in answer["error"]
 
 
-def test_program_info():
-    proc = _agent("info", "")
+def test_program_info(agent_file: Path):
+    proc = _agent(agent_file, "info", "")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["ok"] is True
@@ -925,8 +930,8 @@ def test_program_info():
     assert info["privcmd_exists"] == os.path.exists("/dev/xen/privcmd")
 
 
-def test_agent_source_is_python39_and_stdlib_only():
-    assert AGENT_FILE.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+def test_agent_source_is_python39_and_stdlib_only(agent_file: Path):
+    assert agent_file.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     assert len(AGENT_MODULES) > 1
     for module in AGENT_MODULES:
         source = module.read_text()
@@ -1059,19 +1064,15 @@ def test_client_restrict_then_map_and_p2m():
         Agent(short).p2m(3, [0, 9])
 
 
-def test_client_install(tmp_path):
+def test_client_handshake():
     info = {"ok": True, "call": "info", "agent_version": nxagent.abi.AGENT_VERSION}
-    run = FakeRun((0, "", ""), info)
-    copied = []
-    result = Agent(run).install(lambda src, dst: copied.append((src, dst)))
-    assert result == info
-    assert run.calls[0][0] == "mkdir -p /usr/local/lib/nested-xen"
-    assert copied == [(agent_client.AGENT_PATH, agent_client.REMOTE_AGENT_PATH)]
-    assert agent_client.AGENT_PATH.name == "nxagent.py" and agent_client.AGENT_PATH.exists()
+    run = FakeRun(info)
+    assert Agent(run).handshake() == info
+    assert run.calls[0][0].endswith("/usr/local/lib/nested-xen/nxagent.py info")
 
-    stale = FakeRun((0, "", ""), dict(info, agent_version="0.0"))
-    with pytest.raises(AgentError, match="version"):
-        Agent(stale).install(lambda src, dst: None)
+    stale = FakeRun(dict(info, agent_version="0.0"))
+    with pytest.raises(AgentError, match="reports version '0.0', expected"):
+        Agent(stale).handshake()
 
 
 def test_client_devmem_decodes_bytes():

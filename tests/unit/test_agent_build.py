@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from harness.agent import build, nxagent
-from harness.agent import client as agent_client
 
 
 def test_building_twice_gives_the_same_bytes(tmp_path: Path) -> None:
@@ -46,9 +45,8 @@ def test_the_built_file_is_a_zipapp_of_every_module() -> None:
 
 
 def test_the_shipped_file_is_the_build_in_the_cache(tmp_path: Path) -> None:
-    assert agent_client.AGENT_PATH.name == "nxagent.py"
-    assert agent_client.AGENT_PATH.read_bytes() == build.agent_bytes()
     built = build.built_agent(tmp_path)
+    assert built.name == "nxagent.py"
     assert built.read_bytes() == build.agent_bytes()
     assert built.parent.parent == tmp_path / "agent"
     assert build.built_agent(tmp_path) == built  # the same content, the same path
@@ -84,3 +82,13 @@ def test_the_built_file_answers_as_the_package(tmp_path, monkeypatch, capsys, ar
     assert proc.stdout.count("\n") == 1
     status, answer = _in_process(args, stdin, monkeypatch, capsys)
     assert (proc.returncode, json.loads(proc.stdout)) == (status, answer)
+
+
+def test_importing_the_harness_builds_no_agent(tmp_path: Path) -> None:
+    """The agent is built when an install first needs it, into that run's cache: importing
+    the modules that install it writes nothing into the default cache."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path / "home"))
+    env.pop("NESTED_XEN_CACHE", None)
+    code = "import harness.agent.client, harness.dom0_files, harness.provision, harness.pytest_plugin"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=Path(build.__file__).parents[2])
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
