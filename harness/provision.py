@@ -30,7 +30,7 @@ from .host import XenHost, machine_spec
 from .imaging import HostImage, ImageBuilder
 from .inputs import InputError
 from .machines.base import MachineError, MachineSpec, SnapshotFiles, Stage
-from .machines.qemu import QemuMachine, Registry, qemu_version
+from .machines.qemu import QemuMachine, Registry, device_model, qemu_version
 from .remote import CommandFailed, RemoteError
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class Provisioner:
             "memory": spec.memory_mb,
             "cpus": spec.cpus,
             "accel": [spec.accel.accel, spec.accel.cpu],
-            "devices": QemuMachine(spec).device_model(),
+            "devices": device_model(spec),  # from the spec: no machine built, no port bound
             "iommu": spec.iommu,
             "prepare": [PREPARE_VERSION, _file_digest(prep), files],
             "guests": list(self.cfg.snapshot_guests) if self.setup_guests else [],

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..procs import pid_alive
-from .base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
+from .base import LinkPorts, Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
 from .common import LINK_SLOT, create_overlay, die_with_parent, free_link, free_port
 from .qemu_choice import (  # noqa: F401 (re-exported: callers import them from here)
     IOMMU_DEVICE,
@@ -109,6 +109,64 @@ def _is_our_qemu(pid: int, name: str) -> bool:
     return any(arg == want or arg.startswith(want + b",") for arg in cmdline)
 
 
+def command_line(spec: MachineSpec, port: int, link: LinkPorts, overlay: Path, serial_log: Path,
+                 qmp_path: Path, channel_path: Path, incoming: SnapshotFiles | None = None) -> list[str]:
+    """QEMU's command line for an L1 of ``spec``: dom0's SSH forwarded from ``port``, the
+    link NIC on ``link``'s UDP ports, and these run files."""
+    modules = ",".join(f"{m.path} {m.args}".strip() for m in spec.modules)
+    for m in spec.modules:
+        if "," in str(m.path) or "," in m.args:
+            raise MachineStartError(f"multiboot module {m.path} or its args contain a comma")
+    net = (
+        f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
+    )
+    cmd = [
+        spec.qemu_binary,
+        "-name", f"{NAME_PREFIX}{spec.name},debug-threads=on",
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-machine", "pc",
+        *spec.accel.qemu_args(),
+        "-smp", str(spec.cpus),
+        "-m", str(spec.memory_mb),
+        "-kernel", str(spec.kernel),
+        "-append", spec.append,
+        "-initrd", modules,
+        "-drive", f"if=none,id=disk0,file={overlay},format=qcow2,cache=unsafe",
+        "-device", "virtio-blk-pci,drive=disk0,addr=0x4",
+        "-netdev", net,
+        "-device", "virtio-net-pci,netdev=net0,addr=0x3,mac=52:54:00:12:34:56",
+        "-chardev", f"file,id=ser0,path={serial_log}",
+        "-serial", "chardev:ser0",
+        # dom0's nxchannel.py: answers as soon as a restored VM runs (no sshd fork,
+        # no key exchange), and when SSH does not.
+        "-device", f"virtio-serial-pci,id=vser0,addr={CHANNEL_SLOT:#x}",
+        "-chardev", f"socket,id=nxchan,path={channel_path},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=nxchan,name={CHANNEL_NAME}",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+    ]
+    # Every L1 has the link NIC, linked or not, so that one snapshot serves both;
+    # the netdev backend is not part of the migration stream.
+    cmd += ["-netdev", f"socket,id=link0,udp=127.0.0.1:{link.peer},localaddr=127.0.0.1:{link.local}",
+            "-device", f"virtio-net-pci,netdev=link0,addr={LINK_SLOT:#x},mac=52:54:00:12:35:01"]
+    if spec.iommu:
+        cmd = with_iommu(cmd, l1_iommu(spec))
+    if incoming and incoming.stream == "mapped-ram":
+        cmd += ["-incoming", "defer"]  # capabilities first, then migrate-incoming
+    elif incoming:
+        cmd += ["-incoming", f"exec:cat {shlex.quote(str(incoming.memory))}"]
+    return cmd
+
+
+def device_model(spec: MachineSpec) -> list[str]:
+    """The parts of the command line a memory snapshot depends on (machine, CPU,
+    devices), without run-specific paths, ports and backends: part of the snapshot key.
+    Made from ``spec`` alone: no machine, no port taken."""
+    here = Path("/nonexistent")
+    cmd = command_line(spec, 0, LinkPorts(0, 0), here, here, here, here)
+    keep = {"-machine", "-cpu", "-accel", "-device", "-smp", "-m", "-nodefaults"}
+    return [f"{a} {b}" for a, b in zip(cmd, cmd[1:] + [""], strict=True) if a in keep]
+
+
 class QemuMachine(Machine):
     """An L1 VM run by QEMU and controlled over its QMP socket."""
 
@@ -144,57 +202,11 @@ class QemuMachine(Machine):
 
     # ------------------------------------------------------------------ start
     def command_line(self, incoming: SnapshotFiles | None = None) -> list[str]:
-        spec = self.spec
-        modules = ",".join(f"{m.path} {m.args}".strip() for m in spec.modules)
-        for m in spec.modules:
-            if "," in str(m.path) or "," in m.args:
-                raise MachineStartError(f"multiboot module {m.path} or its args contain a comma")
-        net = (
-            f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22"
-        )
-        cmd = [
-            spec.qemu_binary,
-            "-name", f"{NAME_PREFIX}{spec.name},debug-threads=on",
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-machine", "pc",
-            *spec.accel.qemu_args(),
-            "-smp", str(spec.cpus),
-            "-m", str(spec.memory_mb),
-            "-kernel", str(spec.kernel),
-            "-append", spec.append,
-            "-initrd", modules,
-            "-drive", f"if=none,id=disk0,file={self.overlay},format=qcow2,cache=unsafe",
-            "-device", "virtio-blk-pci,drive=disk0,addr=0x4",
-            "-netdev", net,
-            "-device", "virtio-net-pci,netdev=net0,addr=0x3,mac=52:54:00:12:34:56",
-            "-chardev", f"file,id=ser0,path={self.serial_log}",
-            "-serial", "chardev:ser0",
-            # dom0's nxchannel.py: answers as soon as a restored VM runs (no sshd fork,
-            # no key exchange), and when SSH does not.
-            "-device", f"virtio-serial-pci,id=vser0,addr={CHANNEL_SLOT:#x}",
-            "-chardev", f"socket,id=nxchan,path={self.channel_path},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,chardev=nxchan,name={CHANNEL_NAME}",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-        ]
-        # Every L1 has the link NIC, linked or not, so that one snapshot serves both;
-        # the netdev backend is not part of the migration stream.
-        link = self.link
-        cmd += ["-netdev", f"socket,id=link0,udp=127.0.0.1:{link.peer},localaddr=127.0.0.1:{link.local}",
-                "-device", f"virtio-net-pci,netdev=link0,addr={LINK_SLOT:#x},mac=52:54:00:12:35:01"]
-        if spec.iommu:
-            cmd = with_iommu(cmd, l1_iommu(spec))
-        if incoming and incoming.stream == "mapped-ram":
-            cmd += ["-incoming", "defer"]  # capabilities first, then migrate-incoming
-        elif incoming:
-            cmd += ["-incoming", f"exec:cat {shlex.quote(str(incoming.memory))}"]
-        return cmd
+        return command_line(self.spec, self.port, self.link, self.overlay, self.serial_log,
+                            self.qmp_path, self.channel_path, incoming)
 
     def device_model(self) -> list[str]:
-        """The parts of the command line a memory snapshot depends on (machine, CPU,
-        devices), without run-specific paths, ports and backends: part of the snapshot key."""
-        cmd = self.command_line()
-        keep = {"-machine", "-cpu", "-accel", "-device", "-smp", "-m", "-nodefaults"}
-        return [f"{a} {b}" for a, b in zip(cmd, cmd[1:] + [""], strict=True) if a in keep]
+        return device_model(self.spec)
 
     def start(self, incoming: SnapshotFiles | None = None) -> None:
         if self.registry:

@@ -137,3 +137,26 @@ def test_prepare_checks_the_installed_agents_version(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match=r"\[h1\] the dom0 agent just installed: .*version '0.9'"):
         provision.prepare(stale, None, tmp_path / "cache")
     assert ("run", "sync") not in stale.remote.calls
+
+
+@pytest.mark.parametrize("backend", ["qemu", "libvirt"])
+def test_snapshot_key_binds_no_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """The key's device part comes from the machine spec: no machine is made (which would
+    take a UDP port pair for its link), under either backend."""
+    import socket
+
+    from harness.machines import qemu
+
+    monkeypatch.setattr(provision, "qemu_version", lambda binary: "QEMU emulator version 7.2")
+    prov = object.__new__(provision.Provisioner)
+    prov.cfg, prov.setup_guests = RunConfig(backend=backend), None
+    spec = spec_for(tmp_path)
+    before = qemu.QemuMachine(spec).device_model()  # what the key held, made by a machine
+
+    def bind(self, address):
+        raise AssertionError(f"the snapshot key bound {address}")
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    key = prov.snapshot_key(image(tmp_path), spec, None)
+    assert qemu.device_model(spec) == before  # the same devices: snapshots keep their keys
+    assert len(key) == 16
