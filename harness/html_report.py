@@ -27,7 +27,8 @@ INCIDENT_FIELDS = ("subject", "name", "type", "image", "phase", "check", "signat
 COLOURS = {"image": "#8e6c8a", "boot": "#3b75af", "snapshot": "#519e3e", "guest": "#ef8636",
            "peer": "#c53a32", "measure": "#17becf",
            "check": "#7f7f7f", "setup": "#bcbd22", "incident": "#d62728"}
-OUTCOME_COLOURS = {"passed": "#d7f0d2", "failed": "#f6c7c3", "error": "#f6c7c3", "skipped": "#eeeeee",
+OUTCOME_COLOURS = {"passed": "#d7f0d2", "passed-after-fault": "#e8f0b0", "failed": "#f6c7c3",
+                   "error": "#f6c7c3", "skipped": "#eeeeee",
                    "xfailed": "#fbe8b5", "xpassed": "#f6c7c3"}
 STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222}h1{font-size:1.5em}h2{margin-top:1.6em;

@@ -21,14 +21,16 @@ from typing import Any
 
 import pytest
 
+from .judge import PASSED_AFTER_FAULT
 from .metrics import Record
 from .plugins import GUEST_TYPES
 from .report import markdown_table, summary_markdown
 
 # Outcome -> the letter shown in the matrix, in the order of pytest's summary line.
-OUTCOMES = {"failed": "F", "error": "E", "passed": "P", "skipped": "s", "xfailed": "x", "xpassed": "X"}
-LEGEND = ("P passed, F failed, E error (setup or teardown), s skipped, "
-          "x expected failure (known issue), X passed although expected to fail")
+OUTCOMES = {"failed": "F", "error": "E", "passed": "P", "passed-after-fault": "R", "skipped": "s",
+            "xfailed": "x", "xpassed": "X"}
+LEGEND = ("P passed, R passed only when run again after an emulator fault, F failed, E error (setup or "
+          "teardown), s skipped, x expected failure (known issue), X passed although expected to fail")
 NO_GUEST = "no guest"
 CHECK_PROPERTIES = ("plugin", "check", "image", "guest_type")
 HOST_PROPERTIES = ("xen_version", "kernel_release", "dom0_mode", "accel", "origin", "xen_changeset",
@@ -136,6 +138,9 @@ class Results:
         # A teardown error turns a passed (or skipped) test into an error; a failure stays one.
         if decided is not None and result.outcome not in ("failed", "error"):
             result.outcome, result.reason = decided
+            if decided[0] == "passed" and result.verdict == PASSED_AFTER_FAULT:
+                first = str(props.get("first_attempt", "")).strip().splitlines()
+                result.outcome, result.reason = "passed-after-fault", (first[-1][:300] if first else "")
 
 
 def write_json(results: list[CheckResult], path: Path, found: Sequence[Any] = ()) -> None:

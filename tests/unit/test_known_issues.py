@@ -47,7 +47,7 @@ def test_an_entry_naming_no_check_is_rejected(tmp_path):
 def test_an_entry_without_a_signature_is_rejected_naming_it(tmp_path):
     text = """
 - check: plugins/a.py::test_a
-  signature: x
+  signature: no such line
   evidence: [failure, dmesg]
   reason: r
 - check: plugins/migration.py::test_save_restore

@@ -432,7 +432,7 @@ def test_results_json_summary_md_and_the_terminal_matrix(pytester: pytest.Pytest
         "-*",
         "fake    alpha  pv    1P 1s     1P  1x   1P",
         "fake    beta   pvh   1F 1P     1P  1x   1P",
-        "P passed, F failed, *",
+        "P passed, R passed only when run again after an emulator fault, F failed, *",
     ])
     artifacts = pytester.path / "artifacts"
     records = {r["nodeid"]: r for r in json.loads((artifacts / "results.json").read_text())["results"]}

@@ -145,7 +145,7 @@ def test_versions_and_signature_match_is_an_expected_failure(pytester: pytest.Py
 
 
 def test_a_strict_entry_whose_check_passes_fails_the_run(pytester: pytest.Pytester) -> None:
-    result = run(pytester, known=MAPS_ENTRY.format(signature="x"), k="test_maps")
+    result = run(pytester, known=MAPS_ENTRY.format(signature="no such line"), k="test_maps")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*[[]XPASS(strict)] known issue: the PVH guest triple-faults*"
                                  "remove the entry*"])
