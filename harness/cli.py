@@ -16,8 +16,21 @@ import sys
 from pathlib import Path
 
 from . import options
+from . import results as check_results
+from .accel import HostFacts, nested_kvm_problem
+from .bench import bench_boot
 from .config import ConfigError, RunConfig, available_recipes, load_recipe
 from .config import run_config_from_args as _config
+from .html_report import write as write_html_report
+from .imaging import ImageError, mirror_and_source
+from .machines.base import MachineError
+from .machines.qemu import qemu_candidates
+from .metrics import load
+from .ownbuild import BuildError, add_parsers
+from .remote import RemoteError
+from .report import compare, plots, summary_table
+from .scaffold import ScaffoldError, next_steps, write_plugin
+from .wiring import provisioner_for
 
 log = logging.getLogger("nested_xen")
 
@@ -57,8 +70,6 @@ def libvirt_status(uri: str = "qemu:///system") -> str:
 
 def doctor_findings() -> list[tuple[bool, str, str]]:
     """(ok, what, how to fix) for everything a run needs."""
-    from .accel import HostFacts, nested_kvm_problem
-
     findings = []
     for binary, package, why in TOOLS:
         found = shutil.which(binary)
@@ -68,8 +79,6 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
     findings.append((True, "accelerator: " + ("KVM with nested virtualization" if problem is None
                                               else f"TCG (slower) because {problem}"),
                      "enable nested virtualization in kvm_amd/kvm_intel for speed"))
-    from .machines.qemu import qemu_candidates
-
     cache = RunConfig().resolved_cache_dir()
     qemus = qemu_candidates("qemu-system-x86_64", cache)
     findings.append((True, "QEMU builds: " + (", ".join(f"{b} ({v[0]}.{v[1]})" for b, v in qemus) or "none")
@@ -94,8 +103,6 @@ def doctor_findings() -> list[tuple[bool, str, str]]:
 
 def _mirror_finding() -> tuple[bool, str, str]:
     """The Debian mirror image builds would use, and where that choice came from."""
-    from .imaging import ImageError, mirror_and_source
-
     cfg = RunConfig()
     try:
         mirror, where = mirror_and_source(cfg.mirror, load_recipe(cfg.host_images[0]))
@@ -121,8 +128,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _provisioner(cfg: RunConfig):
-    from .wiring import provisioner_for
-
     return provisioner_for(cfg, lambda line: print(line, flush=True))
 
 
@@ -168,8 +173,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_boot
-
     cfg = _config(args)
     results = bench_boot(cfg, runs=args.runs, cold_image=args.cold_image,
                          progress=lambda line: print(line, flush=True))
@@ -204,10 +207,6 @@ def _report_inputs(path: Path) -> tuple[Path | None, Path | None]:
 def cmd_report(args: argparse.Namespace) -> int:
     """Summarize a run's results and measurements; with --baseline, flag measurement
     regressions against an older run."""
-    from . import results as check_results
-    from .metrics import load
-    from .report import compare, plots, summary_table
-
     if getattr(args, "html", False):
         return _html_report(Path(args.run))
     results_path, metrics_path = _report_inputs(Path(args.run))
@@ -235,18 +234,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _html_report(run: Path) -> int:
-    from .html_report import write
-
     if not run.is_dir():
         raise UserError(f"{run}: --html needs a run's artifacts directory (where results.json is)")
-    print(f"report: {write(run)}")
+    print(f"report: {write_html_report(run)}")
     return 0
 
 
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     """Write a plugin module to start from (the README's example) and say what comes next."""
-    from .scaffold import ScaffoldError, next_steps, write_plugin
-
     try:
         path = write_plugin(args.name, Path(args.dir) if args.dir else None)
     except ScaffoldError as exc:
@@ -311,8 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the module's name (a lowercase Python identifier)")
     p.add_argument("--dir", metavar="DIR", help="write it here instead of plugins/")
     p.set_defaults(func=cmd_new_plugin)
-    from .ownbuild import add_parsers
-
     add_parsers(sub)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     options.add_arguments(p, scopes=options.SCOPES)  # and pytest's own: all go on to pytest
@@ -331,11 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from .imaging import ImageError
-    from .machines.base import MachineError
-    from .ownbuild import BuildError
-    from .remote import RemoteError
-
     try:
         return args.func(args)
     except (ConfigError, UserError, ImageError, MachineError, RemoteError, BuildError) as exc:

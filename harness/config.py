@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 import yaml
 
 from .inputs import InputError, Inputs, from_options, parse_inputs
@@ -124,8 +125,6 @@ class RunConfig:
         env = os.environ.get("NESTED_XEN_CACHE")
         if env:
             return Path(env)
-        import platformdirs
-
         return Path(platformdirs.user_cache_dir("nested-xen"))
 
 

@@ -14,15 +14,11 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .agent.build import agent_bytes, built_agent
 from .agent.client import REMOTE_AGENT_PATH
 from .imaging import REMOTE_PAYLOAD_DIR
 from .machines.qemu import CHANNEL_NAME
-
-if TYPE_CHECKING:
-    from .provision import GuestPayload
 
 AGENT_DIR = Path(__file__).with_name("agent")  # harness/agent/: the dom0 tools' sources
 REMOTE_LIB_DIR = REMOTE_AGENT_PATH.rsplit("/", 1)[0]  # /usr/local/lib/nested-xen
@@ -47,6 +43,15 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 """
+
+
+@dataclass(frozen=True)
+class GuestPayload:
+    """Guest kernel and initramfs as they sit on the harness host (put into dom0 by
+    :func:`payload_files`; built by harness/guest_payload.py)."""
+
+    kernel: Path
+    initramfs: Path
 
 
 @dataclass(frozen=True)

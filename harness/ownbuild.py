@@ -23,7 +23,11 @@ import time
 from pathlib import Path
 
 from . import options
+from .config import load_recipe
 from .config import run_config_from_args as _config
+from .debian_inputs import PrepareError, prepare
+from .imaging import resolve_mirror
+from .provision import inputs_dir
 
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 # Where libxl looks for its device model; `--device-model` installs one there.
@@ -235,11 +239,6 @@ def build_kernel(src: Path, cache: Path, jobs: int) -> Path:
 
 
 def cmd_inputs(args: argparse.Namespace) -> int:
-    from .config import load_recipe
-    from .debian_inputs import PrepareError, prepare
-    from .imaging import resolve_mirror
-    from .provision import inputs_dir
-
     cfg = _config(args)
     mirror = resolve_mirror(cfg.mirror, load_recipe("bookworm"))
     out = Path(args.dir).resolve() if args.dir else inputs_dir(cfg)

@@ -9,6 +9,7 @@ discarded with a warning and the host boots cold instead.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,7 +17,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -25,7 +25,7 @@ from .accel import AccelChoice, choose_accel
 from .agent.channel import ChannelError
 from .agent.client import Agent, AgentError
 from .config import ConfigError, HostRecipe, RunConfig, load_recipe
-from .dom0_files import PREPARED, digest, install, payload_files
+from .dom0_files import PREPARED, GuestPayload, digest, install, payload_files
 from .host import XenHost, machine_spec
 from .imaging import HostImage, ImageBuilder
 from .inputs import InputError
@@ -44,14 +44,6 @@ RESTORE_CHANNEL_TIMEOUT = 20.0
 # One SSH attempt may take this long: a restored dom0 is up, and abandoning slow
 # handshakes only makes sshd fork more under TCG.
 RESTORE_SSH_ATTEMPT = 15.0
-
-
-@dataclass(frozen=True)
-class GuestPayload:
-    """Guest kernel and initramfs as they sit on the harness host."""
-
-    kernel: Path
-    initramfs: Path
 
 
 def _file_digest(paths: list[Path]) -> str:
@@ -151,8 +143,6 @@ class Provisioner:
             self.snapshots.drop_all()
 
     def recipe(self, name: str) -> HostRecipe:
-        import dataclasses
-
         recipe = load_recipe(name)
         if self.cfg.dom0 and self.cfg.dom0 != recipe.dom0:
             recipe = dataclasses.replace(recipe, dom0=self.cfg.dom0)
@@ -195,7 +185,7 @@ class Provisioner:
 
     def _new_host(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage) -> XenHost:
         if self.cfg.backend == "libvirt":
-            from .machines.libvirt import LibvirtMachine
+            from .machines.libvirt import LibvirtMachine  # libvirt-python is optional
 
             machine = LibvirtMachine(spec, self.cfg.libvirt_uri)
         else:
