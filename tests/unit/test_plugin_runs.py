@@ -322,13 +322,17 @@ def test_readme_example_runs_in_every_plugins_run(pytester: pytest.Pytester) -> 
 
 
 def test_readme_example_fails_on_a_wrong_translation(pytester: pytest.Pytester) -> None:
-    # Each gfn shows the next page: the check must fail; its negative control still passes.
+    # Each gfn shows the next page: the check must fail, and so must its negative control:
+    # the last page's gfn shows a page that does not exist, and a swapped frame that maps
+    # nothing says nothing about the content comparison.
     project(pytester, shift=1)
     (pytester.path / "README.md").write_text(README.read_text())
     result = pytester.runpytest_inprocess("plugins", "--host-image", "alpha")
-    result.assert_outcomes(passed=2, failed=2)
+    result.assert_outcomes(failed=4)
     assert has_line(result, "FAILED README.md::test_first_and_last_probe_pages_map[img=alpha-guest=pvh]")
-    result.stdout.fnmatch_lines(["E * AssertionError: 2 of 2 frames differ from the probe:"])
+    assert has_line(result, "FAILED README.md::test_negative_control_swapped_frames_are_caught", "guest=pvh")
+    result.stdout.fnmatch_lines(["E * AssertionError: 2 of 2 frames differ from the probe:",
+                                 "E * AssertionError: the control shows nothing:"])
 
 
 def test_readme_example_is_skipped_where_the_host_is_out_of_range(pytester: pytest.Pytester) -> None:
