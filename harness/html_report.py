@@ -3,8 +3,9 @@
 It shows the checks' summary table (results.json) and the measurements'
 (metrics.json), the migration plots (artifacts/plots/*.png as data URIs), each
 failure with the tails of its serial log, ``xl dmesg`` and consoles
-(artifacts/failures/*), the incidents (incidents*.json, guest_boot_crashes.json,
-guest_deaths.json), and a Gantt-style timeline of the run's stages (stages.jsonl:
+(artifacts/failures/*), the incidents (incidents.json: the run's one incidents
+artifact, whose list results.json and summary.md hold too; under xdist the controller's
+merge of this run's worker files), and a Gantt-style timeline of the run's stages (stages.jsonl:
 image, boot, guests, snapshot, peer, each check) as inline SVG, with its largest
 costs listed.
 """
@@ -14,16 +15,23 @@ from __future__ import annotations
 import base64
 import html
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .metrics import load as load_metrics
+from .report import SUMMARY_HEADER, summary_rows
+from .results import device_model_label
 from .stages import StageEvent, bars, load_events
 
 TAIL_LINES = 40
-INCIDENT_FIELDS = ("subject", "name", "type", "image", "phase", "check", "signature", "action", "evidence")
+# harness/incidents.py's Incident fields, as columns.
+INCIDENT_FIELDS = ("subject", "name", "guest_type", "image", "phase", "nodeid", "detail", "signature",
+                   "action", "evidence")
 COLOURS = {"image": "#8e6c8a", "boot": "#3b75af", "snapshot": "#519e3e", "guest": "#ef8636",
            "peer": "#c53a32", "measure": "#17becf",
            "check": "#7f7f7f", "setup": "#bcbd22", "incident": "#d62728"}
@@ -61,8 +69,6 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 def results_section(artifacts: Path) -> str:
-    from .results import device_model_label
-
     data = _json(artifacts / "results.json") or {}
     results = data.get("results", [])
     if not results:
@@ -90,11 +96,8 @@ def table(head: Iterable[str], rows: Iterable[Iterable[object]], colours: list[s
 
 
 def measurements_section(artifacts: Path) -> str:
-    from .metrics import load
-    from .report import SUMMARY_HEADER, summary_rows
-
     path = artifacts / "metrics.json"
-    records = load(path) if path.is_file() else []
+    records = load_metrics(path) if path.is_file() else []
     if not records:
         return "<p class=none>no measurements (metrics.json)</p>"
     return table(SUMMARY_HEADER, summary_rows(records))
@@ -122,26 +125,26 @@ def failures_section(artifacts: Path) -> str:
 
 
 def incidents(artifacts: Path) -> list[dict]:
-    """Incident records: incidents.json / incidents-*.json (the incidents layer's), and the
-    guests' early-boot crashes and deaths between checks."""
-    found: list[dict] = []
-    for path in sorted(artifacts.glob("incidents*.json")):
-        data = _json(path)
-        found += [d for d in (data if isinstance(data, list) else []) if isinstance(d, dict)]
-    for name, phase in (("guest_boot_crashes", "early boot"), ("guest_deaths", "between checks")):
-        for event in _json(artifacts / f"{name}.json") or []:
-            found.append({"subject": "guest", "name": event.get("guest", ""), "type": event.get("type", ""),
-                          "phase": event.get("found", phase), "action": "created again",
-                          "evidence": event.get("error", "")})
-    return found
+    """The run's incident records: incidents.json, the run's one incidents artifact, written
+    by the only process or merged by the xdist controller from this run's incidents-gwN.json
+    (not read here); results.json and summary.md hold the same list (fixtures/run.py
+    ``run_incidents``)."""
+    data = _json(artifacts / "incidents.json")
+    return [d for d in (data if isinstance(data, list) else []) if isinstance(d, dict)]
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, dict):  # evidence: each kind's text, its end kept
+        return "\n".join(f"{k}: {str(v)[-300:]}" for k, v in value.items() if v)
+    return "" if value is None else str(value)[:400]
 
 
 def incidents_section(artifacts: Path) -> str:
     found = incidents(artifacts)
     if not found:
         return "<p class=none>no incidents</p>"
-    rows = [[str(i.get(k, ""))[:400] for k in INCIDENT_FIELDS] for i in found]
-    return table(INCIDENT_FIELDS, rows)
+    rows = [[_cell(i.get(k)) for k in INCIDENT_FIELDS] for i in found]
+    return f"<p class=incidents>{len(found)} incident(s)</p>" + table(INCIDENT_FIELDS, rows)
 
 
 # ------------------------------------------------------------------ timeline
@@ -157,9 +160,6 @@ def timeline_bars(artifacts: Path) -> list[StageEvent]:
 
 
 def junit_checks(path: Path) -> list[StageEvent]:
-    import xml.etree.ElementTree as ET
-    from datetime import datetime
-
     try:
         suite = ET.parse(path).getroot()
     except (OSError, ET.ParseError):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from harness import html_report
+from harness import html_report, incidents, results
+from harness.incidents import Incident
 from harness.stages import DETAIL, DONE, STEP, StageEvent
 
 T0 = 1_700_000_000.0
@@ -53,12 +55,11 @@ def artifacts(tmp_path: Path) -> Path:
     fail.mkdir(parents=True)
     (fail / "serial.log").write_text("".join(f"serial line {i}\n" for i in range(100)))
     (fail / "console-nx-mig.log").write_text("guest console: Kernel panic\n")
-    (tmp_path / "guest_deaths.json").write_text(json.dumps(
-        [{"guest": "nx-shared-pvh", "type": "pvh", "found": "before test_x", "error": "Triple fault"}]))
-    (tmp_path / "incidents.json").write_text(json.dumps(
-        [{"subject": "host", "name": "bookworm-main-0", "type": "", "image": "bookworm",
-          "phase": "during a check", "check": "test_mig", "signature": "x2apic-eoi",
-          "action": "expected failure", "evidence": "xl dmesg"}]))
+    incidents.write(tmp_path / "incidents.json", [
+        Incident("host", "bookworm-main-0", "during-check", image="bookworm", nodeid="test_mig",
+                 signature="x2apic-eoi", action="expected-failure", evidence={"serial": "xl dmesg"}),
+        Incident("guest", "nx-shared-pvh", "between-checks", guest_type="pvh", image="bookworm",
+                 detail="gone from `xl list`", evidence={"console": "Triple fault"}, action="recreated")])
     return tmp_path
 
 
@@ -110,3 +111,31 @@ def test_cli_writes_the_page_again(artifacts: Path, capsys) -> None:
     assert main(["report", str(artifacts), "--html"]) == 0
     assert "report: " in capsys.readouterr().out and (artifacts / "report.html").is_file()
     assert main(["report", str(artifacts / "results.json"), "--html"]) == 2
+
+
+def test_under_xdist_the_page_counts_the_incidents_results_json_holds(tmp_path: Path) -> None:
+    """-n 2: each worker wrote incidents-gwN.json, the controller merged this run's into
+    incidents.json (and results.json from the same list); report.html reads that one file
+    only: not the workers' again, not an earlier run's worker file the merge left out."""
+    def death(name: str, worker: str) -> Incident:
+        return Incident("guest", name, "during-check", guest_type="pv", image="bookworm", worker=worker,
+                        evidence={"dmesg": f"d{name} triple fault"})
+
+    stale = tmp_path / "incidents-gw2.json"  # an earlier run's third worker
+    incidents.write(stale, [death("old", "gw2")])
+    started = stale.stat().st_mtime + 1
+    incidents.write(tmp_path / "incidents-gw0.json", [death("a", "gw0")])
+    incidents.write(tmp_path / "incidents-gw1.json", [death("b", "gw1"), death("c", "gw1")])
+    for worker in ("gw0", "gw1"):
+        path = tmp_path / f"incidents-{worker}.json"
+        os.utime(path, (started + 1, started + 1))
+    merged = incidents.merge(tmp_path, since=started)
+    check = results.CheckResult("plugins/x.py::test_x", "x", "test_x", outcome="passed")
+    results.write_json([check], tmp_path / "results.json", merged)
+
+    in_results = len(json.loads((tmp_path / "results.json").read_text())["incidents"])
+    page = html_report.write(tmp_path).read_text()
+    shown = re.search(r"<p class=incidents>(\d+) incident\(s\)</p>", page)
+    assert in_results == 3 and shown is not None and int(shown.group(1)) == in_results
+    assert len(html_report.incidents(tmp_path)) == in_results
+    assert "dold triple fault" not in page
