@@ -346,27 +346,33 @@ def _add_sections(item: pytest.Item, report: pytest.TestReport, state: CheckStat
 
 
 def refresh_derived(item: pytest.Item) -> None:
-    """Before a rerun: finish every cached fixture wider than the check that derived data
-    from a guest (privcmd's ``answers``, no_raw_mfn's ``grant_pairs`` and ``m2p``), so the
-    rerun computes it again from the fresh guest instead of judging the dead one's."""
+    """Before a rerun: finish every cached fixture wider than the check that holds a guest
+    or derived data from one (privcmd's ``answers``, no_raw_mfn's ``grant_pairs`` and
+    ``m2p``), dependents first, so the rerun gets the guest anew (a shared one replaced in
+    place, an own one created again) and computes the data from it instead of judging the
+    dead one's. (A module fixture is set up before the check's own autouse ones, so one
+    kept would be computed from the dead guest before it was replaced.)"""
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     guestish = {name for name, fdefs in defs.items()
                 if name in GUEST_FIXTURES or any(_holds_guest(d) for d in fdefs)}
 
-    def derived(name: str, seen: set[str]) -> bool:
+    def depth(name: str, seen: frozenset[str] = frozenset()) -> int:
+        """How far ``name`` is from a guest fixture (0: it is one; -1: it does not use one)."""
         if name in guestish:
-            return True
+            return 0
         if name in seen:
-            return False
-        seen.add(name)
-        return any(derived(arg, seen) for d in defs.get(name, ()) for arg in d.argnames)
+            return -1
+        below = [depth(arg, seen | {name}) for d in defs.get(name, ()) for arg in d.argnames]
+        return max(below, default=-1) + 1 if any(b >= 0 for b in below) else -1
 
-    for name, fdefs in defs.items():
-        for fixturedef in fdefs:
-            cached = fixturedef.cached_result is not None
-            if name not in guestish and fixturedef.scope != "function" and cached and derived(name, set()):
-                log.info("%s: %s derived data from a guest; computed again for the rerun", item.nodeid, name)
-                fixturedef.finish(item._request)  # noqa: SLF001 - the request pytest gave this item
+    stale = sorted(((depth(name), name, d) for name, fdefs in defs.items() for d in fdefs
+                    if d.scope != "function" and d.cached_result is not None and depth(name) >= 0),
+                   key=lambda t: -t[0])
+    if stale and not getattr(item, "_request", None):
+        item._initrequest()  # noqa: SLF001 - pytest dropped it after the attempt; the rerun needs it
+    for _, name, fixturedef in stale:
+        log.info("%s: %s computed again for the rerun (it holds or derives from a guest)", item.nodeid, name)
+        fixturedef.finish(item._request)  # noqa: SLF001 - the request pytest gives this item
 
 
 def _holds_guest(fixturedef: Any) -> bool:

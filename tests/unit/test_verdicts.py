@@ -58,9 +58,25 @@ def test_refusal(guest, agent):
         kill(guest, "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1")
 
 
+@pytest.fixture(scope="module")
+def derived(guest):
+    """Data a module fixture derived from the guest (as privcmd's answers, no_raw_mfn's m2p)."""
+    return {"domid": guest.domid}
+
+
+@check(guests=["pvh"])
+def test_derived(guest, derived):
+    if ran("derived") == 1 and MODE == "derived":
+        kill(guest)
+        raise AssertionError("pages differ at gfn 0x1234")
+    assert derived["domid"] == guest.domid, f"judged the dead guest's data: d{derived['domid']}"
+
+
 @check(guests=["pvh"])
 def test_maps(guest, agent):
     assert MESSAGE == "", MESSAGE
+
+
 '''
 
 DEATH = """
@@ -173,6 +189,21 @@ def test_an_emulator_fault_reruns_the_check_on_a_fresh_guest_which_passes(pytest
     assert "d7v0 Triple fault" in saved.evidence["dmesg"] and saved.signature.startswith("guest-death")
     assert "| image | guest type | phase | signature | incidents |" in (
         pytester.path / "artifacts" / "summary.md").read_text()
+
+
+def test_a_rerun_recomputes_what_module_fixtures_derived_from_the_dead_guest(pytester: pytest.Pytester) -> None:
+    """Routes 2 and 3 of issue 26: the rerun on a fresh guest computes a module fixture
+    derived from the guest again (it read the dead one's domid before), and the first
+    attempt's failure (a real "pages differ" beside the death) is kept in results.json,
+    the JUnit properties and the report, not replaced by the rerun's pass."""
+    result = run(pytester, mode="derived", known=DEATH, k="test_derived or test_maps")  # one module
+    result.assert_outcomes(passed=2)
+    record = results(pytester)["test_derived"]
+    assert record["outcome"] == "passed-after-fault" and record["verdict"] == "passed after emulator fault"
+    assert "pages differ at gfn 0x1234" in record["properties"]["first_attempt"]
+    assert "pages differ at gfn 0x1234" in dict(junit_properties(pytester, "test_derived"))["first_attempt"]
+    summary = (pytester.path / "artifacts" / "summary.md").read_text()
+    assert "1R" in summary and "R passed only when run again" in summary
 
 
 def test_the_same_fault_twice_is_a_failure_without_an_entry_of_the_check(pytester: pytest.Pytester) -> None:
