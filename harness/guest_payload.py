@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .dom0_files import GuestPayload
     from .imaging import HostImage
-    from .provision import GuestPayload
 
 PROBE_SOURCE = Path(__file__).resolve().parent.parent / "images" / "guests" / "probe.c"
 PAYLOAD_VERSION = 1
@@ -226,7 +226,7 @@ def compile_probe(src: Path, out: Path, cc: str = "gcc") -> Path:
 def guest_payload_for(cfg: RunConfig) -> Callable[[HostImage], GuestPayload]:
     """A function building (and caching) the guest payload for an image: keyed by the
     probe's source, this module, the image's busybox and PAYLOAD_VERSION."""
-    from .provision import GuestPayload
+    from .dom0_files import GuestPayload
 
     def build(image: HostImage) -> GuestPayload:
         h = hashlib.sha256()

@@ -102,7 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                   "nested-xen-results")
     issues = config.stash[ISSUES_KEY]
     verdicts = VerdictPlugin(issues, run_config(config).emulator_fault_reruns, host_lost,
-                             strict=_option(config, "strict_emulator", "auto"))
+                             strict=config.getoption("strict_emulator"))
     config.stash[VERDICTS_KEY] = verdicts
     config.pluginmanager.register(verdicts, "nested-xen-verdicts")
     incidents.set_classifier(lambda incident: _classify(issues, incident))
@@ -130,13 +130,6 @@ def _register_stages(config: pytest.Config, artifacts: Path) -> None:
         return stages.active or bool(results.results.results)
 
     config.pluginmanager.register(ReportPlugin(artifacts, ran_checks), "nested-xen-html")
-
-
-def _option(config: pytest.Config, name: str, default: str) -> str:
-    try:
-        return config.getoption(name) or default
-    except ValueError:  # not declared (a pytester run of an older option table)
-        return default
 
 
 def _classify(issues: list, incident: incidents.Incident) -> str | None:

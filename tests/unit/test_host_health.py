@@ -12,8 +12,8 @@ from harness import incidents
 from harness.fixtures import hosts
 from harness.known_issues import KNOWN_ISSUES, load_known_issues
 
-PVH_DOM0_FAULT = ("(XEN) d0v1 Triple fault - invoking HVM shutdown action 1\n(XEN) RIP:    e008:[<ffff82d04029a1b0>] "
-                  "svm_asm_do_resume+0x\n(XEN) RFLAGS: 0\n(XEN) CONTEXT: hvm guest (d0v1)")
+PVH_DOM0_FAULT = ("(XEN) d0v1 Triple fault - invoking HVM shutdown action 1\n"
+                  "(XEN) RIP:    e008:[<ffff82d04029a1b0>] svm_asm_do_resume+0x\n(XEN) RFLAGS: 0\n(XEN) CONTEXT: hvm guest (d0v1)")
 
 
 class FakeHost:
@@ -53,7 +53,8 @@ def test_a_new_xen_warn_while_the_module_ran_is_an_error(request_for):
     host = FakeHost(True, "(XEN) Xen WARN at old.c:1\n")
     seen = hosts.xen_problems(host)
     host.text += "(XEN) Xen WARN at p2m.c:42\n(d5) BUG: kernel NULL pointer dereference\n"
-    with pytest.raises(AssertionError, match=r"1 panic/BUG/WARN/assertion line.*\n\(XEN\) Xen WARN at p2m.c:42$"):
+    with pytest.raises(AssertionError,
+                       match=r"1 panic/BUG/WARN/assertion line.*\n\(XEN\) Xen WARN at p2m.c:42$"):
         hosts.after_module(request_for, host, "bookworm", seen)
 
 

@@ -191,7 +191,8 @@ def test_an_emulator_fault_reruns_the_check_on_a_fresh_guest_which_passes(pytest
         pytester.path / "artifacts" / "summary.md").read_text()
 
 
-def test_a_rerun_recomputes_what_module_fixtures_derived_from_the_dead_guest(pytester: pytest.Pytester) -> None:
+def test_a_rerun_recomputes_what_module_fixtures_derived_from_the_dead_guest(
+        pytester: pytest.Pytester) -> None:
     """Routes 2 and 3 of issue 26: the rerun on a fresh guest computes a module fixture
     derived from the guest again (it read the dead one's domid before), and the first
     attempt's failure (a real "pages differ" beside the death) is kept in results.json,
