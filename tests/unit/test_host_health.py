@@ -13,7 +13,8 @@ from harness.fixtures import hosts
 from harness.known_issues import KNOWN_ISSUES, load_known_issues
 
 PVH_DOM0_FAULT = ("(XEN) d0v1 Triple fault - invoking HVM shutdown action 1\n"
-                  "(XEN) RIP:    e008:[<ffff82d04029a1b0>] svm_asm_do_resume+0x\n(XEN) RFLAGS: 0\n(XEN) CONTEXT: hvm guest (d0v1)")
+                  "(XEN) RIP:    e008:[<ffff82d04029a1b0>] svm_asm_do_resume+0x\n(XEN) RFLAGS: 0\n"
+                  "(XEN) CONTEXT: hvm guest (d0v1)")
 
 
 class FakeHost:
