@@ -56,7 +56,8 @@ OWN_TRIPLE = """(XEN) d11v0: upcall vector f3
 (XEN) *** Dumping CPU0 guest state (d11v0): ***
 (XEN) RIP:    0010:[<ffffffff81c01a4a>]
 (XEN) CR2: fffffe0000000080"""
-# libxl's words on Debian testing's HVM restore, and the device model's own (issue 31).
+# libxl's words on Debian testing's HVM restore, and the device model's own (issue 31),
+# judged by the repository's strict entry (device_model >= 11.0, evidence: [device-model]).
 LIBXL_DM = """xl restore failed (rc 1):
 libxl: error: libxl_dm.c:3190:device_model_spawn_outcome: Domain 7:domain 7 device model: spawn failed (rc=-3)
 libxl: error: libxl_create.c:1928:domcreate_devmodel_started: Domain 7:device model did not start: -3
@@ -64,14 +65,6 @@ libxl: error: libxl_domain.c:1583:devices_destroy_cb: Domain 7:libxl__devices_de
 Domain creation failed"""
 QEMU_DM_LOG = ("xen-qemu-system-i386: -incoming fd:15: fd: migration to a file is not supported. "
                "Use file: instead.")
-DM_ENTRY = """
-- check: plugins/translation.py::test_translation_survives_save_restore
-  guests: [hvm]
-  device_model: ">=11.1"
-  evidence: [device-model]
-  signature: 'fd: migration to a file is not supported'
-  reason: QEMU 11.1 refuses libxl's -incoming fd:N on a saved file
-"""
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +122,7 @@ ROWS = [
                  BOOKWORM, KEEP, "considered", id="strict-entry-signature-absent"),
     # issue 31: the device model's own sentence, matched on its log only, scoped to its version
     pytest.param(Evidence(TRANSLATION, "hvm", "failed", failure=LIBXL_DM, extra={"device-model": QEMU_DM_LOG}),
-                 TESTING, EXPECTED, "fd:N", id="issue31-dm-log-with-dm-entry"),
+                 TESTING, EXPECTED, "incoming fd:<n>", id="issue31-dm-log-with-the-repositorys-entry"),
     pytest.param(Evidence(TRANSLATION, "hvm", "failed", failure=f"{LIBXL_DM}\n{QEMU_DM_LOG}"),
                  TESTING, KEEP, "considered", id="issue31-dm-sentence-outside-the-dm-log-is-not-evidence"),
     pytest.param(Evidence(TRANSLATION, "hvm", "failed", failure=LIBXL_DM, extra={"device-model": QEMU_DM_LOG}),
@@ -140,7 +133,7 @@ ROWS = [
 
 @pytest.mark.parametrize(("evidence", "facts", "kind", "words"), ROWS)
 def test_the_judge(evidence, facts, kind, words, issues, tmp_path):
-    extra = load_known_issues(_write(tmp_path, DM_ENTRY)) if evidence.check == TRANSLATION else []
+    extra = []
     if evidence.first_fault == "FIRST":  # the fault's own label on the first attempt
         first = judge(Evidence(**{**vars(evidence), "attempt": 1, "first_fault": None}), facts, issues + extra)
         evidence = Evidence(**{**vars(evidence), "first_fault": first.fault})
