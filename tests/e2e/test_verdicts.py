@@ -151,6 +151,7 @@ def pytest_collection_finish(session):
 '''
 
 
+@pytest.mark.nightly  # an own PVH guest and two migrations (about 5 min): tox -e e2e-nightly
 def test_an_injected_pvh_migration_failure_reads_red(tmp_path: Path, e2e_config, artifacts_dir: Path) -> None:
     """Issue 26, route 1: a PVH localhost migration whose receiver is killed mid-stream, on
     bookworm (Xen 4.17, QEMU 7.2) with the repository's known_issues.yaml. At 625b9f1 its
