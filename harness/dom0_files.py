@@ -15,29 +15,25 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dom0_layout as layout
 from .agent.build import agent_bytes, built_agent
-from .agent.client import REMOTE_AGENT_PATH
-from .imaging import REMOTE_PAYLOAD_DIR
-from .machines.qemu import CHANNEL_NAME
 
 AGENT_DIR = Path(__file__).with_name("agent")  # harness/agent/: the dom0 tools' sources
-REMOTE_LIB_DIR = REMOTE_AGENT_PATH.rsplit("/", 1)[0]  # /usr/local/lib/nested-xen
-GUEST_DIR = f"{REMOTE_PAYLOAD_DIR}/guest"
 
 WATCH_PATH = AGENT_DIR / "nxwatch.py"
-REMOTE_WATCH_PATH = REMOTE_LIB_DIR + "/nxwatch.py"
+REMOTE_WATCH_PATH = layout.WATCH_PATH
 CHANNEL_PATH = AGENT_DIR / "nxchannel.py"
-REMOTE_CHANNEL_PATH = REMOTE_LIB_DIR + "/nxchannel.py"
+REMOTE_CHANNEL_PATH = layout.CHANNEL_TOOL_PATH
 STREAM_TOOL = AGENT_DIR / "nxstream.py"
-REMOTE_STREAM_TOOL = f"{REMOTE_PAYLOAD_DIR}/nxstream.py"
-CHANNEL_DEVICE = f"/dev/virtio-ports/{CHANNEL_NAME}"
+REMOTE_STREAM_TOOL = layout.STREAM_TOOL_PATH
+CHANNEL_DEVICE = layout.CHANNEL_DEVICE
 CHANNEL_UNIT = f"""\
 [Unit]
 Description=nested-xen: answer the harness on the virtio-serial channel
 ConditionPathExists={CHANNEL_DEVICE}
 
 [Service]
-ExecStart=/usr/bin/python3 {REMOTE_CHANNEL_PATH} {CHANNEL_DEVICE}
+ExecStart={layout.PYTHON} {REMOTE_CHANNEL_PATH} {CHANNEL_DEVICE}
 Restart=on-failure
 
 [Install]
@@ -79,10 +75,10 @@ class Dom0File:
 
 
 # privcmd calls (harness/agent/nxagent/, built into one file)
-AGENT = Dom0File(REMOTE_AGENT_PATH, mode=0o755, built=built_agent, data=agent_bytes)
+AGENT = Dom0File(layout.AGENT_PATH, mode=0o755, built=built_agent, data=agent_bytes)
 WATCHER = Dom0File(REMOTE_WATCH_PATH, WATCH_PATH, mode=0o755)  # file watcher (migration timings)
 CHANNEL = Dom0File(REMOTE_CHANNEL_PATH, CHANNEL_PATH, mode=0o755)  # answers on the virtio-serial port
-CHANNEL_SERVICE = Dom0File("/etc/systemd/system/nx-channel.service", text=CHANNEL_UNIT)
+CHANNEL_SERVICE = Dom0File(layout.CHANNEL_SERVICE_PATH, text=CHANNEL_UNIT)
 STREAM = Dom0File(REMOTE_STREAM_TOOL, STREAM_TOOL, mode=0o755)  # migration stream relay
 
 PREPARED: tuple[Dom0File, ...] = (AGENT, WATCHER, CHANNEL, CHANNEL_SERVICE)
@@ -93,8 +89,8 @@ def payload_files(payload: GuestPayload | None) -> tuple[Dom0File, ...]:
     """The guest payload's kernel and initramfs (none without a payload)."""
     if not payload:
         return ()
-    return (Dom0File(f"{GUEST_DIR}/vmlinuz", payload.kernel),
-            Dom0File(f"{GUEST_DIR}/initramfs.gz", payload.initramfs))
+    return (Dom0File(layout.GUEST_KERNEL, payload.kernel),
+            Dom0File(layout.GUEST_INITRAMFS, payload.initramfs))
 
 
 def install(remote, files: Iterable[Dom0File], cache: Path | None = None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import dom0_layout as layout
+
 ROOT_LABEL = "nxroot"
 
 
@@ -73,9 +75,9 @@ xen-netback
 
 # Appended to Debian's /etc/default/xen: log every guest console to a file
 # dom0 can read, which is how the harness hears the guest probe.
-XEN_DEFAULTS = """
+XEN_DEFAULTS = f"""
 # nested-xen: guest consoles are logged for the harness
-XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"
+XENCONSOLED_ARGS="--log=guest --log-dir={layout.CONSOLE_DIR}"
 """
 
 
@@ -92,7 +94,7 @@ def write_overlay(dest: Path, public_key: str, private_key: Path) -> None:
         "root/.ssh/config": (SSH_CLIENT_CONF, 0o600),
         "root/.ssh/id_ed25519.pub": (public_key + "\n", 0o644),
         "root/.ssh/id_ed25519": (private_key.read_text(), 0o600),
-        "etc/nested-xen-xen-defaults": (XEN_DEFAULTS, 0o644),
+        layout.XEN_DEFAULTS_ADDITION.lstrip("/"): (XEN_DEFAULTS, 0o644),
     }
     for rel, (text, mode) in files.items():
         path = dest / rel

@@ -17,17 +17,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import dom0_layout as layout
 from . import incidents
 from .config import RunConfig
-from .dom0_files import GUEST_DIR
-from .imaging import REMOTE_PAYLOAD_DIR
 from .probe_report import ProbeReport, parse_probe_log
 from .remote import RemoteError
 from .xen import Domain, Xl, XlError
 
 log = logging.getLogger(__name__)
 
-CONSOLE_DIR = "/var/log/xen/console"
+CONSOLE_DIR = layout.CONSOLE_DIR
 
 
 class GuestError(RuntimeError):
@@ -61,8 +60,8 @@ class GuestSpec:
     dirty_mb: int = 0
     dirty_pct: int = 0
     extra_args: str = ""
-    kernel: str = f"{GUEST_DIR}/vmlinuz"
-    ramdisk: str = f"{GUEST_DIR}/initramfs.gz"
+    kernel: str = layout.GUEST_KERNEL
+    ramdisk: str = layout.GUEST_INITRAMFS
 
     def __post_init__(self) -> None:
         if self.type not in ("pv", "pvh", "hvm"):
@@ -71,9 +70,7 @@ class GuestSpec:
     @property
     def console_log(self) -> str:
         """Where dom0 finds this guest's console output."""
-        if self.type == "hvm":
-            return f"{CONSOLE_DIR}/hvm-{self.name}.log"
-        return f"{CONSOLE_DIR}/guest-{self.name}.log"
+        return layout.console_log(self.type, self.name)
 
     def cmdline(self) -> str:
         # An HVM guest's serial port traps to the device model for every byte,
@@ -151,7 +148,7 @@ class Guest:
         return self.xl.remote
 
     def create(self) -> None:
-        cfg = f"{REMOTE_PAYLOAD_DIR}/guests/{self.name}.cfg"
+        cfg = f"{layout.GUEST_CONFIG_DIR}/{self.name}.cfg"
         self.remote.put_text(self.spec.xl_config(), cfg)
         self.remote.run_expect(f"mkdir -p {CONSOLE_DIR} && rm -f {shlex.quote(self.spec.console_log)}",
                                timeout=30)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import dom0_layout as layout
 from .accel import AccelChoice
 from .agent.channel import Channel
 from .config import HostRecipe, RunConfig, Timeouts
@@ -83,7 +84,7 @@ class HostFacts:
 # Line 1: the image's inputs label; line 2: libxl's device model, if present and executable;
 # line 3: its `--version` line; line 4: the package that installed it and its version.
 DEVICE_MODEL_PROBE = (
-    "cat /etc/nested-xen/inputs 2>/dev/null || echo debian; "
+    f"cat {layout.INPUTS_FILE} 2>/dev/null || echo debian; "
     "lib=$(ldconfig -p | awk '/libxenlight\\.so/{print $NF; exit}'); "
     "dm=$(grep -aoE '/[-_./A-Za-z0-9]*qemu-system-i386' \"$lib\" 2>/dev/null | head -n1); "
     "if [ -n \"$dm\" ] && [ -x \"$dm\" ]; then echo \"$dm\"; "
@@ -232,7 +233,7 @@ class XenHost:
         if self._facts is None:
             info: XenInfo = self.xl.info()
             out = self.remote.check_output(
-                "uname -r; cat /sys/hypervisor/guest_type 2>/dev/null || echo unknown", timeout=30
+                f"uname -r; cat {layout.GUEST_TYPE_FILE} 2>/dev/null || echo unknown", timeout=30
             ).split()
             spec = getattr(self.machine, "spec", None)
             accel = getattr(spec, "accel", None)
@@ -282,7 +283,7 @@ class XenHost:
         its own (both ends restored from one snapshot would share one). Returns the address."""
         address = f"{LINK_NET}.{index}"
         script = (
-            "set -e; dev=$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/); "
+            f"set -e; dev=$(ls {layout.LINK_NIC_NET_DIRS}); "
             "ip link set dev $dev down; "
             f"ip link set dev $dev address 52:54:00:12:35:{index:02x}; "
             f"ip addr flush dev $dev; ip addr add {address}/24 dev $dev; "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from . import dom0_layout as layout
 from . import input_image
 from .config import HostRecipe
 from .dom0_overlay import ROOT_LABEL, generate_ssh_key, write_overlay  # noqa: F401 (re-exported)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the way an image is built changes (overlay files, hooks, layout).
 IMAGE_FORMAT = 3
-REMOTE_PAYLOAD_DIR = "/var/lib/nested-xen"
+REMOTE_PAYLOAD_DIR = layout.PAYLOAD_DIR
 
 
 class ImageError(RuntimeError):
@@ -168,13 +169,13 @@ def _debootstrap_default() -> str | None:
 # Shell hooks run by mmdebstrap after the packages are installed; "$1" is the
 # new root. Kept as data so the image key covers them through IMAGE_FORMAT.
 CUSTOMIZE_HOOKS = (
-    'cat "$1/etc/nested-xen-xen-defaults" >> "$1/etc/default/xen"',
+    f'cat "$1{layout.XEN_DEFAULTS_ADDITION}" >> "$1{layout.XEN_DEFAULTS_FILE}"',
     'chroot "$1" systemctl enable systemd-networkd.service',
     'chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer '
     "e2scrub_all.timer e2scrub_reap.service systemd-networkd-wait-online.service "
     "getty@tty1.service serial-getty@hvc0.service",
-    'rm -f "$1/etc/machine-id" && touch "$1/etc/machine-id"',
-    'mkdir -p "$1/var/log/xen/console" "$1' + REMOTE_PAYLOAD_DIR + '"',
+    f'rm -f "$1{layout.MACHINE_ID}" && touch "$1{layout.MACHINE_ID}"',
+    f'mkdir -p "$1{layout.CONSOLE_DIR}" "$1{layout.PAYLOAD_DIR}"',
 )
 
 
@@ -211,8 +212,8 @@ def build_command(
         cmd += [f"--customize-hook={hook}" for hook in input_image.hooks(inputs, found or {})]
     cmd += [f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS]
     cmd += [
-        f"--customize-hook=sync-out /boot {stage / 'boot'}",
-        f'--customize-hook=cp "$1/usr/bin/busybox" {stage / "busybox"}',
+        f"--customize-hook=sync-out {layout.BOOT_DIR} {stage / 'boot'}",
+        f'--customize-hook=cp "$1{layout.BUSYBOX}" {stage / "busybox"}',
         recipe.suite,
         str(target),
     ]

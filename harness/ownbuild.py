@@ -26,12 +26,13 @@ from . import options
 from .config import load_recipe
 from .config import run_config_from_args as _config
 from .debian_inputs import PrepareError, prepare
+from .dom0_layout import OWN_DEVICE_MODEL
 from .imaging import resolve_mirror
 from .provision import inputs_dir
 
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
-# Where libxl looks for its device model; `--device-model` installs one there.
-QEMU_PATH = "/usr/local/lib/xen/bin/qemu-system-i386"
+# Where libxl looks for its device model in dom0; `--device-model` installs one there.
+QEMU_PATH = OWN_DEVICE_MODEL
 XEN_CONFIGURE = ("--disable-stubdom", "--disable-docs", "--disable-ocamltools", "--disable-golang",
                  "--disable-pvshim", "--disable-rombios", "--disable-ipxe", "--enable-systemd",
                  f"--with-system-qemu={QEMU_PATH}")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import shlex
 
+from .dom0_layout import DROP_CACHES, PROC_MEMINFO
 from .remote import Remote
 
-SETTLE_SCRIPT = r"""
+SETTLE_SCRIPT = f"MEMINFO, DROP_CACHES = {PROC_MEMINFO!r}, {DROP_CACHES!r}\n" + r"""
 import ctypes, json, mmap, os
 libc = ctypes.CDLL(None, use_errno=True)
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -25,12 +26,12 @@ def populate(m, size):
     if libc.madvise(addr, size, MADV_POPULATE_WRITE) != 0:
         m.write(zeros)
 def free_mib():
-    for line in open("/proc/meminfo"):
+    for line in open(MEMINFO):
         if line.startswith("MemFree:"):
             return int(line.split()[1]) // 1024
 os.sync()
 before = free_mib()
-with open("/proc/sys/vm/drop_caches", "w") as f:
+with open(DROP_CACHES, "w") as f:
     f.write("3\n")
 chunk, zeros, maps = 32 << 20, bytes(32 << 20), []
 budget = max(0, free_mib() - max(96, free_mib() // 10))

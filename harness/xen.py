@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from .dom0_layout import XEN_LOG_DIR
 from .remote import CommandResult, Remote
 
 
@@ -232,8 +233,7 @@ def dmesg_problems(text: str) -> list[str]:
 
 # ------------------------------------------------------------------ a guest's own logs
 
-XEN_LOG_DIR = "/var/log/xen"
-# What each of a guest's logs in XEN_LOG_DIR is evidence of: its device model's
+# What each of a guest's logs in XEN_LOG_DIR (dom0_layout) is evidence of: its device model's
 # (libxl's qemu-dm-<name>.log: QEMU's own complaints, as "xen-qemu-system-i386:
 # -incoming fd:15: ...") and xl's own (xl-<name>.log, when xl waits in the background).
 LOG_KINDS = (("qemu-dm-", "device-model"), ("xl-", "toolstack"))

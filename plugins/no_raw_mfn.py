@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness import dom0_layout as layout
 from harness.agent.client import devmem_request, map_request, restrict_request
 from harness.plugins import check
 
@@ -69,10 +70,10 @@ GRANT_LINE = re.compile(r"\[0x[0-9a-f]+\]\s+\d+\s+0x([0-9a-f]+)\s+0x[0-9a-f]+\s+
 # (arch/x86/mm/init.c devmem_is_allowed), and Xen hands the first MiB to DOMID_IO
 # (xen/arch/x86/mm.c arch_init_memory: share_xen_page_with_guest(.., dom_io, ..)).
 LOW_IO_FRAME = 0xF0
-DEVMEM = "/dev/mem"
+DEVMEM = layout.DEVMEM  # a path to a frame, and its label
 SYSTEM_RAM = re.compile(r"^\s*([0-9a-f]+)-([0-9a-f]+) : System RAM\s*$")
 PATHS = ("mmapbatch_v2", "mmapbatch_v1", "mmap", "DOMID_IO", "DOMID_XEN", "DOMID_COW",
-         "dom0_itself", "/dev/mem", "restricted_fd_own", "restricted_fd_other")
+         "dom0_itself", DEVMEM, "restricted_fd_own", "restricted_fd_other")
 # Paths a gate refuses before it looks at the frame: whatever frame is asked, they map
 # nothing, so their refusal of an MFN proves nothing (reported, never counted).
 GATED = {
@@ -85,7 +86,7 @@ GATED = {
 # Paths whose refusal proves nothing about Xen even where their control maps.
 NOT_PROOF = {
     **GATED,
-    DEVMEM: "Linux decides /dev/mem: read_mem refuses RAM above 1 MiB (STRICT_DEVMEM: EPERM) and "
+    DEVMEM: f"Linux decides {DEVMEM}: read_mem refuses RAM above 1 MiB (STRICT_DEVMEM: EPERM) and "
             "addresses beyond dom0's memory (EFAULT) before Xen is asked; the address is dom0's "
             "own physical one, an MFN only where dom0's p2m is the identity",
 }
@@ -190,8 +191,8 @@ def devmem_layer(address: int, answer: dict, ram: list[tuple[int, int]]) -> str:
     within = next(((lo, hi) for lo, hi in ram if lo <= address <= hi), None)
     err = answer.get("errno_name")
     if err == "EPERM":  # only page_is_allowed() -> devmem_is_allowed() answers EPERM in read_mem
-        where = (f"System RAM {within[0]:#x}-{within[1]:#x} in dom0's /proc/iomem" if within
-                 else "not System RAM in dom0's /proc/iomem (an exclusive region: IO_STRICT_DEVMEM)")
+        where = (f"System RAM {within[0]:#x}-{within[1]:#x} in dom0's {layout.PROC_IOMEM}" if within
+                 else f"not System RAM in dom0's {layout.PROC_IOMEM} (an exclusive region: IO_STRICT_DEVMEM)")
         return f"{address:#x}: Linux STRICT_DEVMEM (devmem_is_allowed: EPERM), {where}; Xen not asked"
     if err == "EFAULT" and ram and address > max(hi for _, hi in ram):
         return (f"{address:#x}: Linux read_mem (valid_phys_addr_range: EFAULT), beyond dom0's memory "
@@ -378,7 +379,7 @@ def proven_targets(pairs: list[tuple[int, int]], candidates: dict[int, list[int]
 def report_devmem(record_property, devmem: list, iomem: str) -> None:
     lines = devmem_refusals(devmem, iomem)
     record_property("devmem_refusals", "; ".join(lines))
-    print("/dev/mem at each target's machine address (what refused it; proves nothing about Xen):\n  "
+    print(f"{DEVMEM} at each target's machine address (what refused it; proves nothing about Xen):\n  "
           + "\n  ".join(lines))
 
 
@@ -404,7 +405,7 @@ def test_m2p_learned_mfns_do_not_map_through_any_path(guest, agent, dom0, m2p, g
     found, log, devmem = leaks(agent, guest.domid, targets)
     record_property("raw_mfn_attempts", len(log))
     print("\n".join(log[:40]) + f"\n... {len(log)} attempts")
-    report_devmem(record_property, devmem, dom0.run("cat /proc/iomem").stdout)
+    report_devmem(record_property, devmem, dom0.run(f"cat {layout.PROC_IOMEM}").stdout)
     assert not found, "\n".join(found)
 
 
@@ -421,7 +422,7 @@ def test_grant_learned_mfn_does_not_map_through_any_path(guest, agent, dom0, gra
     found, log, devmem = leaks(agent, guest.domid, [(gfn, mfn, page.sha256)])
     record_property("grant_gfn_mfn", f"{gfn:#x}->{mfn:#x}")
     print("\n".join(log))
-    report_devmem(record_property, devmem, dom0.run("cat /proc/iomem").stdout)
+    report_devmem(record_property, devmem, dom0.run(f"cat {layout.PROC_IOMEM}").stdout)
     assert not found, "\n".join(found)
 
 

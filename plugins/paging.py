@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness.imaging import REMOTE_PAYLOAD_DIR
+from harness import dom0_layout as layout
 from harness.plugins import check
 
 # Where Xen installs its tools, newest first: Debian's /usr/lib/xen-<major.minor>/bin,
 # an own build's libexec (tools/xenpaging installs to LIBEXEC_BIN), else on PATH.
-TOOL_DIRS = ("/usr/lib/xen-{mm}/bin", "/usr/local/lib/xen/bin", "/usr/lib/xen/bin",
-             "/usr/local/libexec/xen/bin", "/usr/libexec/xen/bin", "/usr/local/sbin", "/usr/sbin")
+TOOL_DIRS = (f"{layout.DEBIAN_XEN_LIB}/bin", f"{layout.OWN_XEN_LIB}/bin", f"{layout.XEN_LIB}/bin",
+             f"{layout.OWN_XEN_LIBEXEC}/bin", f"{layout.XEN_LIBEXEC}/bin", layout.LOCAL_SBIN, layout.SBIN)
 CONFIG_LINE = re.compile(r"^CONFIG_\w+=", re.M)
 # xenpaging.c: PERROR("Error initialising shared page") -> "...page(<errno> = <strerror>)"
 ENABLE_ERRNO = re.compile(r"Error initialising shared page\s*\((\d+) = ([^)]*)\)")
@@ -54,7 +54,7 @@ def find_tool(remote, name: str, xen_version: str) -> str | None:
     """The path of Xen tool ``name`` in dom0, or None."""
     mm = ".".join(xen_version.split(".")[:2])
     paths = " ".join(shlex.quote(f"{d.format(mm=mm)}/{name}") for d in TOOL_DIRS)
-    found = remote.run(f"for f in {paths} /usr/lib/xen-*/bin/{name}; do [ -x \"$f\" ] && "
+    found = remote.run(f"for f in {paths} {layout.DEBIAN_XEN_LIB_ANY}/bin/{name}; do [ -x \"$f\" ] && "
                        f"{{ echo \"$f\"; break; }}; done", timeout=30).stdout.strip()
     return found or None
 
@@ -67,12 +67,12 @@ def read_build(remote, xen_version: str) -> PagingBuild:
         if built is not None:
             return PagingBuild(built, f"the booted Xen's own config ({hypfs} cat /buildinfo/config)")
     mm = ".".join(xen_version.split(".")[:2])
-    files = remote.run(f"ls /boot/xen-{mm}*.config 2>/dev/null", timeout=30).stdout.split()
+    files = remote.run(f"ls {layout.xen_boot_config(mm)} 2>/dev/null", timeout=30).stdout.split()
     answers = {f: paging_built_in(remote.run(f"cat {shlex.quote(f)}", timeout=30).stdout) for f in files}
     known = {a for a in answers.values() if a is not None}
     if len(known) == 1:
         return PagingBuild(known.pop(), " and ".join(f for f, a in answers.items() if a is not None))
-    why = "they disagree: " + ", ".join(files) if known else "none in /boot for this version"
+    why = "they disagree: " + ", ".join(files) if known else f"none in {layout.BOOT_DIR} for this version"
     return PagingBuild(None, f"no build config (hypfs: {'no answer' if hypfs else 'no xenhypfs'}; {why})")
 
 
@@ -88,8 +88,8 @@ def exit_skip_reason(log_text: str, build: PagingBuild) -> str | None:
 
 
 def start_paging(remote, xenpaging: str, domid: int, target_kb: int) -> tuple[str, str]:
-    log = f"{REMOTE_PAYLOAD_DIR}/paging-{domid}.log"
-    pagefile = f"{REMOTE_PAYLOAD_DIR}/paging-{domid}.file"
+    log = f"{layout.PAYLOAD_DIR}/paging-{domid}.log"
+    pagefile = f"{layout.PAYLOAD_DIR}/paging-{domid}.file"
     pid = remote.check_output(
         f"nohup timeout 600 {shlex.quote(xenpaging)} -d {domid} -f {pagefile} -m {target_kb} -v "
         f"> {log} 2>&1 & echo $!", timeout=30).strip()

@@ -9,13 +9,14 @@ import re
 
 import pytest
 
+from harness.dom0_layout import PRIVCMD_DEVICE
 from harness.plugins import check
 from harness.xen import XenInfo, dmesg_problems
 
 REQUIRED_CAPS = {"hvm", "hap"}
 # name -> command-line pattern (Debian runs the OCaml oxenstored by default)
 DAEMONS = {"xenstored": r"/o?xenstored( |$)", "xenconsoled": r"/xenconsoled( |$)"}
-PRIVCMD = "/dev/xen/privcmd"
+PRIVCMD = PRIVCMD_DEVICE
 ABSENT = "-nx-absent"  # appended to a real name: what dom0 lacks in the controls
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from harness.dom0_layout import SAVE_DIR
 from harness.guest_logs import Side, check_dir, log_evidence
-from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.plugins import check
 from harness.xen import XlError, follow_domid
 
@@ -66,7 +66,7 @@ def test_negative_control_shifted_frames_are_caught(guest, agent):
 
 def save_and_restore(guest, xl) -> dict:
     """`xl save` then `xl restore` the guest; refresh its domid; return the timings."""
-    path = f"{REMOTE_PAYLOAD_DIR}/save/{guest.name}.chkpt"
+    path = f"{SAVE_DIR}/{guest.name}.chkpt"
     guest.remote.run_expect(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])}", timeout=30)
     saved = xl.save(guest.name, path)
     old = guest.domid

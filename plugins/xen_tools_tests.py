@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from harness.guests import GUEST_DIR
+from harness import dom0_layout as layout
 from harness.metrics import Record
 from harness.plugins import check
 from harness.verdict import watch
@@ -54,13 +54,9 @@ KNOWN_PROGRAMS = {
 }
 # Where Xen installs them, in the order looked at ({mm}: the running Xen's major.minor).
 # In a */tests directory every executable is a test; in */bin only test-* and test_*.
-SEARCH_DIRS = (
-    "/usr/lib/xen-{mm}/tests", "/usr/lib/xen-{mm}/bin",
-    "/usr/local/lib/xen/tests", "/usr/local/lib/xen/bin",
-    "/usr/local/libexec/xen/tests", "/usr/local/libexec/xen/bin",
-    "/usr/lib/xen/tests", "/usr/lib/xen/bin",
-    "/usr/libexec/xen/tests", "/usr/libexec/xen/bin",
-)
+SEARCH_DIRS = tuple(f"{root}/{sub}" for root in (layout.DEBIAN_XEN_LIB, layout.OWN_XEN_LIB,
+                                                  layout.OWN_XEN_LIBEXEC, layout.XEN_LIB, layout.XEN_LIBEXEC)
+                    for sub in ("tests", "bin"))
 SHARED_PREFIX = "nx-"  # the harness's guests: never destroyed here, domids must not change
 KILL_GRACE_S = 10  # after the timeout's SIGTERM, SIGKILL
 OUTPUT_LIMIT = 6000
@@ -92,7 +88,7 @@ def unknown_programs(installed: dict[str, str]) -> list[str]:
     return sorted(path for name, path in installed.items() if name not in KNOWN_PROGRAMS)
 
 
-def stray_programs(remote, dirs: list[str], root: str = "/usr") -> list[str]:
+def stray_programs(remote, dirs: list[str], root: str = layout.USR) -> list[str]:
     """Test programs under a ``*xen*`` directory below ``root`` but outside ``dirs``:
     installed where the plugin does not look."""
     out = remote.run(f"find {shlex.quote(root)} -path '*xen*' -type f -perm -u+x "
@@ -123,7 +119,7 @@ class ProgramRun:
 
 def run_program(remote, program: str, path: str, timeout_s: float) -> ProgramRun:
     """Run one program in dom0 under ``timeout``, which kills its process group at the deadline."""
-    command = f"cd /tmp && timeout -k {KILL_GRACE_S} {timeout_s} {shlex.quote(path)}"
+    command = f"cd {layout.TMP} && timeout -k {KILL_GRACE_S} {timeout_s} {shlex.quote(path)}"
     result = remote.run(command, timeout=timeout_s + KILL_GRACE_S + 60)
     return ProgramRun(program, path, result.rc, result.stdout, result.stderr, round(result.seconds, 2),
                       timeout_s)
@@ -305,7 +301,7 @@ def test_every_installed_program_is_known(installed_programs, xen_host, record_p
 # ---------------------------------------------------------------------- negative controls
 # Real programs in dom0 through the same code path (run_case, judge) as the checks.
 
-NEGATIVE_DIR = "/tmp/nx-tooltests"
+NEGATIVE_DIR = layout.TOOLTESTS_DIR
 
 
 def _script(xen_host, name: str, body: str) -> str:
@@ -345,7 +341,7 @@ def test_negative_control_created_domain_is_destroyed(request, xen_host):
     before = watch_shared_guests(request, xen_host)
     name = "tooltests-negative-control"
     config = (f'name = "{name}"\ntype = "pv"\nmemory = 256\nvcpus = 1\n'
-              f'kernel = "{GUEST_DIR}/vmlinuz"\nramdisk = "{GUEST_DIR}/initramfs.gz"\n')
+              f'kernel = "{layout.GUEST_KERNEL}"\nramdisk = "{layout.GUEST_INITRAMFS}"\n')
     xen_host.remote.put_text(config, f"{NEGATIVE_DIR}/{name}.cfg")
     path = _script(xen_host, "nx-leaks-a-domain",
                    f"xl create -p {NEGATIVE_DIR}/{name}.cfg || exit 99\necho 'NXNEG: left {name}'\nexit 1\n")

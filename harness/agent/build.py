@@ -19,9 +19,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..dom0_layout import AGENT_NAME
+
 PACKAGE_DIR = Path(__file__).with_name("nxagent")
 PACKAGE = PACKAGE_DIR.name  # the import name inside the archive
-FILE_NAME = "nxagent.py"  # the built file's name, here and in dom0
+FILE_NAME = AGENT_NAME  # the built file's name, here and in dom0
 SHEBANG = b"#!/usr/bin/env python3\n"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 ENTRY_MODE = 0o100644  # a regular file, rw-r--r--

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..dom0_layout import CHANNEL_NAME
 from ..procs import pid_alive
 from .base import LinkPorts, Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
 from .common import LINK_SLOT, create_overlay, die_with_parent, free_link, free_port
@@ -48,8 +49,7 @@ log = logging.getLogger(__name__)
 NAME_PREFIX = "nested-xen-"
 QMP_SOCKET_PREFIX = "nx-qmp-"
 CHANNEL_SOCKET_PREFIX = "nx-chan-"
-# The virtio-serial port dom0's nxchannel.py answers on (/dev/virtio-ports/<name>).
-CHANNEL_NAME = "org.nested-xen.channel"
+# The virtio-serial port dom0's nxchannel.py answers on: CHANNEL_NAME (harness/dom0_layout.py).
 CHANNEL_SLOT = 0x5
 
 
