@@ -7,8 +7,18 @@ CRC-32/IEEE (as ``zlib.crc32``) covers the JSON text exactly and is printed as
     {"ev":"hello","v":1,"nonce":"<32hex>","pages":N,"page_size":4096,"tick_ms":T,
      "dirty_mb":M,"dirty_pct":P}
     {"ev":"page","i":<index>,"pfn":<decimal>,"sha256":"<64hex>"}      (N times)
+    {"ev":"dirty","pages":D,"pct":P,"cursor_pfn":<decimal>}       (version 2 only)
+    {"ev":"druns","line":L,"first":F,"runs":[[pfn,len],...]}     (version 2, L = 0, 1, ...)
     {"ev":"ready","pages":N,"digest":"<sha256 of the page sha256 hex strings>"}
     {"ev":"error","msg":"..."}                                   (fatal, instead)
+
+Version 2 is a probe with a dirty buffer (``nxprobe.dirty_mb`` and ``dirty_pct``
+both set): after the pages it reports the buffer of D pages it keeps rewriting
+and the pfn of its cursor page, then the buffer's pfns as runs, at most 32 a
+line: ``[pfn, len]`` is pfn, pfn+1, ... (len > 0) or pfn, pfn-1, ... (len < 0);
+line L covers buffer pages F .. F+sum(|len|)-1. Version 1 (no dirty buffer) is
+the same report without those lines, byte for byte as before version 2.
+The dirty pages' layout: harness/agent/nxagent/dirty.py.
 
 followed, if ticking, by plain ``NXTICK <seq> <mono_ns> <real_ns>`` lines.
 ``/init`` prints ``NXPROBE-INIT up`` before starting the probe.
@@ -35,7 +45,8 @@ from typing import Any
 
 PAGE_SIZE = 4096
 MARKER_SIZE = 64
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # the probe's newest: with a dirty buffer
+PLAIN_PROTOCOL_VERSION = 1  # without one (the report as it was before version 2)
 RECORD_TAG = "NXPROBE {"
 INIT_MARKER = "NXPROBE-INIT up"
 
@@ -60,14 +71,25 @@ class ProbePage:
 
 
 @dataclass(frozen=True)
+class DirtyBuffer:
+    """The probe's dirty buffer: its size, rate, cursor page's pfn and every page's pfn."""
+
+    pages: int
+    pct: int
+    cursor_pfn: int
+    pfns: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ProbeReport:
-    """One complete, verified probe cycle (hello, every page, ready)."""
+    """One complete, verified probe cycle (hello, every page, [dirty frames,] ready)."""
 
     nonce: str
     page_size: int
     pages: list[ProbePage]
     digest: str
     tick_ms: int
+    dirty: DirtyBuffer | None = None
 
     @property
     def pfns(self) -> list[int]:
@@ -120,7 +142,10 @@ class _Cycle:
     pages: int
     page_size: int
     tick_ms: int
+    version: int = PLAIN_PROTOCOL_VERSION
     seen: dict[int, ProbePage] = field(default_factory=dict)
+    dirty: dict[str, int] | None = None  # the "dirty" record's numbers
+    druns: dict[int, tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)  # line -> first, runs
 
 
 # ------------------------------------------------------------------ records
@@ -245,6 +270,8 @@ class _Parser:
             "page": self._page,
             "ready": self._ready,
             "error": self._error,
+            "dirty": self._dirty,
+            "druns": self._druns,
         }.get(record["ev"])
         return handler(record) if handler else False
 
@@ -256,9 +283,10 @@ class _Parser:
         version = _int(record, "v")
         if nonce is None or pages is None or page_size is None or tick_ms is None:
             return False
-        if version != PROTOCOL_VERSION:
-            self.state.fail(f"probe protocol version {version}, expected {PROTOCOL_VERSION}")
-        self.cycle = _Cycle(nonce, pages, page_size, tick_ms)
+        if version not in (PLAIN_PROTOCOL_VERSION, PROTOCOL_VERSION):
+            self.state.fail(f"probe protocol version {version}, expected {PROTOCOL_VERSION} "
+                            f"(or {PLAIN_PROTOCOL_VERSION} without a dirty buffer)")
+        self.cycle = _Cycle(nonce, pages, page_size, tick_ms, version or PLAIN_PROTOCOL_VERSION)
         self.state.hello = True
         self.state.hello_count += 1
         self.state.nonce = nonce
@@ -297,9 +325,32 @@ class _Parser:
         if page_digest(ordered) != digest:
             self.state.fail(f"probe digest mismatch for nonce {cycle.nonce}")
             return True
+        dirty = None
+        if cycle.version == PROTOCOL_VERSION or cycle.dirty is not None:
+            dirty, problem = _dirty_buffer(cycle)
+            if problem:
+                self.state.fail(f"probe ready but its dirty buffer report is not whole: {problem}")
+                return True
         self.state.report = ProbeReport(
-            cycle.nonce, cycle.page_size, ordered, digest, cycle.tick_ms
+            cycle.nonce, cycle.page_size, ordered, digest, cycle.tick_ms, dirty
         )
+        return True
+
+    def _dirty(self, record: dict[str, Any]) -> bool:
+        numbers = {key: _int(record, key, 1 if key != "cursor_pfn" else 0)
+                   for key in ("pages", "pct", "cursor_pfn")}
+        if None in numbers.values():
+            return False
+        if self.cycle is not None:
+            self.cycle.dirty = numbers  # type: ignore[assignment]
+        return True
+
+    def _druns(self, record: dict[str, Any]) -> bool:
+        line, first, runs = _int(record, "line"), _int(record, "first"), _runs(record.get("runs"))
+        if line is None or first is None or runs is None:
+            return False
+        if self.cycle is not None:
+            self.cycle.druns[line] = (first, runs)
         return True
 
     def _error(self, record: dict[str, Any]) -> bool:
@@ -317,6 +368,51 @@ class _Parser:
         if match:
             seq, mono, real = (int(group) for group in match.groups())
             self.state.ticks.append(Tick(seq, mono, real))
+
+
+def _runs(value: Any) -> list[tuple[int, int]] | None:
+    """A "druns" record's runs, if every one is [pfn >= 0, len != 0] (pfns stay >= 0)."""
+    if not isinstance(value, list) or not value:
+        return None
+    runs = []
+    for run in value:
+        if not (isinstance(run, list) and len(run) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in run)):
+            return None
+        pfn, length = run
+        if pfn < 0 or length == 0 or pfn + length + 1 < 0:
+            return None
+        runs.append((pfn, length))
+    return runs
+
+
+def expand_runs(runs: list[tuple[int, int]]) -> list[int]:
+    """The pfns of ``[pfn, len]`` runs (len < 0: descending)."""
+    out: list[int] = []
+    for pfn, length in runs:
+        step = 1 if length > 0 else -1
+        out.extend(range(pfn, pfn + length, step))
+    return out
+
+
+def _dirty_buffer(cycle: _Cycle) -> tuple[DirtyBuffer | None, str]:
+    """The dirty buffer a version-2 cycle reported, or why it is not whole."""
+    if cycle.version != PROTOCOL_VERSION:
+        return None, f"dirty lines from a version {cycle.version} probe"
+    if cycle.dirty is None:
+        return None, "no \"dirty\" line"
+    pfns: list[int] = []
+    for line in range(len(cycle.druns)):
+        if line not in cycle.druns:
+            return None, f"run line {line} missing or garbled (have {sorted(cycle.druns)[:16]})"
+        first, runs = cycle.druns[line]
+        if first != len(pfns):
+            return None, f"run line {line} starts at page {first}, expected {len(pfns)}"
+        pfns.extend(expand_runs(runs))
+    if len(pfns) != cycle.dirty["pages"]:
+        return None, (f"runs cover {len(pfns)} pages, the buffer has {cycle.dirty['pages']} "
+                      "(a run line is missing or garbled)")
+    return DirtyBuffer(cycle.dirty["pages"], cycle.dirty["pct"], cycle.dirty["cursor_pfn"], tuple(pfns)), ""
 
 
 def parse_probe_log(text: str) -> ProbeState:

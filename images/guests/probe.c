@@ -12,8 +12,16 @@
  *   nxprobe.tick_ms=T    print "NXTICK seq mono_ns real_ns" every T ms (0: off)
  *   nxprobe.dirty_mb=M   size of a separate buffer to keep dirtying (MiB)
  *   nxprobe.dirty_pct=P  share of that buffer rewritten per second (%)
+ *
+ * The dirty buffer (both dirty options non-zero) is verifiable from dom0: every
+ * write stamps its page (dirty_write), a separate "cursor page" says how far the
+ * writes got, and the report lists the buffer's and the cursor page's frames as
+ * runs (protocol version 2; without a dirty buffer the report is version 1,
+ * byte for byte as before).  See harness/agent/nxagent/dirty.py for the layout.
  * argv only (tests): --once (exit 0 after "ready"),
- *                    --hash (print "<sha256> <crc32>" of stdin and exit).
+ *                    --hash (print "<sha256> <crc32>" of stdin and exit),
+ *                    --dump=W (with --once and a dirty buffer: W page writes, then
+ *                    the raw cursor page and buffer after "NXDUMP <bytes>").
  *
  * Build: gcc -static -O2 -Wall -Wextra -o probe probe.c
  */
@@ -40,7 +48,12 @@
 #define DIRTY_PERIOD_MS 10
 #define NS_PER_MS 1000000ULL
 #define NS_PER_S 1000000000ULL
-#define PROTOCOL_VERSION 1
+#define PROTOCOL_VERSION 1       /* a report without a dirty buffer */
+#define PROTOCOL_VERSION_DIRTY 2 /* with one: adds the "dirty" and "druns" events */
+#define DIRTY_HEADER_BYTES 40    /* magic, nonce, generation, index */
+#define DIRTY_BODY_OFFSET 40     /* bytes 40..63 zero, then the 16-byte stamp repeated */
+#define DIRTY_STAMP_OFFSET 64
+#define RUNS_PER_LINE 32         /* [pfn,len] pairs per "druns" line: < 1023 chars */
 
 /* ------------------------------------------------------------------ SHA-256 */
 
@@ -262,7 +275,8 @@ static const struct {
 struct config {
     unsigned long val[OPT_COUNT];
     int set[OPT_COUNT];
-    int once, hash;
+    int once, hash, dump;
+    unsigned long dump_writes;
 };
 
 /* Applies "nxprobe.<key>=<value>" unless the key is already set.
@@ -306,6 +320,8 @@ static void parse_argv(struct config *cfg, int argc, char **argv)
             cfg->once = 1;
         else if (strcmp(argv[i], "--hash") == 0)
             cfg->hash = 1;
+        else if (strncmp(argv[i], "--dump=", 7) == 0)
+            cfg->dump = 1, cfg->dump_writes = strtoul(argv[i] + 7, NULL, 10);
         else if (!apply_option(cfg, argv[i]))
             fatal("unknown argument '%.60s'", argv[i]);
     }
@@ -466,7 +482,8 @@ static uint64_t page_pfn(int pagemap_fd, const void *addr)
 
 /* ------------------------------------------------------------- the report */
 
-static void report_pages(const uint8_t *pages, unsigned long count)
+/* The page lines; the digest of their hashes goes to digest[65] for "ready". */
+static void report_pages(const uint8_t *pages, unsigned long count, char digest[65])
 {
     char hex[65];
     sha256_ctx all;
@@ -484,17 +501,171 @@ static void report_pages(const uint8_t *pages, unsigned long count)
         emit("{\"ev\":\"page\",\"i\":%lu,\"pfn\":%" PRIu64 ",\"sha256\":\"%s\"}", i, pfn, hex);
     }
     close(fd);
-    sha256_final_hex(&all, hex);
-    emit("{\"ev\":\"ready\",\"pages\":%lu,\"digest\":\"%s\"}", count, hex);
+    sha256_final_hex(&all, digest);
+}
+
+/* Emits one "druns" line: runs [pfn, len] (len < 0: descending pfns) covering
+ * buffer pages first..first+covered-1. */
+static void emit_runs(uint64_t line, uint64_t first, const int64_t (*runs)[2], int count)
+{
+    char text[1000];
+    size_t o = 0;
+    int i;
+
+    for (i = 0; i < count; i++)
+        o += (size_t)snprintf(text + o, sizeof text - o, "%s[%" PRId64 ",%" PRId64 "]", i ? "," : "",
+                              runs[i][0], runs[i][1]);
+    emit("{\"ev\":\"druns\",\"line\":%" PRIu64 ",\"first\":%" PRIu64 ",\"runs\":[%s]}", line, first,
+         text);
+}
+
+/* The dirty buffer's frames as runs of consecutive pfns, RUNS_PER_LINE a line,
+ * after a "dirty" line with the buffer's size and the cursor page's pfn. */
+static void report_dirty(const uint8_t *buf, uint64_t pages, uint64_t pct, const uint8_t *cursor_page)
+{
+    int64_t runs[RUNS_PER_LINE][2];
+    uint64_t i, line = 0, first = 0, covered = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC), n = 0;
+
+    if (fd < 0)
+        fatal("open /proc/self/pagemap: %s", strerror(errno));
+    emit("{\"ev\":\"dirty\",\"pages\":%" PRIu64 ",\"pct\":%" PRIu64 ",\"cursor_pfn\":%" PRIu64 "}",
+         pages, pct, page_pfn(fd, cursor_page));
+    for (i = 0; i < pages; i++) {
+        int64_t pfn = (int64_t)page_pfn(fd, buf + i * PAGE_BYTES);
+        int64_t *run = n ? runs[n - 1] : NULL;
+        if (run && run[1] > 0 && pfn == run[0] + run[1])
+            run[1]++;
+        else if (run && run[1] == 1 && pfn == run[0] - 1)
+            run[1] = -2;
+        else if (run && run[1] < 0 && pfn == run[0] + run[1])
+            run[1]--;
+        else {
+            if (n == RUNS_PER_LINE) {
+                emit_runs(line++, first, (const int64_t(*)[2])runs, n);
+                first += covered;
+                covered = 0;
+                n = 0;
+            }
+            runs[n][0] = pfn;
+            runs[n][1] = 1;
+            n++;
+        }
+        covered++;
+    }
+    if (n)
+        emit_runs(line++, first, (const int64_t(*)[2])runs, n);
+    close(fd);
 }
 
 /* ----------------------------------------------------- ticks and dirtying */
 
+/* A dirty page: "NXDIRTY1", the nonce, generation and index (LE u64) in bytes
+ * 0..39, zeros in 40..63, then the 16-byte stamp of (nonce, generation, index)
+ * repeated.  The body is written first and the header last, so a page caught
+ * mid-write (or never re-sent) holds an old header or a body that does not
+ * match its header.  The cursor page: "NXCURSR1", the nonce, then LE u64s
+ * generation, cursor, writes (completed page writes since the fill), pages.
+ * After `writes` completed writes, generation = 1 + writes / pages and cursor =
+ * writes % pages: pages before the cursor hold that generation, the others one
+ * less.  `writes` is stored last, so it is the cursor page's authority. */
+static const char DIRTY_MAGIC[8] = {'N', 'X', 'D', 'I', 'R', 'T', 'Y', '1'};
+static const char CURSOR_MAGIC[8] = {'N', 'X', 'C', 'U', 'R', 'S', 'R', '1'};
+enum { CUR_GENERATION = 24, CUR_CURSOR = 32, CUR_WRITES = 40, CUR_PAGES = 48 };
+
 struct dirtier {
-    uint8_t *buf;
-    uint64_t pages, pct, cursor, carry;
-    uint8_t generation;
+    uint8_t *buf, *cursor_page;
+    const uint8_t *nonce;
+    uint64_t pages, pct, cursor, carry, generation, writes;
 };
+
+/* Keeps the compiler from moving stores across it (x86 keeps their order). */
+#define STORE_BARRIER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the dirty page layout is little-endian"
+#endif
+
+/* One aligned 8-byte store: a paused vCPU never leaves it half written. */
+static void store_word(uint8_t *p, uint64_t v) { __atomic_store_n((uint64_t *)(void *)p, v, __ATOMIC_RELAXED); }
+
+static void dirty_stamp(const uint8_t nonce[NONCE_BYTES], uint64_t generation, uint64_t index,
+                        uint8_t stamp[16])
+{
+    uint64_t a = splitmix64(load_le64(nonce) ^
+                            splitmix64(load_le64(nonce + 8) ^
+                                       splitmix64(generation ^ splitmix64(index ^ 0x4E58444952545931ULL))));
+
+    store_le64(stamp, a);
+    store_le64(stamp + 8, splitmix64(a));
+}
+
+static void dirty_write(const struct dirtier *d, uint64_t index, uint64_t generation)
+{
+    uint8_t *page = d->buf + index * PAGE_BYTES, stamp[16];
+    size_t off;
+
+    dirty_stamp(d->nonce, generation, index, stamp);
+    memset(page + DIRTY_BODY_OFFSET, 0, DIRTY_STAMP_OFFSET - DIRTY_BODY_OFFSET);
+    for (off = DIRTY_STAMP_OFFSET; off < PAGE_BYTES; off += sizeof stamp)
+        memcpy(page + off, stamp, sizeof stamp);
+    STORE_BARRIER(); /* body first, header last */
+    memcpy(page, DIRTY_MAGIC, sizeof DIRTY_MAGIC);
+    memcpy(page + 8, d->nonce, NONCE_BYTES);
+    store_word(page + 32, index);
+    store_word(page + 24, generation);
+    STORE_BARRIER();
+}
+
+static void cursor_store(const struct dirtier *d)
+{
+    store_word(d->cursor_page + CUR_GENERATION, d->generation);
+    store_word(d->cursor_page + CUR_CURSOR, d->cursor);
+    STORE_BARRIER();
+    store_word(d->cursor_page + CUR_WRITES, d->writes);
+    STORE_BARRIER();
+}
+
+/* Every page at generation 0; the loop then writes generation 1 from page 0. */
+static void dirty_fill(struct dirtier *d)
+{
+    uint64_t i;
+
+    for (i = 0; i < d->pages; i++)
+        dirty_write(d, i, 0);
+    memset(d->cursor_page, 0, PAGE_BYTES);
+    memcpy(d->cursor_page, CURSOR_MAGIC, sizeof CURSOR_MAGIC);
+    memcpy(d->cursor_page + 8, d->nonce, NONCE_BYTES);
+    store_word(d->cursor_page + CUR_PAGES, d->pages);
+    d->cursor = d->writes = 0;
+    d->generation = 1;
+    cursor_store(d);
+}
+
+/* One page write at the cursor, then the cursor page. */
+static void dirty_advance(struct dirtier *d)
+{
+    dirty_write(d, d->cursor, d->generation);
+    d->writes++;
+    if (++d->cursor == d->pages) {
+        d->cursor = 0;
+        d->generation++;
+    }
+    cursor_store(d);
+}
+
+/* Tests (argv --dump=W): W page writes at once, then "NXDUMP <bytes>" and the raw
+ * cursor page and buffer, so the layout is checked against the harness's model. */
+static void dirty_dump(struct dirtier *d, unsigned long writes)
+{
+    char line[64];
+
+    while (writes--)
+        dirty_advance(d);
+    write_all(STDOUT_FILENO, line,
+              (size_t)snprintf(line, sizeof line, "NXDUMP %" PRIu64 "\n", (d->pages + 1) * PAGE_BYTES));
+    write_all(STDOUT_FILENO, (const char *)d->cursor_page, PAGE_BYTES);
+    write_all(STDOUT_FILENO, (const char *)d->buf, d->pages * PAGE_BYTES);
+}
 
 /* Rewrites the pages due in one period of period_ms, cycling through buf. */
 static void dirty_step(struct dirtier *d, uint64_t period_ms)
@@ -504,13 +675,8 @@ static void dirty_step(struct dirtier *d, uint64_t period_ms)
     d->carry += d->pages * d->pct * period_ms; /* in page * 1e-5 units */
     due = d->carry / 100000;
     d->carry %= 100000;
-    while (due--) {
-        memset(d->buf + d->cursor * PAGE_BYTES, d->generation, PAGE_BYTES);
-        if (++d->cursor == d->pages) {
-            d->cursor = 0;
-            d->generation++;
-        }
-    }
+    while (due--)
+        dirty_advance(d);
 }
 
 static uint64_t now_ns(clockid_t clk)
@@ -586,7 +752,8 @@ int main(int argc, char **argv)
     struct config cfg;
     struct dirtier dirt = {0};
     uint8_t nonce[NONCE_BYTES], *pages;
-    char nonce_hex[2 * NONCE_BYTES + 1];
+    char nonce_hex[2 * NONCE_BYTES + 1], digest[65];
+    int dirty;
     unsigned long i, npages;
 
     load_config(&cfg, argc, argv);
@@ -595,25 +762,35 @@ int main(int argc, char **argv)
     if (sysconf(_SC_PAGESIZE) != PAGE_BYTES)
         fatal("page size is %ld, need %d", sysconf(_SC_PAGESIZE), PAGE_BYTES);
     npages = cfg.val[OPT_PAGES];
+    dirty = cfg.val[OPT_DIRTY_MB] && cfg.val[OPT_DIRTY_PCT];
     get_nonce(nonce);
     to_hex(nonce, NONCE_BYTES, nonce_hex);
     emit("{\"ev\":\"hello\",\"v\":%d,\"nonce\":\"%s\",\"pages\":%lu,\"page_size\":%d,"
          "\"tick_ms\":%lu,\"dirty_mb\":%lu,\"dirty_pct\":%lu}",
-         PROTOCOL_VERSION, nonce_hex, npages, PAGE_BYTES, cfg.val[OPT_TICK_MS],
+         dirty ? PROTOCOL_VERSION_DIRTY : PROTOCOL_VERSION, nonce_hex, npages, PAGE_BYTES, cfg.val[OPT_TICK_MS],
          cfg.val[OPT_DIRTY_MB], cfg.val[OPT_DIRTY_PCT]);
 
     pages = map_locked(npages * PAGE_BYTES, "probe pages");
     for (i = 0; i < npages; i++)
         fill_page(pages + i * PAGE_BYTES, nonce, nonce_hex, i);
-    if (cfg.val[OPT_DIRTY_MB] && cfg.val[OPT_DIRTY_PCT]) {
+    if (dirty) {
         dirt.pages = (uint64_t)cfg.val[OPT_DIRTY_MB] * (1024 * 1024 / PAGE_BYTES);
         dirt.pct = cfg.val[OPT_DIRTY_PCT];
+        dirt.nonce = nonce;
         dirt.buf = map_locked(dirt.pages * PAGE_BYTES, "dirty buffer");
+        dirt.cursor_page = map_locked(PAGE_BYTES, "cursor page");
+        dirty_fill(&dirt);
     }
-    report_pages(pages, npages);
+    report_pages(pages, npages, digest);
+    if (dirty)
+        report_dirty(dirt.buf, dirt.pages, dirt.pct, dirt.cursor_page);
+    emit("{\"ev\":\"ready\",\"pages\":%lu,\"digest\":\"%s\"}", npages, digest);
 
-    if (cfg.once)
+    if (cfg.once) {
+        if (cfg.dump && dirt.buf)
+            dirty_dump(&dirt, cfg.dump_writes);
         return 0;
+    }
     if (cfg.val[OPT_TICK_MS] || dirt.buf)
         run_periodic(cfg.val[OPT_TICK_MS], &dirt);
     for (;;)

@@ -177,8 +177,13 @@ def test_error_event() -> None:
 
 
 def test_unknown_protocol_version_sets_error() -> None:
+    state = parse_probe_log(log([hello(v=3), *cycle()[1:]]))
+    assert state.error is not None and "version 3" in state.error
+
+
+def test_version_2_without_its_dirty_lines_is_no_report() -> None:
     state = parse_probe_log(log([hello(v=2), *cycle()[1:]]))
-    assert state.error is not None and "version 2" in state.error
+    assert state.report is None and state.error is not None and 'no "dirty" line' in state.error
 
 
 # ------------------------------------------------------------------ interleaving
