@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .dirty_client import DirtyCommands, DirtyScan, PageStamp  # noqa: F401 - part of the client's API
+
 # The protocol's constants come from the agent itself (stdlib only, importable here),
 # not from a copy that could drift from what dom0 runs.
 from .nxagent import AGENT_VERSION, DEFAULT_TIMEOUT_S, MAP_CALLS
@@ -292,8 +294,9 @@ def _tail(text: str, limit: int = 1500) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-class Agent:
-    """Runs nxagent commands in dom0 through ``run(cmd, stdin, timeout) -> (rc, out, err)``."""
+class Agent(DirtyCommands):
+    """Runs nxagent commands in dom0 through ``run(cmd, stdin, timeout) -> (rc, out, err)``
+    (the dirty-page commands: harness/agent/dirty_client.py)."""
 
     def __init__(
         self,

@@ -14,7 +14,8 @@ invalid ({"ok": false, "error": ...}); 1 an internal error (a JSON answer is
 still printed).
 
 Commands: info, mmapbatch_v2, mmapbatch, mmap, restrict_then_map, devmem, p2m,
-m2p, batch.  Every call that maps or reads memory runs in a forked child, so a SIGBUS
+m2p, dirty_scan, write_page, batch (dirty_scan/write_page: the probe's dirty pages,
+dirty.py).  Every call that maps or reads memory runs in a forked child, so a SIGBUS
 or SIGSEGV while touching a page becomes {"crashed": {...}} instead of a lost
 agent, and a hung call is killed after "timeout_s" seconds ({"timed_out": true}).
 
@@ -46,12 +47,12 @@ anonymous mapping created, written and mlock()ed in the child before the call.
 from __future__ import annotations
 
 # Every module, loaded with the package (as the single file loaded everything).
-from . import abi, cli, commands, errors, isolation, m2p, mapping, privcmd, validate
+from . import abi, cli, commands, dirty, errors, isolation, m2p, mapping, privcmd, validate
 
 # The protocol's constants, for the host client (harness/agent/client.py).
 from .abi import AGENT_VERSION, DEFAULT_TIMEOUT_S, M2P_DEFAULT_TIMEOUT_S, MAP_CALLS
 
 __all__ = [
     "AGENT_VERSION", "DEFAULT_TIMEOUT_S", "M2P_DEFAULT_TIMEOUT_S", "MAP_CALLS",
-    "abi", "cli", "commands", "errors", "isolation", "m2p", "mapping", "privcmd", "validate",
+    "abi", "cli", "commands", "dirty", "errors", "isolation", "m2p", "mapping", "privcmd", "validate",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-AGENT_VERSION = "1.0"
+AGENT_VERSION = "1.1"  # 1.1: dirty_scan and write_page
 
 PRIVCMD_PATH = "/dev/xen/privcmd"
 DEVMEM_PATH = "/dev/mem"

@@ -14,6 +14,7 @@ import subprocess
 
 from . import abi, privcmd
 from .abi import AGENT_VERSION, IOCTL, IOCTL_TABLE, PRIVCMD_PATH, SYS_HYPERVISOR, XenMachphysMfnList
+from .dirty import body_dirty_scan, body_write_page
 from .errors import EnvironmentProblem, RequestError, errno_name
 from .isolation import run_isolated
 from .m2p import body_m2p
@@ -258,6 +259,19 @@ def run_p2m(req: dict) -> dict:
     return answer
 
 
+def run_dirty_scan(req: dict) -> dict:
+    base = {"ok": True, "call": "dirty_scan", "domid": req["domid"], "frames": len(req["frames"]),
+            "cursor": None, "nonces": [], "runs": []}
+    return run_isolated(body_dirty_scan, req, base)
+
+
+def run_write_page(req: dict) -> dict:
+    base = {"ok": True, "call": "write_page", "domid": req["domid"], "frame": req["frame"], "rc": None,
+            "errno": None, "errno_name": None, "frame_error": None, "written": False, "old_b64": None,
+            "sha256": None}
+    return run_isolated(body_write_page, req, base)
+
+
 def run_batch(req: dict) -> dict:
     results = []
     for call in req["calls"]:
@@ -280,6 +294,8 @@ RUNNERS = {
     "devmem": run_devmem,
     "p2m": run_p2m,
     "m2p": run_m2p,
+    "dirty_scan": run_dirty_scan,
+    "write_page": run_write_page,
     "batch": run_batch,
 }
 # name -> (validator, runner)

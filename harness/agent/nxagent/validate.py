@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 from .abi import (
     DEFAULT_MAX_CANDIDATES,
     DEFAULT_TIMEOUT_S,
@@ -17,6 +19,7 @@ from .abi import (
     PROTS,
     U64_MAX,
     WANTS,
+    XEN_PAGE_SIZE,
 )
 from .errors import RequestError
 
@@ -155,6 +158,34 @@ def validate_m2p(req: dict, where: str) -> dict:
     }
 
 
+def validate_dirty_scan(req: dict, where: str) -> dict:
+    _check_keys(req, ("domid", "frames", "cursor_frame", "timeout_s"), where)
+    cursor = req.get("cursor_frame")
+    return {
+        "domid": _get_int(req, "domid", where, 0, DOMID_MAX),
+        "frames": _get_int_list(req, "frames", where, U64_MAX),
+        "cursor_frame": None if cursor is None else _get_int(req, "cursor_frame", where, 0, U64_MAX),
+        "timeout_s": _get_timeout(req, where),
+    }
+
+
+def validate_write_page(req: dict, where: str) -> dict:
+    _check_keys(req, ("domid", "frame", "bytes_b64", "timeout_s"), where)
+    data = req.get("bytes_b64")
+    try:
+        size = len(base64.b64decode(data, validate=True)) if isinstance(data, str) else -1
+    except ValueError:
+        size = -1
+    if size != XEN_PAGE_SIZE:
+        raise RequestError(f"{where}.bytes_b64: required, the base64 of exactly {XEN_PAGE_SIZE} bytes")
+    return {
+        "domid": _get_int(req, "domid", where, 0, DOMID_MAX),
+        "frame": _get_int(req, "frame", where, 0, U64_MAX),
+        "bytes_b64": data,
+        "timeout_s": _get_timeout(req, where),
+    }
+
+
 def validate_batch(req: dict, where: str) -> dict:
     _check_keys(req, ("calls",), where)
     calls = req.get("calls")
@@ -188,6 +219,8 @@ VALIDATORS = {
     "devmem": validate_devmem,
     "p2m": validate_p2m,
     "m2p": validate_m2p,
+    "dirty_scan": validate_dirty_scan,
+    "write_page": validate_write_page,
     "batch": validate_batch,
 }
 
