@@ -20,6 +20,7 @@ from pathlib import Path
 from . import dom0_layout as layout
 from . import incidents
 from .config import RunConfig
+from .dirty_pages import DirtyFrames
 from .probe_report import ProbeReport, parse_probe_log
 from .remote import RemoteError
 from .xen import Domain, Xl, XlError
@@ -129,6 +130,7 @@ class Guest:
     domid: int = -1
     report: ProbeReport | None = None
     pages: list[ProbePageInfo] = field(default_factory=list)
+    dirty_frames: DirtyFrames | None = None  # the probe's dirty buffer, if it has one
     timings: dict[str, float] = field(default_factory=dict)
     image: str = ""  # the host image it runs on, for incidents
     released: bool = False  # destroyed by the harness or a check: not a death
@@ -197,6 +199,7 @@ class Guest:
                 self.report = state.report
                 self.timings["ready"] = round(time.monotonic() - started, 2)
                 self.pages = [ProbePageInfo(p.index, p.pfn, p.sha256) for p in state.report.pages]
+                self.dirty_frames = DirtyFrames.from_report(state.report)
                 return state.report
             if time.monotonic() > deadline:
                 raise GuestTimeout(f"{self.name} ({self.type}): the probe did not report within "
@@ -254,17 +257,21 @@ class Guest:
         """Become ``fresh`` (a new domain from the same spec), so fixtures holding this
         object see the live guest."""
         self.domid, self.report, self.pages = fresh.domid, fresh.report, fresh.pages
+        self.dirty_frames = fresh.dirty_frames
         self.timings, self._created_at = fresh.timings, fresh._created_at
         self.released = self.death_recorded = False
         self.verified_at = time.monotonic()
 
     def resolve_mfns(self, p2m: Callable[[int, list[int]], dict[int, int]]) -> None:
-        """For PV guests, look up each probe page's MFN in the guest's p2m."""
+        """For PV guests, look up each probe page's (and dirty-buffer frame's) MFN in the guest's p2m."""
         if self.type != "pv":
             return
-        table = p2m(self.domid, [p.pfn for p in self.pages])
+        dirty = self.dirty_frames.all_pfns if self.dirty_frames else []
+        table = p2m(self.domid, [p.pfn for p in self.pages] + dirty)
         for page in self.pages:
             page.mfn = table[page.pfn]
+        if self.dirty_frames:
+            self.dirty_frames.resolve(table)
 
     def replace_if_dead(self, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float,
                         why: str, nodeid: str = "", domains: list[Domain] | None = None) -> bool:

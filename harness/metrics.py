@@ -40,6 +40,8 @@ class Record:
     pages_per_iteration: list[int] = field(default_factory=list)
     bytes_sent: int | None = None
     memory_intact: bool | None = None
+    dirty_pages_verified: int | None = None  # dirty-buffer pages checked after the operation
+    dirty_generation: int | None = None  # the dirty buffer's generation then (harness/dirty_pages.py)
     ok: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,6 +137,14 @@ def largest_gap_s(arrivals: list[tuple[int, int]], start_ns: int, end_ns: int) -
             gap = (b - a) / 1e9
             best = gap if best is None else max(best, gap)
     return best
+
+
+def excise_pause(arrivals: list[tuple[int, int]], start_ns: int, end_ns: int) -> list[tuple[int, int]]:
+    """Tick arrivals with a pause of the harness's own taken out: arrivals from ``end_ns`` on
+    are moved back by its length (``start_ns``: when the toolstack would have let the guest
+    run; ``end_ns``: when the harness did), so the downtime is the operation's alone."""
+    shift = max(0, end_ns - start_ns)
+    return [(t - shift if t >= end_ns else t, seq) for t, seq in arrivals]
 
 
 SUSPENDED = re.compile(r"suspend request|guest has suspended")

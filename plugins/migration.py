@@ -26,20 +26,35 @@ from pathlib import Path
 
 import pytest
 
-from harness.dom0_files import REMOTE_STREAM_TOOL, REMOTE_WATCH_PATH, STREAM, install
+from harness import dirty_pages
+from harness.dom0_files import REMOTE_STREAM_TOOL
 from harness.fixtures import run_config
 from harness.guest_logs import Side, check_dir, failure_evidence
 from harness.guests import GuestSpec, owned_guest
 from harness.imaging import REMOTE_PAYLOAD_DIR
-from harness.metrics import Record, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
+from harness.metrics import Record, excise_pause, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
 from harness.xen import created_domid, follow_domid
 
+from ._migration_stream import (  # noqa: F401 - the transport, as this module always offered it
+    LINK_DEV,
+    SPLIT,
+    TCP_PORT,
+    TIMESTAMP,
+    Watch,
+    _stream_stats,
+    apply_stream_stats,
+    install_stream_tool,
+    merge_logs,
+    migrate_counted,
+    migrate_tcp,
+    migrate_with,
+    shift_log,
+    timed_xl,
+    tx_bytes,
+)
 from .translation import content_mismatches
 
-# Prefix every toolstack line with dom0's clock as it arrives.
-TIMESTAMP = ("""python3 -c 'import sys,time; [print("%.6f %s" % (time.time(), l), end="", flush=True) """
-             """for l in sys.stdin]'""")
 DIRTY_MB = 64
 log = logging.getLogger("nested_xen")
 
@@ -77,131 +92,31 @@ def mig_guest(request, _mig_guest, agent, nx_config):
     return _mig_guest
 
 
-class Watch:
-    """nxwatch in dom0 for one guest's console logs, for the span of one operation."""
-
-    def __init__(self, remote, guest_name: str) -> None:
-        self.remote = remote
-        self.out = f"/tmp/nxwatch-{guest_name}-{time.time_ns()}.log"
-        globs = f"'/var/log/xen/console/*{guest_name}*'"
-        self.pid = remote.check_output(
-            f"nohup python3 {REMOTE_WATCH_PATH} {self.out} {globs} >/dev/null 2>&1 & echo $!",
-            timeout=30).strip()
-
-    def stop(self) -> str:
-        """Stop the watcher (waiting for it to exit) and return what it saw, in one
-        command: under TCG with two L1s busy each SSH command costs seconds."""
-        return self.remote.run(f"kill {self.pid}; while kill -0 {self.pid} 2>/dev/null; do sleep 0.05; done; "
-                               f"cat {self.out}; rm -f {self.out}", timeout=60).stdout
+def has_dirty(guest) -> bool:
+    """A dirty workload: the operation leaves the guest paused and its dirty buffer is checked."""
+    return bool(guest.spec.dirty_mb and guest.spec.dirty_pct)
 
 
-LINK_DEV = "$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/)"  # dom0's private-link NIC
-
-
-def tx_bytes(remote, dev: str) -> int | None:
-    """Bytes sent so far on a dom0 interface: the migration stream's size on the
-    wire (ssh-encrypted, or plain over the tcp transport) is the difference across
-    the operation."""
-    out = remote.run(f"cat /sys/class/net/{dev}/statistics/tx_bytes", timeout=30).stdout.strip()
-    return int(out) if out.isdigit() else None
-
-
-def install_stream_tool(host) -> None:
-    install(host.remote, [STREAM])  # harness/dom0_files.py
-
-
-def migrate_counted(remote, name: str, target: str, counted: bool, timeout: float = 1800):
-    """`xl migrate` over ssh, with the stream relayed through nxstream.py on its way to
-    ssh when ``counted`` (pre-copy iterations and pages per iteration); (result, stats)."""
-    if not counted:
-        return timed_xl(remote, f"migrate {shlex.quote(name)} {target}", timeout), {}
-    out = f"/tmp/nxstream-{time.time_ns()}.json"
-    relay = f"python3 {REMOTE_STREAM_TOOL} relay {out} -- ssh"
-    result = timed_xl(remote, f"migrate -s {shlex.quote(relay)} {shlex.quote(name)} {target}", timeout)
-    return result, _stream_stats(remote, f"cat {out}; rm -f {out}")
-
-
-def shift_log(log: str, seconds: float) -> list[tuple[float, str]]:
-    """(time, line) of a timestamped log (``<epoch s> <line>``), put on another clock."""
-    lines = []
-    for line in log.splitlines():
-        head, _, text = line.partition(" ")
-        try:
-            lines.append((float(head) + seconds, text))
-        except ValueError:
-            continue
-    return lines
-
-
-def merge_logs(sender: str, receiver: str, receiver_shift_s: float) -> str:
-    """The sender's xl log and the receiver's, in time order on the sender's clock (over
-    ssh the receiver's lines arrive in the sender's log; over tcp they are in its own)."""
-    lines = sorted(shift_log(sender, 0.0) + shift_log(receiver, receiver_shift_s), key=lambda x: x[0])
-    return "".join(f"{when:.6f} {text}\n" for when, text in lines)
-
-
-TCP_PORT = 8102  # the receiving dom0's migration port: on 127.0.0.1 or the private link
-
-
-SPLIT = "=====nxstream-serve-stderr====="
-
-
-def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_s: float = 0.0,
-                timeout: float = 1800):
-    """`xl migrate` over the TCP transport (nxstream.py serve on the receiving dom0,
-    connect on the sender, always counted); (result with both sides' logs, stats)."""
-    stamp = time.time_ns()
-    log, out = f"/tmp/nxserve-{stamp}.log", f"/tmp/nxstream-{stamp}.json"
-    pid = dst_remote.check_output(
-        f"nohup python3 {REMOTE_STREAM_TOOL} serve {address} {TCP_PORT} {log} -- xl -vvv migrate-receive "
-        f"> {log}.err 2>&1 & echo $!", timeout=30).strip()
+def check_dirty_then_unpause(guest, agent, holder: dict) -> None:
+    """The guest arrived paused (``-p``), exactly as the operation delivered it: judge its dirty
+    buffer (harness/dirty_pages.py) before it writes again, then unpause it. When dom0 let it
+    run (``holder["unpaused_ns"]``, dom0's clock) takes the harness's pause out of the downtime."""
     try:
-        connect = f"python3 {REMOTE_STREAM_TOOL} connect {out} {address} {TCP_PORT}"
-        result = timed_xl(src_remote, f"migrate -s '' {shlex.quote(name)} {shlex.quote(connect)}", timeout)
+        guest.domid = guest.xl.domid(guest.name)
+        holder["dirty"] = dirty_pages.scan(guest, agent)
     finally:
-        # serve ends with xl migrate-receive; after a failure it may still wait for a
-        # connection. One command (each costs seconds here); a failing step stops none.
-        both = dst_remote.run(f"sleep 0.5; kill {pid} 2>/dev/null; cat {log}; echo; echo {SPLIT}; "
-                              f"cat {log}.err; rm -f {log} {log}.err", timeout=60).stdout
-        received, _, errors = both.partition(f"\n{SPLIT}\n")
-    merged = merge_logs(result.stdout, received, receiver_shift_s)
-    if errors.strip():  # nxstream serve's own complaints (no timestamps: they stay out of the span)
-        merged += "".join(f"nxstream serve: {line}\n" for line in errors.splitlines())
-    return dataclasses.replace(result, stdout=merged), _stream_stats(src_remote, f"cat {out}; rm -f {out}")
+        out = guest.xl.remote.run(f"date +%s.%N; xl unpause {shlex.quote(guest.name)}", timeout=120)
+        holder["unpaused_ns"] = int(float(out.stdout.split()[0]) * 1e9)
 
 
-def migrate_with(transport: str, src_remote, dst_remote, name: str, address: str, counted: bool,
-                 receiver_shift_s: float = 0.0):
-    """One live migration of ``name`` to the dom0 at ``address`` (``localhost`` or the
-    link), over the configured transport; (result, stream stats)."""
-    if transport == "tcp":
-        return migrate_tcp(src_remote, dst_remote, name, "127.0.0.1" if address == "localhost" else address,
-                           receiver_shift_s)
-    return migrate_counted(src_remote, name, address, counted)
-
-
-def _stream_stats(remote, command: str) -> dict:
-    import json
-
-    text = remote.run(command, timeout=300).stdout.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {}
-
-
-def apply_stream_stats(rec: Record, stats: dict) -> None:
-    """Iterations and pages from the stream itself (Xen 4.17's xl -vvv prints none)."""
-    if not stats:
+def apply_dirty(rec: Record, verdict) -> None:
+    """The dirty-buffer check's numbers into the record, its failure (with the iterations) too."""
+    if verdict is None:
         return
-    rec.pages_per_iteration = stats.get("pages_per_iteration") or rec.pages_per_iteration
-    rec.iterations = stats.get("iterations") or rec.iterations
-    rec.bytes_sent = stats.get("stream_bytes")
-    rec.extra["stream_complete"] = stats.get("complete")
-
-
-def timed_xl(remote, args: str, timeout: float):
-    return remote.run(f"set -o pipefail; xl -vvv {args} 2>&1 | {TIMESTAMP}", timeout=timeout)
+    rec.dirty_pages_verified = verdict.verified
+    rec.dirty_generation = verdict.generation
+    if not verdict.ok:
+        rec.extra["dirty_failure"] = verdict.message(rec.iterations)
 
 
 def record_base(kind: str, guest, facts, image: str, repeat: int) -> Record:
@@ -229,7 +144,7 @@ def check_budgets(rec: Record, mig) -> list[str]:
 
 
 def finish_record(rec: Record, *, log: str, rc: int, seconds: float, ticks: list, log_path: Path,
-                  dmesg, intact) -> Record:
+                  dmesg, intact, unpaused_ns: int | None = None) -> Record:
     """Fill ``rec`` from one operation: the toolstack's timestamped log (kept at
     ``log_path``), its exit status and duration, and the probe's tick arrivals on the
     clock of the log's timestamps. On failure ``dmesg()`` gives the hypervisor's view (its
@@ -241,6 +156,9 @@ def finish_record(rec: Record, *, log: str, rc: int, seconds: float, ticks: list
     rec.extra["toolstack_log"] = str(log_path)
     rec.total_s = round(seconds, 2)
     span = log_span_ns(log)  # the operation's window, on the same clock as the ticks
+    if span and unpaused_ns:  # left paused for the dirty check: that pause is not the operation's
+        ticks = excise_pause(ticks, span[1], unpaused_ns)
+        rec.extra["dirty_check_pause_s"] = round((unpaused_ns - span[1]) / 1e9, 2)
     gap = largest_gap_s(ticks, *span) if rec.ok and span else None
     rec.downtime_s = round(gap, 3) if gap is not None else None
     rec.extra["ticks_seen"] = len(ticks)
@@ -258,9 +176,11 @@ def finish_record(rec: Record, *, log: str, rc: int, seconds: float, ticks: list
     return rec
 
 
-def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run, node) -> Record:
+def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, run, node,
+            holder: dict | None = None) -> Record:
     """Run one operation under the watcher and turn what it saw into a Record; a failure's
-    evidence goes to the check ``node`` (:func:`evidence`)."""
+    evidence goes to the check ``node`` (:func:`evidence`). ``holder["unpaused_ns"]``: the
+    operation left the guest paused for the dirty check until then."""
     rec = record_base(kind, guest, xen_host.facts(), xen_host.image.name, repeat)
     domid = guest.domid  # the source's: the operation may leave the guest another
     watch = Watch(xen_host.remote, guest.name)
@@ -273,7 +193,8 @@ def measure(kind: str, guest, xen_host, agent, metrics, nx_config, repeat: int, 
     dmesg = xen_host.xl.dmesg() if rc != 0 else ""
     finish_record(rec, log=log, rc=rc, seconds=seconds, ticks=ticks,
                   log_path=metrics.path.parent / "migration" / f"{guest.name}-{kind}-{repeat}.log",
-                  dmesg=lambda: dmesg, intact=lambda: memory_intact(guest, agent))
+                  dmesg=lambda: dmesg, intact=lambda: memory_intact(guest, agent),
+                  unpaused_ns=(holder or {}).get("unpaused_ns"))
     if not rec.ok:  # save/restore or localhost: one dom0, the source domain and the one created
         evidence(node, rec, [Side(xen_host.name, xen_host.remote, dmesg, (domid, created_domid(log)))],
                  guest.name, metrics)
@@ -293,6 +214,7 @@ def _assert_good(rec: Record, log_tail: str, mig) -> None:
     assert rec.ok, (f"{rec.kind} failed (full log: {rec.extra['toolstack_log']}):\n{log_tail}"
                     + (f"\n\n{rec.extra['device_model']}" if rec.extra.get("device_model") else ""))
     assert rec.memory_intact, "memory corrupted:\n" + "\n".join(rec.extra["corrupted_pages"])
+    assert not rec.extra.get("dirty_failure"), rec.extra.get("dirty_failure")
     assert rec.downtime_s is not None, (
         f"probe ticks did not reach dom0 both before and after the {rec.kind} "
         f"({rec.extra['ticks_seen']} seen): the guest's downtime has no measured end")
@@ -331,17 +253,21 @@ def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_pro
             remote.run_expect(f"mkdir -p {REMOTE_PAYLOAD_DIR}/save", timeout=30)
             save = timed_xl(remote, f"save {shlex.quote(mig_guest.name)} {path}", 1800)
             holder["stream"] = _stream_stats(remote, f"python3 {REMOTE_STREAM_TOOL} file {path}")
-            restore = timed_xl(remote, f"restore {path}", 1800) if save.rc == 0 else save
+            paused = " -p" if has_dirty(mig_guest) else ""
+            restore = timed_xl(remote, f"restore{paused} {path}", 1800) if save.rc == 0 else save
             # saved, the old domain is gone: the guest is what restore created, if anything
             follow_domid(mig_guest, restore.stdout, ok=save.rc == 0)
+            if paused and restore.rc == 0:
+                check_dirty_then_unpause(mig_guest, agent, holder)
             remote.run(f"rm -f {path}", timeout=60)
             holder["log"] = save.stdout + restore.stdout
             rc = save.rc or restore.rc
             return save.stdout + restore.stdout, rc, save.seconds + (restore.seconds if save.rc == 0 else 0)
 
         rec = measure("save_restore", mig_guest, xen_host, agent, metrics, nx_config, repeat, run,
-                      request.node)
+                      request.node, holder)
         apply_stream_stats(rec, holder.get("stream", {}))
+        apply_dirty(rec, holder.get("dirty"))
         metrics.write()
         record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s})
         _assert_good(rec, holder["log"][-3000:], mig)
@@ -364,22 +290,59 @@ def test_localhost_migration(mig_guest, xen_host, agent, metrics, nx_config, rec
         def run(holder=holder):
             before = tx_bytes(xen_host.remote, "lo")
             result, holder["stream"] = migrate_with(mig.transport, xen_host.remote, xen_host.remote,
-                                                    mig_guest.name, "localhost", mig.stream_stats)
+                                                    mig_guest.name, "localhost", mig.stream_stats,
+                                                    pause=has_dirty(mig_guest))
             after = tx_bytes(xen_host.remote, "lo")
             holder["log"] = result.stdout
             follow_domid(mig_guest, result.stdout, ok=result.rc == 0)
+            if has_dirty(mig_guest) and result.rc == 0:
+                check_dirty_then_unpause(mig_guest, agent, holder)
             holder["wire"] = after - before if before is not None and after is not None else None
             return result.stdout, result.rc, result.seconds
 
         rec = measure("localhost_migrate", mig_guest, xen_host, agent, metrics, nx_config, repeat, run,
-                      request.node)
+                      request.node, holder)
         apply_stream_stats(rec, holder.get("stream", {}))
+        apply_dirty(rec, holder.get("dirty"))
         rec.extra["wire_bytes"] = holder.get("wire")  # dom0 lo tx bytes: the stream as carried
         rec.extra["transport"] = mig.transport
         metrics.write()
         record_property(f"repeat{repeat}", {"total_s": rec.total_s, "downtime_s": rec.downtime_s,
                                             "downtime_toolstack_s": rec.downtime_toolstack_s})
         _assert_good(rec, holder["log"][-3000:], mig)
+
+
+@check()
+def test_negative_control_stale_dirty_page_is_caught(mig_guest, xen_host, agent):
+    """With the guest paused (after the module's migrations: this check runs after them), dom0
+    writes an older generation into one dirty page through a writable foreign mapping; the
+    dirty-buffer check must name exactly that page. Its own bytes go back before it runs again."""
+    from harness.agent.nxagent.dirty import page_bytes
+
+    if not has_dirty(mig_guest):
+        pytest.skip(f"workload {mig_guest.workload}: no dirty buffer to stale (workload dirty:P has one)")
+    name = shlex.quote(mig_guest.name)
+    mig_guest.domid = mig_guest.check_alive().domid
+    xen_host.remote.run_expect(f"xl pause {name}", timeout=120)
+    try:
+        clean = dirty_pages.scan(mig_guest, agent)
+        assert clean.ok, ("the dirty buffer must be whole before the control stales a page:\n"
+                          + clean.message(None))
+        index, _, older = dirty_pages.stale_target(clean)
+        frames, gfn = mig_guest.dirty_frames, mig_guest.dirty_frames.gfns[index]
+        wrote = agent.write_page(mig_guest.domid, gfn, page_bytes(bytes.fromhex(frames.nonce), older, index))
+        assert wrote["written"], f"generation {older} was not written to page {index} (gfn {gfn:#x}): {wrote}"
+        try:
+            caught = dirty_pages.scan(mig_guest, agent)
+        finally:
+            back = agent.write_page(mig_guest.domid, gfn, wrote["old"])
+        assert back["written"], f"page {index}'s own content was not written back (gfn {gfn:#x}): {back}"
+        report = caught.message(None)
+        assert [m.index for m in caught.misses] == [index] and not caught.problems, (
+            f"staled page {index} (gfn {gfn:#x}, generation {older}), the check said:\n{report}")
+        assert f"gfn {gfn:#x}: generation {older}," in report, report
+    finally:
+        xen_host.remote.run_expect(f"xl unpause {name}", timeout=120)
 
 
 # ------------------------------------------------------------------ two hosts
@@ -409,20 +372,23 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     dst_off, dst_err = clock_offset_ns(dst.remote)
     rec.extra["clock_uncertainty_s"] = round((src_err + dst_err) / 1e9, 3)
     watches = (Watch(src.remote, guest.name), Watch(dst.remote, guest.name))
+    moved = dataclasses.replace(guest, xl=dst.xl)  # the guest as dst's domain
+    holder: dict = {}
     time.sleep(1.0)
     try:
         before = tx_bytes(src.remote, LINK_DEV)
         # the receiver's log lines, stamped by dst's clock, put on src's
         shift_s = (src_off - dst_off) / 1e9
         result, stream = migrate_with(transport, src.remote, dst.remote, guest.name, dst_address, counted,
-                                      shift_s)
+                                      shift_s, pause=has_dirty(guest))
         after = tx_bytes(src.remote, LINK_DEV)
+        follow_domid(moved, result.stdout, ok=result.rc == 0)
+        if has_dirty(guest) and result.rc == 0:
+            check_dirty_then_unpause(moved, agents[dst.name], holder)
     finally:
         time.sleep(2.0)
         src_ticks = tick_arrivals(watches[0].stop())
         dst_ticks = tick_arrivals(watches[1].stop())
-    moved = dataclasses.replace(guest, xl=dst.xl)  # the guest as dst's domain
-    follow_domid(moved, result.stdout, ok=result.rc == 0)
     # Put the destination's arrivals on the source's clock, where the window is.
     shift = src_off - dst_off
     ticks = src_ticks + [(t + shift, seq) for t, seq in dst_ticks]
@@ -430,13 +396,15 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     dmesg = (src.xl.dmesg(), dst.xl.dmesg()) if result.rc != 0 else ("", "")
     finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds, ticks=ticks,
                   log_path=metrics.path.parent / "migration" / log_name,
-                  dmesg=lambda: dmesg[1], intact=lambda: memory_intact(moved, agents[dst.name]))
+                  dmesg=lambda: dmesg[1], intact=lambda: memory_intact(moved, agents[dst.name]),
+                  unpaused_ns=holder["unpaused_ns"] + shift if "unpaused_ns" in holder else None)
     if not rec.ok:
         evidence(node, rec, [Side(src.name, src.remote, dmesg[0], (domid,)),
                              Side(dst.name, dst.remote, dmesg[1], (created_domid(result.stdout),))],
                  guest.name, metrics)
     rec.extra["log_tail"] = result.stdout[-3000:]
     apply_stream_stats(rec, stream)
+    apply_dirty(rec, holder.get("dirty"))
     rec.extra["transport"] = transport
     # The source dom0's link NIC tx bytes: the stream as carried on the wire.
     rec.extra["wire_bytes"] = after - before if before is not None and after is not None else None
