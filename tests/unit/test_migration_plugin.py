@@ -136,3 +136,47 @@ def test_a_restore_that_fails_leaves_the_guest_as_the_domain_it_created():
     with pytest.raises(XlError):
         translation.save_and_restore(guest, _RestoreDies())
     assert guest.domid == 6
+
+
+def test_a_dirty_workload_leaves_the_migrated_guest_paused_with_p(tmp_path):
+    """-p after the stream's -s option: the domain arrives paused for the dirty check (and the
+    command still reads "xl -vvv migrate -s", which the fake dom0 above recognises)."""
+    src = ShellRemote(tmp_path, xl_output="1.000000 libxl: done\n")
+    migration.migrate_counted(src, "g", "localhost", counted=True, pause=True)
+    assert any("xl -vvv migrate -s" in c and "ssh' -p g localhost" in c for c in src.commands), src.commands
+    plain = ShellRemote(tmp_path)
+    migration.migrate_counted(plain, "g", "localhost", counted=False, pause=False)
+    assert not any(" -p " in c for c in plain.commands)
+
+
+def test_the_dirty_check_unpauses_the_guest_even_when_the_agent_fails(tmp_path):
+    from harness.agent.client import AgentError
+
+    remote = ShellRemote(tmp_path)
+
+    class Xl:
+        def __init__(self):
+            self.remote = remote
+
+        def domid(self, name):
+            return 12
+
+    class BrokenAgent:
+        def p2m(self, domid, pfns):
+            raise AgentError("xen-mfndump not found")
+
+    frames = migration.dirty_pages.DirtyFrames(NONCE16, [1, 2], 3)
+    spec = type("S", (), {"dirty_mb": 64, "dirty_pct": 10})()
+    guest = type("G", (), {"name": "nx-mig-pv-256", "xl": Xl(), "domid": 5, "spec": spec, "type": "pv",
+                           "dirty_frames": frames, "resolve_mfns": lambda self, p2m: p2m(self.domid, [])})()
+    holder: dict = {}
+    import pytest
+
+    with pytest.raises(AgentError):
+        migration.check_dirty_then_unpause(guest, BrokenAgent(), holder)
+    assert guest.domid == 12 and "xl unpause nx-mig-pv-256" in remote.commands[-1]
+    assert holder["unpaused_ns"] > 1_500_000_000 * 10**9 and "dirty" not in holder
+    assert migration.has_dirty(guest)
+
+
+NONCE16 = "ab" * 16
