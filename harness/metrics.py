@@ -60,6 +60,8 @@ def describe(r: Record) -> str:
         parts.append(f"{sum(r.pages_per_iteration)} pages")
     if r.bytes_sent:
         parts.append(f"{r.bytes_sent / 2**20:.0f} MiB sent")
+    if r.dirty_pages_verified:
+        parts.append(f"{r.dirty_pages_verified} dirty pages verified (generation {r.dirty_generation})")
     return f"{what or 'measured'}: " + ", ".join(parts)
 
 

@@ -341,3 +341,11 @@ def cursor_bytes(cursor: dict) -> bytes:
     head = struct.pack("<8s16sQQQQ", b"NXCURSR1", bytes.fromhex(cursor["nonce"]), cursor["generation"],
                        cursor["cursor"], cursor["writes"], cursor["pages"])
     return head + bytes(PAGE - len(head))
+
+
+def test_the_stage_line_says_how_many_dirty_pages_were_verified() -> None:
+    from harness.metrics import describe
+
+    rec = Record(kind="localhost_migrate", guest_type="pvh", memory_mb=256, iterations=6,
+                 dirty_pages_verified=16384, dirty_generation=3)
+    assert describe(rec).endswith("6 iterations, 16384 dirty pages verified (generation 3)")
