@@ -15,6 +15,7 @@ from typing import Any
 import platformdirs
 import yaml
 
+from . import timeouts as t
 from .inputs import InputError, Inputs, from_options, parse_inputs
 from .inputs import key_material as inputs_key_material
 from .options import ACCELS, BACKENDS, DOM0_MODES, SNAPSHOT_MODES, Getter, overrides
@@ -31,12 +32,12 @@ class ConfigError(Exception):
 class Timeouts:
     """Deadlines in seconds, one per readiness stage and command class."""
 
-    xen_banner: float = 90.0
-    dom0_kernel: float = 180.0
-    dom0_ssh: float = 420.0
-    command: float = 120.0
-    guest_ready: float = 600.0  # an HVM probe printing its 64 pages on a loaded 2-core TCG host took > 300 s
-    workload: float = 900.0
+    xen_banner: float = t.XEN_BANNER_S  # each default's reason: harness/timeouts.py
+    dom0_kernel: float = t.DOM0_KERNEL_S
+    dom0_ssh: float = t.DOM0_SSH_S
+    command: float = t.COMMAND_S
+    guest_ready: float = t.GUEST_READY_S
+    workload: float = t.WORKLOAD_S
 
 
 @dataclass(frozen=True)

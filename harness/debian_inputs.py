@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .timeouts import APT_FETCH_S
+
 XEN_DEB = re.compile(r"^(xen|libxen)")  # xen-*, xenstore-utils, libxen*
 DEVICE_MODEL_DEB = "qemu-system-xen"
 
@@ -31,7 +33,7 @@ class PrepareError(RuntimeError):
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_FETCH_S)
     except FileNotFoundError:
         raise PrepareError(f"{cmd[0]} is not installed: apt-get install apt dpkg") from None
     if out.returncode != 0:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .timeouts import COMPILE_S
+
 if TYPE_CHECKING:
     from .config import RunConfig
     from .dom0_files import GuestPayload
@@ -31,7 +33,7 @@ PROBE_SOURCE = Path(__file__).resolve().parent.parent / "images" / "guests" / "p
 PAYLOAD_VERSION = 1
 PROBE_CFLAGS = ("-static", "-O2", "-Wall", "-Wextra")
 GZIP_LEVEL = 6
-COMPILE_TIMEOUT_S = 300
+COMPILE_TIMEOUT_S = COMPILE_S  # why: harness/timeouts.py
 
 NEWC_MAGIC = b"070701"
 TRAILER_NAME = "TRAILER!!!"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import dom0_layout as layout
 from . import incidents
+from . import timeouts as t
 from .config import RunConfig
 from .dirty_pages import DirtyFrames
 from .probe_report import ProbeReport, parse_probe_log
@@ -153,7 +154,7 @@ class Guest:
         cfg = f"{layout.GUEST_CONFIG_DIR}/{self.name}.cfg"
         self.remote.put_text(self.spec.xl_config(), cfg)
         self.remote.run_expect(f"mkdir -p {CONSOLE_DIR} && rm -f {shlex.quote(self.spec.console_log)}",
-                               timeout=30)
+                               timeout=t.QUICK_COMMAND_S)
         started = time.monotonic()
         self.released = self.death_recorded = False
         try:  # paused: its domid is known before it runs, so its death has its own evidence
@@ -172,7 +173,7 @@ class Guest:
 
     def console(self) -> str:
         path = shlex.quote(self.spec.console_log)
-        return self.remote.run(f"cat {path} 2>/dev/null", timeout=60).stdout
+        return self.remote.run(f"cat {path} 2>/dev/null", timeout=t.SMALL_COMMAND_S).stdout
 
     def console_tail(self, lines: int = 25) -> str:
         return "\n".join(self.console().splitlines()[-lines:]) or "(console is empty)"

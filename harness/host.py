@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dom0_layout as layout
+from . import timeouts as t
 from .accel import AccelChoice
 from .agent.channel import Channel
 from .config import HostRecipe, RunConfig, Timeouts
@@ -88,7 +89,7 @@ DEVICE_MODEL_PROBE = (
     "lib=$(ldconfig -p | awk '/libxenlight\\.so/{print $NF; exit}'); "
     "dm=$(grep -aoE '/[-_./A-Za-z0-9]*qemu-system-i386' \"$lib\" 2>/dev/null | head -n1); "
     "if [ -n \"$dm\" ] && [ -x \"$dm\" ]; then echo \"$dm\"; "
-    "echo \"$(timeout 30 \"$dm\" --version 2>&1 | head -n1)\"; "
+    f"echo \"$(timeout {t.QEMU_VERSION_S:g} \"$dm\" --version 2>&1 | head -n1)\"; "
     # dpkg knows a file by the path its package ships (usrmerge: /bin/x for /usr/bin/x)
     "pkg=$(for f in \"$dm\" \"$(readlink -f \"$dm\")\" \"${dm#/usr}\"; do "
     "dpkg -S \"$f\" 2>/dev/null && break; done); pkg=${pkg%%:*}; pkg=${pkg%%,*}; "
@@ -232,12 +233,12 @@ class XenHost:
     def facts(self) -> HostFacts:
         if self._facts is None:
             info: XenInfo = self.xl.info()
-            out = self.remote.check_output(
-                f"uname -r; cat {layout.GUEST_TYPE_FILE} 2>/dev/null || echo unknown", timeout=30
-            ).split()
+            uname = f"uname -r; cat {layout.GUEST_TYPE_FILE} 2>/dev/null || echo unknown"
+            out = self.remote.check_output(uname, timeout=t.QUICK_COMMAND_S).split()
             spec = getattr(self.machine, "spec", None)
             accel = getattr(spec, "accel", None)
-            dm = parse_device_model_probe(self.remote.check_output(DEVICE_MODEL_PROBE, timeout=60))
+            probe = self.remote.check_output(DEVICE_MODEL_PROBE, timeout=t.SMALL_COMMAND_S)
+            dm = parse_device_model_probe(probe)
             self._facts = HostFacts(
                 xen_changeset=info.raw.get("xen_changeset", ""),
                 xen_build=build_of(info.raw),
@@ -258,7 +259,7 @@ class XenHost:
 
     def sync_clock(self) -> None:
         """Set dom0's clock to the harness's (a restored snapshot's clock is old)."""
-        self.remote.run_expect(f"date -u -s @{time.time():.3f} >/dev/null", timeout=30)
+        self.remote.run_expect(f"date -u -s @{time.time():.3f} >/dev/null", timeout=t.QUICK_COMMAND_S)
 
     def sync_clock_over_channel(self, timeout: float) -> dict:
         """Set dom0's clock through the channel: the first thing a restored dom0 answers.
@@ -291,7 +292,7 @@ class XenHost:
             f"ip link set dev $dev mtu {LINK_MTU}; "
             "ip link set dev $dev up; echo $dev"
         )
-        self.remote.run_expect(script, timeout=60)
+        self.remote.run_expect(script, timeout=t.SMALL_COMMAND_S)
         return address
 
     def stop(self) -> None:

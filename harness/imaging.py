@@ -28,6 +28,7 @@ from filelock import FileLock
 
 from . import dom0_layout as layout
 from . import input_image
+from . import timeouts as t
 from .config import HostRecipe
 from .dom0_overlay import ROOT_LABEL, generate_ssh_key, write_overlay  # noqa: F401 (re-exported)
 from .inputs import InputError
@@ -270,7 +271,7 @@ def _run_streaming(cmd: list[str], progress: Callable[[str], None]) -> None:
     except BaseException:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=t.BUILD_STOP_S)
         except subprocess.TimeoutExpired:
             proc.kill()
         raise

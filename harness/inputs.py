@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import KERNEL_FOR, input_values
+from .timeouts import HOST_TOOL_S
 
 ELF_X86_64 = 0x3E
 # Debian packages a Xen input replaces (the base recipe's own Xen and device model).
@@ -199,7 +200,7 @@ def check_xen_dist(path: Path) -> Path:
 def deb_field(deb: Path, name: str) -> str:
     try:
         out = subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True, text=True,
-                             check=True, timeout=60)
+                             check=True, timeout=HOST_TOOL_S)
     except FileNotFoundError:
         raise InputError("xen_debs: dpkg-deb is not installed: apt-get install dpkg") from None
     except subprocess.CalledProcessError as exc:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from .stages import DETAIL, StageEvent, StageHandler, StageLog, heartbeat, shown
+from .timeouts import THREAD_STOP_S
 
 HEARTBEAT_S = 20.0  # a line at least this often while a test's setup or call runs
 POLL_S = 1.0
@@ -81,7 +82,7 @@ class StagePlugin:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=THREAD_STOP_S)
         if self.controller:
             self._drain_workers()
         if self._handler is not None:

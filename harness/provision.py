@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from . import dom0_layout as layout
+from . import timeouts as t
 from .accel import AccelChoice, choose_accel
 from .agent.channel import ChannelError
 from .agent.client import Agent, AgentError
@@ -37,13 +39,10 @@ log = logging.getLogger(__name__)
 
 # Bump when prepare() changes what it puts into dom0.
 PREPARE_VERSION = 2
-RESTORE_SSH_TIMEOUT = 60.0
-# A restored dom0's nxchannel.py answers as soon as the VM runs; past this, the
-# restore goes on over SSH alone.
-RESTORE_CHANNEL_TIMEOUT = 20.0
-# One SSH attempt may take this long: a restored dom0 is up, and abandoning slow
-# handshakes only makes sshd fork more under TCG.
-RESTORE_SSH_ATTEMPT = 15.0
+# A restored dom0's SSH and channel: each one's reason in harness/timeouts.py.
+RESTORE_SSH_TIMEOUT = t.RESTORE_SSH_S
+RESTORE_CHANNEL_TIMEOUT = t.RESTORE_CHANNEL_S
+RESTORE_SSH_ATTEMPT = t.RESTORE_SSH_ATTEMPT_S
 
 
 def _file_digest(paths: list[Path]) -> str:
@@ -329,16 +328,16 @@ def prepare(host: XenHost, payload: GuestPayload | None, cache: Path) -> None:
         Agent(host.remote.as_runner()).handshake()
     except AgentError as exc:
         raise AgentError(f"[{host.name}] the dom0 agent just installed: {exc}", answer=exc.answer) from None
-    host.remote.run_expect("systemctl daemon-reload && systemctl enable --now nx-channel.service",
-                           timeout=120)
+    host.remote.run_expect(f"systemctl daemon-reload && systemctl enable --now {layout.CHANNEL_SERVICE}",
+                           timeout=t.SERVICE_START_S)
     if host.channel is not None:
         # The snapshot records whether the channel answered, so restores know to use it.
         try:
-            host.channel.request("ping", timeout=60)
+            host.channel.request("ping", timeout=t.CHANNEL_FIRST_PING_S)
         except ChannelError as exc:
             log.warning("[%s] %s; this host and its snapshot go without the channel "
                         "(restores wait for SSH)", host.name, exc)
             host.channel.close()
             host.channel = None
     install(host.remote, payload_files(payload))
-    host.remote.run_expect("sync", timeout=60)
+    host.remote.run_expect("sync", timeout=t.SMALL_COMMAND_S)

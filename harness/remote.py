@@ -17,6 +17,8 @@ from pathlib import Path
 
 import paramiko
 
+from . import timeouts as t
+
 log = logging.getLogger(__name__)
 # paramiko logs every refused connection of a readiness probe as an ERROR with a
 # traceback; the harness reports transport failures itself, as exceptions.
@@ -56,18 +58,14 @@ class CommandFailed(RuntimeError):
         super().__init__(f"expected exit status in {sorted(expected)}: " + result.describe())
 
 
-# How long dom0's sshd may take to open a channel (or to answer a reconnect). Under TCG a
-# dom0 sharing 2 vCPUs with a booting HVM guest (its device model runs in dom0) can be
-# slow to schedule sshd; a dead dom0 is told apart by the host check (fixtures/hosts.py:
-# healthy), not by this timeout.
-CHANNEL_OPEN_S = 30.0
+CHANNEL_OPEN_S = t.CHANNEL_OPEN_S  # why: harness/timeouts.py
 
 
 class Remote:
     """An SSH connection to one host, reconnecting when the transport drops."""
 
     def __init__(self, host: str, port: int, key_path: Path, label: str = "dom0",
-                 user: str = "root", default_timeout: float = 120.0) -> None:
+                 user: str = "root", default_timeout: float = t.COMMAND_S) -> None:
         self.host, self.port, self.key_path = host, port, key_path
         self.label, self.user = label, user
         self.default_timeout = default_timeout
@@ -92,11 +90,12 @@ class Remote:
             transport.set_keepalive(15)
         self._client = client
 
-    def try_connect(self, timeout: float = 5.0) -> bool:
+    def try_connect(self, timeout: float = t.SSH_PROBE_S) -> bool:
         """One readiness probe: connect and run `true`; False instead of raising."""
         try:
             self.close()
             self.connect(timeout=timeout)
+            # connect, then `true` in twice the probe's time (timeouts.SSH_PROBE_S)
             return self.run("true", timeout=timeout * 2, log_level=logging.DEBUG).rc == 0
         except RemoteError as exc:
             log.debug("%s", exc)
@@ -126,7 +125,7 @@ class Remote:
         started = time.monotonic()
         try:
             chan = self._transport().open_session(timeout=CHANNEL_OPEN_S)
-            chan.settimeout(1.0)
+            chan.settimeout(1.0)  # each read waits this long at most, so _collect sees its deadline
             chan.exec_command(command)
             if stdin is not None:
                 chan.sendall(stdin.encode() if isinstance(stdin, str) else stdin)
@@ -191,7 +190,7 @@ class Remote:
         self._transport()
         assert self._client is not None
         parent = str(Path(remote).parent)
-        self.run_expect(f"mkdir -p {shlex.quote(parent)}", timeout=30)
+        self.run_expect(f"mkdir -p {shlex.quote(parent)}", timeout=t.QUICK_COMMAND_S)
         with self._client.open_sftp() as sftp:
             sftp.put(str(local), remote)
             if mode is not None:
@@ -199,9 +198,9 @@ class Remote:
 
     def put_text(self, text: str, remote: str, mode: int | None = None) -> None:
         self.run_expect(f"mkdir -p {shlex.quote(str(Path(remote).parent))} && cat > {shlex.quote(remote)}",
-                        stdin=text, timeout=60)
+                        stdin=text, timeout=t.SMALL_COMMAND_S)
         if mode is not None:
-            self.run_expect(f"chmod {mode:o} {shlex.quote(remote)}", timeout=30)
+            self.run_expect(f"chmod {mode:o} {shlex.quote(remote)}", timeout=t.QUICK_COMMAND_S)
 
     def get(self, remote: str, local: Path) -> None:
         self._transport()

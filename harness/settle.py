@@ -15,6 +15,7 @@ import shlex
 
 from .dom0_layout import DROP_CACHES, PROC_MEMINFO
 from .remote import Remote
+from .timeouts import SETTLE_S
 
 SETTLE_SCRIPT = f"MEMINFO, DROP_CACHES = {PROC_MEMINFO!r}, {DROP_CACHES!r}\n" + r"""
 import ctypes, json, mmap, os
@@ -47,7 +48,7 @@ print(json.dumps({"memfree_before_mib": before, "zeroed_mib": zeroed, "memfree_a
 """
 
 
-def settle_dom0_memory(remote: Remote, timeout: float = 300) -> dict:
+def settle_dom0_memory(remote: Remote, timeout: float = SETTLE_S) -> dict:
     """Run the settle script in dom0; dom0's MemFree before and after and what was
     zeroed, in MiB."""
     out = remote.run_expect(f"python3 -c {shlex.quote(SETTLE_SCRIPT)}", timeout=timeout)

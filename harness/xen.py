@@ -12,6 +12,7 @@ import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from . import timeouts as t
 from .dom0_layout import XEN_LOG_DIR
 from .remote import CommandResult, Remote
 
@@ -162,7 +163,7 @@ class Xl:
     def dmesg(self, clear: bool = False) -> str:
         return self._xl("dmesg -c" if clear else "dmesg").stdout
 
-    def create(self, config_path: str, timeout: float = 300.0, paused: bool = False) -> CommandResult:
+    def create(self, config_path: str, timeout: float = t.XL_CREATE_S, paused: bool = False) -> CommandResult:
         """`xl create`; ``paused`` (`-p`) leaves the domain paused until :meth:`unpause`, so
         its domid is known before it runs a single instruction."""
         return self._xl(f"create {'-p ' if paused else ''}{shlex.quote(config_path)}", timeout=timeout)
@@ -170,7 +171,7 @@ class Xl:
     def unpause(self, domain: int | str) -> None:
         self._xl(f"unpause {shlex.quote(str(domain))}")
 
-    def destroy(self, name: str, timeout: float = 120.0) -> None:
+    def destroy(self, name: str, timeout: float = t.XL_DESTROY_S) -> None:
         self._xl(f"destroy {shlex.quote(name)}", timeout=timeout)
 
     @contextlib.contextmanager
@@ -192,7 +193,7 @@ class Xl:
                 with contextlib.suppress(XlError):  # gone meanwhile: its user will say so
                     self._xl(f"unpause {shlex.quote(name)}")
 
-    def destroy_all_guests(self, timeout: float = 300.0) -> list[str]:
+    def destroy_all_guests(self, timeout: float = t.XL_DESTROY_ALL_S) -> list[str]:
         """Destroy every domain but dom0 (and those already dying), all at once: one
         `xl destroy` each, in parallel, since an HVM guest's device model takes seconds
         to go. Returns their names; raises XlError naming any still alive afterwards."""
@@ -208,13 +209,13 @@ class Xl:
                                         result.host, result.seconds))
         return list(doomed.values())
 
-    def save(self, name: str, path: str, timeout: float = 900.0) -> CommandResult:
+    def save(self, name: str, path: str, timeout: float = t.XL_STREAM_S) -> CommandResult:
         return self._xl(f"-vvv save {shlex.quote(name)} {shlex.quote(path)}", timeout=timeout)
 
-    def restore(self, path: str, timeout: float = 900.0) -> CommandResult:
+    def restore(self, path: str, timeout: float = t.XL_STREAM_S) -> CommandResult:
         return self._xl(f"-vvv restore {shlex.quote(path)}", timeout=timeout)
 
-    def migrate(self, name: str, host: str, timeout: float = 900.0, extra: str = "") -> CommandResult:
+    def migrate(self, name: str, host: str, timeout: float = t.XL_STREAM_S, extra: str = "") -> CommandResult:
         return self._xl(f"-vvv migrate {extra} {shlex.quote(name)} {shlex.quote(host)}",
                         timeout=timeout)
 
@@ -272,7 +273,7 @@ def guest_logs(remote: Remote, names: Iterable[str], max_bytes: int = LOG_BYTES)
     paths = guest_log_paths(names)
     script = (f"for f in {' '.join(shlex.quote(p) for p in paths)}; do [ -f \"$f\" ] || continue; "
               f"printf '%s%s\\n' {shlex.quote(LOG_MARK)} \"$f\"; tail -c {max_bytes} \"$f\"; echo; done")
-    result = remote.run(script, timeout=60)
+    result = remote.run(script, timeout=t.SMALL_COMMAND_S)
     if result.rc != 0:
         raise XlError(result)
     return parse_guest_logs(result.stdout)

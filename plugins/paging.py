@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import pytest
 
 from harness import dom0_layout as layout
+from harness import timeouts as t
 from harness.plugins import check
 
 # Where Xen installs its tools, newest first: Debian's /usr/lib/xen-<major.minor>/bin,
@@ -55,7 +56,7 @@ def find_tool(remote, name: str, xen_version: str) -> str | None:
     mm = ".".join(xen_version.split(".")[:2])
     paths = " ".join(shlex.quote(f"{d.format(mm=mm)}/{name}") for d in TOOL_DIRS)
     found = remote.run(f"for f in {paths} {layout.DEBIAN_XEN_LIB_ANY}/bin/{name}; do [ -x \"$f\" ] && "
-                       f"{{ echo \"$f\"; break; }}; done", timeout=30).stdout.strip()
+                       f"{{ echo \"$f\"; break; }}; done", timeout=t.QUICK_COMMAND_S).stdout.strip()
     return found or None
 
 
@@ -63,12 +64,15 @@ def read_build(remote, xen_version: str) -> PagingBuild:
     """The booted Xen's config from hypfs, else the one config file in /boot for its version."""
     hypfs = find_tool(remote, "xenhypfs", xen_version)
     if hypfs:
-        built = paging_built_in(remote.run(f"{hypfs} cat /buildinfo/config", timeout=30).stdout)
+        config = remote.run(f"{hypfs} cat /buildinfo/config", timeout=t.QUICK_COMMAND_S).stdout
+        built = paging_built_in(config)
         if built is not None:
             return PagingBuild(built, f"the booted Xen's own config ({hypfs} cat /buildinfo/config)")
     mm = ".".join(xen_version.split(".")[:2])
-    files = remote.run(f"ls {layout.xen_boot_config(mm)} 2>/dev/null", timeout=30).stdout.split()
-    answers = {f: paging_built_in(remote.run(f"cat {shlex.quote(f)}", timeout=30).stdout) for f in files}
+    files = remote.run(f"ls {layout.xen_boot_config(mm)} 2>/dev/null",
+                       timeout=t.QUICK_COMMAND_S).stdout.split()
+    answers = {f: paging_built_in(remote.run(f"cat {shlex.quote(f)}", timeout=t.QUICK_COMMAND_S).stdout)
+               for f in files}
     known = {a for a in answers.values() if a is not None}
     if len(known) == 1:
         return PagingBuild(known.pop(), " and ".join(f for f, a in answers.items() if a is not None))
@@ -91,15 +95,15 @@ def start_paging(remote, xenpaging: str, domid: int, target_kb: int) -> tuple[st
     log = f"{layout.PAYLOAD_DIR}/paging-{domid}.log"
     pagefile = f"{layout.PAYLOAD_DIR}/paging-{domid}.file"
     pid = remote.check_output(
-        f"nohup timeout 600 {shlex.quote(xenpaging)} -d {domid} -f {pagefile} -m {target_kb} -v "
-        f"> {log} 2>&1 & echo $!", timeout=30).strip()
+        f"nohup timeout {t.XENPAGING_RUN_S} {shlex.quote(xenpaging)} -d {domid} -f {pagefile} "
+        f"-m {target_kb} -v > {log} 2>&1 & echo $!", timeout=t.QUICK_COMMAND_S).strip()
     return pid, log
 
 
 def stop_paging(remote, pid: str, log: str) -> str:
     remote.run(f"kill -TERM {pid} 2>/dev/null; for i in $(seq 100); do kill -0 {pid} 2>/dev/null "
-               f"|| break; sleep 0.2; done", timeout=60)
-    return remote.run(f"cat {shlex.quote(log)}", timeout=30).stdout
+               f"|| break; sleep 0.2; done", timeout=t.PAGING_STOP_S)
+    return remote.run(f"cat {shlex.quote(log)}", timeout=t.QUICK_COMMAND_S).stdout
 
 
 def paging_built_in(config_text: str) -> bool | None:
@@ -130,12 +134,12 @@ def judge_exit(log_text: str, build: PagingBuild) -> None:
 
 
 def wait_for_enoent(remote, agent, guest, pid: str, log: str, build: PagingBuild) -> list[int]:
-    """Probe-page gfns that answer -ENOENT (paged out) within 120 s of xenpaging's start."""
-    deadline = time.monotonic() + 120
+    """Probe-page gfns that answer -ENOENT (paged out) within PAGE_OUT_S of xenpaging's start."""
+    deadline = time.monotonic() + t.PAGE_OUT_S
     while time.monotonic() < deadline:
-        alive = remote.run(f"kill -0 {pid}", timeout=30).rc == 0
+        alive = remote.run(f"kill -0 {pid}", timeout=t.QUICK_COMMAND_S).rc == 0
         if not alive:
-            judge_exit(remote.run(f"cat {shlex.quote(log)}", timeout=30).stdout, build)
+            judge_exit(remote.run(f"cat {shlex.quote(log)}", timeout=t.QUICK_COMMAND_S).stdout, build)
         result = agent.map_foreign(guest.domid, [p.gfn for p in guest.pages], want="none")
         enoent = [f.frame for f in result.frames if f.error == -errno.ENOENT]
         if enoent:
@@ -156,11 +160,11 @@ def test_paged_out_gfns_give_enoent_then_map_after_page_in(paging_build, own_gue
     try:
         enoent = wait_for_enoent(remote, agent, guest, pid, log, paging_build)
         record_property("paged_out_probe_pages", len(enoent))
-        assert enoent, "xenpaging ran for 120 s but no probe page answered -ENOENT"
+        assert enoent, f"xenpaging ran for {t.PAGE_OUT_S:g} s but no probe page answered -ENOENT"
     finally:
         text = stop_paging(remote, pid, log)
     # The -ENOENT answers asked Xen to page those frames back in; now they must map.
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + t.PAGE_IN_S
     while True:
         result = agent.map_foreign(guest.domid, enoent)
         if all(f.error == 0 for f in result.frames) or time.monotonic() > deadline:

@@ -16,6 +16,7 @@ from pathlib import Path
 from harness.dom0_layout import SAVE_DIR
 from harness.guest_logs import Side, check_dir, log_evidence
 from harness.plugins import check
+from harness.timeouts import QUICK_COMMAND_S, SMALL_COMMAND_S
 from harness.xen import XlError, follow_domid
 
 
@@ -67,7 +68,7 @@ def test_negative_control_shifted_frames_are_caught(guest, agent):
 def save_and_restore(guest, xl) -> dict:
     """`xl save` then `xl restore` the guest; refresh its domid; return the timings."""
     path = f"{SAVE_DIR}/{guest.name}.chkpt"
-    guest.remote.run_expect(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])}", timeout=30)
+    guest.remote.run_expect(f"mkdir -p {shlex.quote(path.rsplit('/', 1)[0])}", timeout=QUICK_COMMAND_S)
     saved = xl.save(guest.name, path)
     old = guest.domid
     try:
@@ -78,7 +79,7 @@ def save_and_restore(guest, xl) -> dict:
         follow_domid(guest, exc.result.stdout + exc.result.stderr)
         raise
     finally:
-        guest.remote.run(f"rm -f {shlex.quote(path)}", timeout=60)
+        guest.remote.run(f"rm -f {shlex.quote(path)}", timeout=SMALL_COMMAND_S)
     follow_domid(guest, restored.stdout + restored.stderr)
     if guest.domid == old:  # the log did not name it
         guest.domid = xl.domid(guest.name)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from harness import dom0_layout as layout
+from harness import timeouts as t
 from harness.metrics import Record
 from harness.plugins import check
 from harness.verdict import watch
@@ -58,7 +59,7 @@ SEARCH_DIRS = tuple(f"{root}/{sub}" for root in (layout.DEBIAN_XEN_LIB, layout.O
                                                   layout.OWN_XEN_LIBEXEC, layout.XEN_LIB, layout.XEN_LIBEXEC)
                     for sub in ("tests", "bin"))
 SHARED_PREFIX = "nx-"  # the harness's guests: never destroyed here, domids must not change
-KILL_GRACE_S = 10  # after the timeout's SIGTERM, SIGKILL
+KILL_GRACE_S = t.PROGRAM_KILL_GRACE_S
 OUTPUT_LIMIT = 6000
 XENSTORE_TIMING = re.compile(r"^(?P<name>\S[^:\n]*?)\s*: (?:avg: )?(?P<ns>\d+) ns\b", re.MULTILINE)
 
@@ -79,7 +80,7 @@ def discover(remote, dirs: list[str]) -> dict[str, str]:
               "case \"$d\" in */tests) set -- \"$d\"/*;; *) set -- \"$d\"/test-* \"$d\"/test_*;; esac; "
               "for f; do [ -f \"$f\" ] && [ -x \"$f\" ] && echo \"$f\"; done; done; true")
     found: dict[str, str] = {}
-    for path in remote.run(script, timeout=30).stdout.split():
+    for path in remote.run(script, timeout=t.QUICK_COMMAND_S).stdout.split():
         found.setdefault(path.rsplit("/", 1)[-1], path)
     return found
 
@@ -92,7 +93,8 @@ def stray_programs(remote, dirs: list[str], root: str = layout.USR) -> list[str]
     """Test programs under a ``*xen*`` directory below ``root`` but outside ``dirs``:
     installed where the plugin does not look."""
     out = remote.run(f"find {shlex.quote(root)} -path '*xen*' -type f -perm -u+x "
-                     "\\( -name 'test-*' -o -name 'test_*' \\) 2>/dev/null; true", timeout=120).stdout
+                     "\\( -name 'test-*' -o -name 'test_*' \\) 2>/dev/null; true",
+                     timeout=t.FIND_PROGRAMS_S).stdout
     return sorted(p for p in out.split() if p.rsplit("/", 1)[0] not in dirs)
 
 
@@ -120,7 +122,7 @@ class ProgramRun:
 def run_program(remote, program: str, path: str, timeout_s: float) -> ProgramRun:
     """Run one program in dom0 under ``timeout``, which kills its process group at the deadline."""
     command = f"cd {layout.TMP} && timeout -k {KILL_GRACE_S} {timeout_s} {shlex.quote(path)}"
-    result = remote.run(command, timeout=timeout_s + KILL_GRACE_S + 60)
+    result = remote.run(command, timeout=timeout_s + KILL_GRACE_S + t.PROGRAM_MARGIN_S)
     return ProgramRun(program, path, result.rc, result.stdout, result.stderr, round(result.seconds, 2),
                       timeout_s)
 
@@ -134,7 +136,7 @@ class Domains:
     shared_changed: list[str] = field(default_factory=list)  # "nx-shared-pv: domid 3 -> gone"
 
 
-def clean_up_domains(xl, before: list, settle_s: float = 60.0) -> Domains:
+def clean_up_domains(xl, before: list, settle_s: float = t.DOMAINS_GONE_S) -> Domains:
     """Destroy the domains that appeared since ``before`` (not dom0, not ``nx-*``); report
     shared guests whose domid changed or vanished."""
     known = {d.domid for d in before}
@@ -142,7 +144,7 @@ def clean_up_domains(xl, before: list, settle_s: float = 60.0) -> Domains:
            and not d.name.startswith(SHARED_PREFIX)]
     report = Domains(destroyed=[f"{d.name} ({d.domid})" for d in new])
     for d in new:
-        xl.remote.run(f"xl destroy {d.domid}", timeout=120)
+        xl.remote.run(f"xl destroy {d.domid}", timeout=t.XL_DESTROY_S)
     deadline = time.monotonic() + settle_s
     while True:  # a destroyed domain can stay listed, dying, for a moment
         now = xl.list()
@@ -175,7 +177,7 @@ def run_case(remote, xl, program: str, path: str, timeout_s: float, before: list
             clean_up_domains(xl, before)
         raise
     domains = clean_up_domains(xl, before)
-    answers = remote.run("xl list >/dev/null", timeout=60).rc == 0
+    answers = remote.run("xl list >/dev/null", timeout=t.SMALL_COMMAND_S).rc == 0
     return Case(run, domains, answers)
 
 
@@ -330,7 +332,8 @@ def test_negative_control_hung_program_is_killed_at_its_timeout(xen_host):
     text = str(caught.value)
     assert "did not finish within 5 s and was killed" in text and "NXNEG: started" in text, text
     assert "never" not in case.run.stdout
-    left = xen_host.remote.run("pgrep -f 'sleep 61[1]'", timeout=30)  # [1]: not pgrep's own shell
+    # [1]: not pgrep's own shell
+    left = xen_host.remote.run("pgrep -f 'sleep 61[1]'", timeout=t.QUICK_COMMAND_S)
     assert left.rc == 1, f"the hung program's child survived its timeout: pids {left.stdout.split()}"
 
 

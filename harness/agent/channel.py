@@ -15,7 +15,9 @@ import socket
 import time
 from pathlib import Path
 
-RESEND_S = 0.25
+from .. import timeouts as t
+
+RESEND_S = 0.25  # an idempotent request is sent again this often until answered
 IDEMPOTENT = ("ping", "set_clock")
 
 
@@ -32,7 +34,7 @@ class Channel:
         self._buffer = b""
         self._ids = itertools.count(1)
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float = t.CHANNEL_REQUEST_S) -> None:
         """Connect to the socket (QEMU creates it as it starts)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -53,7 +55,7 @@ class Channel:
             self._sock.close()
             self._sock = None
 
-    def request(self, op: str, timeout: float = 10.0, **fields: object) -> dict:
+    def request(self, op: str, timeout: float = t.CHANNEL_REQUEST_S, **fields: object) -> dict:
         """Send ``op`` and return dom0's answer; ChannelError if none comes in time
         or dom0 answers ``ok: false``. ``fields`` may hold callables, evaluated at
         each send (``set_clock`` sends the wall clock of the moment it is sent)."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import timeouts as t
 from ..accel import AccelChoice
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Machine(abc.ABC):
     def alive(self) -> str | None:
         """None while running; else how it ended (e.g. 'exit status 1')."""
 
-    def wait_incoming(self, timeout: float = 120.0, incoming: SnapshotFiles | None = None) -> float:
+    def wait_incoming(self, timeout: float = t.RESTORE_S, incoming: SnapshotFiles | None = None) -> float:
         """After ``start(incoming=...)``: wait until the restored VM runs; the seconds it took.
         Both backends override it; a machine that cannot restore raises (not a MachineError,
         so no snapshot is discarded for it)."""

@@ -10,6 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from .. import timeouts as t
 from .base import LinkPorts, MachineStartError
 
 PR_SET_PDEATHSIG = 1
@@ -44,7 +45,7 @@ def create_overlay(path: Path, backing: Path, backing_fmt: str) -> None:
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt,
            "-b", str(backing.resolve()), str(path)]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=t.HOST_TOOL_S)
     except FileNotFoundError:
         raise MachineStartError("qemu-img is not installed: run `apt-get install qemu-utils`") from None
     except subprocess.CalledProcessError as exc:

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import timeouts as t
 from ..dom0_layout import CHANNEL_NAME
 from ..procs import pid_alive
 from .base import LinkPorts, Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
@@ -260,7 +261,7 @@ class QemuMachine(Machine):
             raise MachineStartError(f"QEMU failed to start: {text.strip()[-2000:]}") from None
         return True
 
-    def _connect_qmp(self, timeout: float = 30.0) -> None:
+    def _connect_qmp(self, timeout: float = t.QMP_CONNECT_S) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
         from qemu.qmp.protocol import ConnectError
 
@@ -275,7 +276,7 @@ class QemuMachine(Machine):
                 except (OSError, ConnectError):  # ConnectError: QEMU quit mid-handshake (bad option)
                     time.sleep(0.05)
                     continue
-                qmp.settimeout(60.0)
+                qmp.settimeout(t.QMP_REPLY_S)
                 self.qmp = qmp
                 return
             time.sleep(0.05)
@@ -303,7 +304,7 @@ class QemuMachine(Machine):
             raise MachineError(f"QMP {name} failed ({type(exc).__name__}: {exc}); QEMU {status}"
                                + (f"; qemu.log: {log_tail}" if log_tail else "")) from exc
 
-    def wait_incoming(self, timeout: float = 120.0, incoming: SnapshotFiles | None = None) -> float:
+    def wait_incoming(self, timeout: float = t.RESTORE_S, incoming: SnapshotFiles | None = None) -> float:
         """After start(incoming=...): wait until the VM runs; return seconds."""
         started = time.monotonic()
         if incoming is not None and incoming.stream == "mapped-ram":
@@ -369,7 +370,7 @@ class QemuMachine(Machine):
         if "multifd" in names:
             self.qmp_cmd("migrate-set-parameters", **{"multifd-channels": max(2, self.spec.cpus)})
 
-    def _wait_migration(self, timeout: float = 600.0) -> None:
+    def _wait_migration(self, timeout: float = t.SNAPSHOT_SAVE_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.qmp_cmd("query-migrate")
@@ -386,10 +387,10 @@ class QemuMachine(Machine):
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(Exception):
                 if self.qmp is not None:
-                    self.qmp.settimeout(5.0)
+                    self.qmp.settimeout(t.QMP_QUIT_S)
                     self.qmp.cmd("quit")
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=t.PROCESS_EXIT_S)
             except subprocess.TimeoutExpired:
                 self._kill()
         self._close_qmp()
@@ -403,7 +404,7 @@ class QemuMachine(Machine):
     def _kill(self) -> None:
         if self.proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, t.SIGTERM_EXIT_S), (signal.SIGKILL, t.PROCESS_EXIT_S)):
             if self.proc.poll() is not None:
                 break
             with contextlib.suppress(ProcessLookupError):

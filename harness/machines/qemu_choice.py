@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import timeouts as t
 from .base import MachineStartError
 
 
@@ -20,7 +21,7 @@ def qemu_version(binary: str) -> str:
     """The first line of ``binary --version``. Asked once per binary and process: the
     snapshot key, its metadata, the host facts and the QEMU choice all need it."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=t.QEMU_VERSION_S)
     except FileNotFoundError:
         raise MachineStartError(
             f"{binary} is not installed: run `apt-get install qemu-system-x86 qemu-utils` "

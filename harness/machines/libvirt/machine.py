@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ... import timeouts as t
 from ..base import Machine, MachineError, MachineSpec, MachineStartError, SnapshotFiles
 from ..common import create_overlay, free_link, free_port
 from .domain_xml import BootPaths, domain_xml, rewrite_saved_xml
@@ -215,7 +216,7 @@ class LibvirtMachine(Machine):
             return f"; {path}: " + " | ".join(tail)
         return ""
 
-    def wait_incoming(self, timeout: float = 120.0, incoming: SnapshotFiles | None = None) -> float:
+    def wait_incoming(self, timeout: float = t.RESTORE_S, incoming: SnapshotFiles | None = None) -> float:
         """After start(incoming=...): libvirt restored synchronously; check it runs."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
@@ -262,7 +263,7 @@ class LibvirtMachine(Machine):
                 self._console.abort()
             self._console = None
         if self._pump is not None:
-            self._pump.join(timeout=10)
+            self._pump.join(timeout=t.PROCESS_EXIT_S)
             self._pump = None
         if self._console_conn is not None:
             with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from ... import timeouts as t
 from ..base import MachineStartError
 from ..common import die_with_parent, free_port
 from .uri import LibvirtUri
@@ -30,7 +31,7 @@ class SshTunnel:
                 "-o", "ServerAliveInterval=15",
                 "-L", f"127.0.0.1:{self.local_port}:127.0.0.1:{self.remote_port}", str(self.uri.host)]
 
-    def open(self, timeout: float = 60.0, attempts: int = 3) -> None:
+    def open(self, timeout: float = t.TUNNEL_OPEN_S, attempts: int = 3) -> None:
         self.local_port = free_port()
         cmd = self.command()
         log.info("SSH tunnel: %s", shlex.join(cmd))
@@ -46,10 +47,10 @@ class SshTunnel:
                 if "Address already in use" in said and attempts > 1:
                     # The free port was taken between free_port() and ssh's bind.
                     log.warning("SSH tunnel: local port %d was taken; another port", self.local_port)
-                    return self.open(max(deadline - time.monotonic(), 5.0), attempts - 1)
+                    return self.open(max(deadline - time.monotonic(), t.TUNNEL_RETRY_MIN_S), attempts - 1)
                 raise MachineStartError(f"SSH tunnel to {self.uri.host} exited: {said[-1000:]}")
             with socket.socket() as sock:
-                sock.settimeout(1.0)
+                sock.settimeout(t.SOCKET_PROBE_S)
                 if sock.connect_ex(("127.0.0.1", self.local_port)) == 0:
                     return
             time.sleep(0.2)
@@ -60,8 +61,8 @@ class SshTunnel:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=t.PROCESS_EXIT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=t.PROCESS_EXIT_S)
         self.proc = None
