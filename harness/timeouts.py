@@ -104,11 +104,18 @@ THREAD_STOP_S = 5.0  # the progress plugin's threads end at unconfigure
 HEALTH_PATIENCE_S = 90.0
 HEALTH_TRY_S = 30.0  # one `xl list` try within the patience above
 # dom0 reaches the peer's dom0 over the private link (ssh or a TCP connect, each with its
-# own 20 s connect limit), under TCG on both ends.
+# own PEER_CONNECT_S connect limit), under TCG on both ends.
 PEER_REACH_S = 90.0
+# That connect limit, written into the probe's command line: ssh's ConnectTimeout takes
+# whole seconds (hence an int), and a connect over the link under TCG takes a few.
+PEER_CONNECT_S = 20
 
 # --------------------------------------------------------------------- the dom0 agent
 
+# Added to every agent call's own deadline for the SSH command around it: python3 starting
+# the zipapp and sshd forking under TCG are slow.
+AGENT_OVERHEAD_S = 60.0
+AGENT_INFO_S = 30.0  # the agent's `info`: reads a few /sys files and opens privcmd, maps nothing
 AGENT_P2M_S = 120.0  # `xen-mfndump dump-p2m` of a PV guest, through the agent
 AGENT_DIRTY_SCAN_S = 900.0  # the agent maps and parses a dirty buffer of many frames under TCG
 AGENT_WRITE_PAGE_S = 60.0  # one 4 KiB write through a foreign mapping

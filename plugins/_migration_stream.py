@@ -13,6 +13,8 @@ import json
 import shlex
 import time
 
+from harness import dom0_layout as layout
+from harness import timeouts as t
 from harness.dom0_files import REMOTE_STREAM_TOOL, REMOTE_WATCH_PATH, STREAM, install
 from harness.metrics import Record
 
@@ -24,27 +26,28 @@ class Watch:
 
     def __init__(self, remote, guest_name: str) -> None:
         self.remote = remote
-        self.out = f"/tmp/nxwatch-{guest_name}-{time.time_ns()}.log"
-        globs = f"'/var/log/xen/console/*{guest_name}*'"
+        self.out = f"{layout.WATCH_LOG_PREFIX}{guest_name}-{time.time_ns()}.log"
+        globs = f"'{layout.CONSOLE_DIR}/*{guest_name}*'"
         self.pid = remote.check_output(
             f"nohup python3 {REMOTE_WATCH_PATH} {self.out} {globs} >/dev/null 2>&1 & echo $!",
-            timeout=30).strip()
+            timeout=t.QUICK_COMMAND_S).strip()
 
     def stop(self) -> str:
         """Stop the watcher (waiting for it to exit) and return what it saw, in one
         command: under TCG with two L1s busy each SSH command costs seconds."""
         return self.remote.run(f"kill {self.pid}; while kill -0 {self.pid} 2>/dev/null; do sleep 0.05; done; "
-                               f"cat {self.out}; rm -f {self.out}", timeout=60).stdout
+                               f"cat {self.out}; rm -f {self.out}", timeout=t.SMALL_COMMAND_S).stdout
 
 
-LINK_DEV = "$(ls /sys/bus/pci/devices/0000:00:06.0/virtio*/net/)"  # dom0's private-link NIC
+LINK_DEV = f"$(ls {layout.LINK_NIC_NET_DIRS})"  # dom0's private-link NIC
 
 
 def tx_bytes(remote, dev: str) -> int | None:
     """Bytes sent so far on a dom0 interface: the migration stream's size on the
     wire (ssh-encrypted, or plain over the tcp transport) is the difference across
     the operation."""
-    out = remote.run(f"cat /sys/class/net/{dev}/statistics/tx_bytes", timeout=30).stdout.strip()
+    out = remote.run(f"cat {layout.SYS_NET}/{dev}/statistics/tx_bytes", timeout=t.QUICK_COMMAND_S).stdout
+    out = out.strip()
     return int(out) if out.isdigit() else None
 
 
@@ -52,14 +55,14 @@ def install_stream_tool(host) -> None:
     install(host.remote, [STREAM])  # harness/dom0_files.py
 
 
-def migrate_counted(remote, name: str, target: str, counted: bool, timeout: float = 1800,
+def migrate_counted(remote, name: str, target: str, counted: bool, timeout: float = t.MIGRATION_XL_S,
                     pause: bool = False):
     """`xl migrate` over ssh, with the stream relayed through nxstream.py on its way to
     ssh when ``counted`` (pre-copy iterations and pages per iteration); (result, stats)."""
     p = " -p" if pause else ""
     if not counted:
         return timed_xl(remote, f"migrate{p} {shlex.quote(name)} {target}", timeout), {}
-    out = f"/tmp/nxstream-{time.time_ns()}.json"
+    out = f"{layout.STREAM_STATS_PREFIX}{time.time_ns()}.json"
     relay = f"python3 {REMOTE_STREAM_TOOL} relay {out} -- ssh"
     result = timed_xl(remote, f"migrate -s {shlex.quote(relay)}{p} {shlex.quote(name)} {target}", timeout)
     return result, _stream_stats(remote, f"cat {out}; rm -f {out}")
@@ -91,15 +94,15 @@ SPLIT = "=====nxstream-serve-stderr====="
 
 
 def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_s: float = 0.0,
-                timeout: float = 1800, pause: bool = False):
+                timeout: float = t.MIGRATION_XL_S, pause: bool = False):
     """`xl migrate` over the TCP transport (nxstream.py serve on the receiving dom0,
     connect on the sender, always counted); (result with both sides' logs, stats)."""
     stamp = time.time_ns()
-    log, out = f"/tmp/nxserve-{stamp}.log", f"/tmp/nxstream-{stamp}.json"
+    log, out = f"{layout.SERVE_LOG_PREFIX}{stamp}.log", f"{layout.STREAM_STATS_PREFIX}{stamp}.json"
     pid = dst_remote.check_output(
         f"nohup python3 {REMOTE_STREAM_TOOL} serve {address} {TCP_PORT} {log} -- "
         f"xl -vvv migrate-receive{' -p' if pause else ''} "
-        f"> {log}.err 2>&1 & echo $!", timeout=30).strip()
+        f"> {log}.err 2>&1 & echo $!", timeout=t.QUICK_COMMAND_S).strip()
     try:
         connect = f"python3 {REMOTE_STREAM_TOOL} connect {out} {address} {TCP_PORT}"
         p = " -p" if pause else ""
@@ -108,7 +111,7 @@ def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_
         # serve ends with xl migrate-receive; after a failure it may still wait for a
         # connection. One command (each costs seconds here); a failing step stops none.
         both = dst_remote.run(f"sleep 0.5; kill {pid} 2>/dev/null; cat {log}; echo; echo {SPLIT}; "
-                              f"cat {log}.err; rm -f {log} {log}.err", timeout=60).stdout
+                              f"cat {log}.err; rm -f {log} {log}.err", timeout=t.SMALL_COMMAND_S).stdout
         received, _, errors = both.partition(f"\n{SPLIT}\n")
     merged = merge_logs(result.stdout, received, receiver_shift_s)
     if errors.strip():  # nxstream serve's own complaints (no timestamps: they stay out of the span)
@@ -128,7 +131,7 @@ def migrate_with(transport: str, src_remote, dst_remote, name: str, address: str
 
 
 def _stream_stats(remote, command: str) -> dict:
-    text = remote.run(command, timeout=300).stdout.strip()
+    text = remote.run(command, timeout=t.STREAM_STATS_S).stdout.strip()
     try:
         return json.loads(text)
     except ValueError:

@@ -28,12 +28,13 @@ import pytest
 
 from harness import dirty_pages
 from harness.dom0_files import REMOTE_STREAM_TOOL
+from harness.dom0_layout import SAVE_DIR
 from harness.fixtures import run_config
 from harness.guest_logs import Side, check_dir, failure_evidence
 from harness.guests import GuestSpec, owned_guest
-from harness.imaging import REMOTE_PAYLOAD_DIR
 from harness.metrics import Record, excise_pause, largest_gap_s, log_span_ns, parse_toolstack, tick_arrivals
 from harness.plugins import check
+from harness.timeouts import MIGRATION_XL_S, QUICK_COMMAND_S, SMALL_COMMAND_S, XL_PAUSE_S
 from harness.xen import created_domid, follow_domid
 
 from ._migration_stream import (  # noqa: F401 - the transport, as this module always offered it
@@ -105,7 +106,7 @@ def check_dirty_then_unpause(guest, agent, holder: dict) -> None:
         guest.domid = guest.xl.domid(guest.name)
         holder["dirty"] = dirty_pages.scan(guest, agent)
     finally:
-        out = guest.xl.remote.run(f"date +%s.%N; xl unpause {shlex.quote(guest.name)}", timeout=120)
+        out = guest.xl.remote.run(f"date +%s.%N; xl unpause {shlex.quote(guest.name)}", timeout=XL_PAUSE_S)
         holder["unpaused_ns"] = int(float(out.stdout.split()[0]) * 1e9)
 
 
@@ -244,22 +245,22 @@ def _wanted(guest, types: tuple[str, ...], key: str) -> None:
 def test_save_restore(mig_guest, xen_host, agent, metrics, nx_config, record_property, request):
     mig = nx_config.migration
     _wanted(mig_guest, mig.guest_types, "guest_types")
-    path = f"{REMOTE_PAYLOAD_DIR}/save/{mig_guest.name}.chkpt"
+    path = f"{SAVE_DIR}/{mig_guest.name}.chkpt"
     for repeat in range(mig.repeats):
         holder = {}
 
         def run(holder=holder):
             remote = xen_host.remote
-            remote.run_expect(f"mkdir -p {REMOTE_PAYLOAD_DIR}/save", timeout=30)
-            save = timed_xl(remote, f"save {shlex.quote(mig_guest.name)} {path}", 1800)
+            remote.run_expect(f"mkdir -p {SAVE_DIR}", timeout=QUICK_COMMAND_S)
+            save = timed_xl(remote, f"save {shlex.quote(mig_guest.name)} {path}", MIGRATION_XL_S)
             holder["stream"] = _stream_stats(remote, f"python3 {REMOTE_STREAM_TOOL} file {path}")
             paused = " -p" if has_dirty(mig_guest) else ""
-            restore = timed_xl(remote, f"restore{paused} {path}", 1800) if save.rc == 0 else save
+            restore = timed_xl(remote, f"restore{paused} {path}", MIGRATION_XL_S) if save.rc == 0 else save
             # saved, the old domain is gone: the guest is what restore created, if anything
             follow_domid(mig_guest, restore.stdout, ok=save.rc == 0)
             if paused and restore.rc == 0:
                 check_dirty_then_unpause(mig_guest, agent, holder)
-            remote.run(f"rm -f {path}", timeout=60)
+            remote.run(f"rm -f {path}", timeout=SMALL_COMMAND_S)
             holder["log"] = save.stdout + restore.stdout
             rc = save.rc or restore.rc
             return save.stdout + restore.stdout, rc, save.seconds + (restore.seconds if save.rc == 0 else 0)
@@ -323,7 +324,7 @@ def test_negative_control_stale_dirty_page_is_caught(mig_guest, xen_host, agent)
         pytest.skip(f"workload {mig_guest.workload}: no dirty buffer to stale (workload dirty:P has one)")
     name = shlex.quote(mig_guest.name)
     mig_guest.domid = mig_guest.check_alive().domid
-    xen_host.remote.run_expect(f"xl pause {name}", timeout=120)
+    xen_host.remote.run_expect(f"xl pause {name}", timeout=XL_PAUSE_S)
     try:
         clean = dirty_pages.scan(mig_guest, agent)
         assert clean.ok, ("the dirty buffer must be whole before the control stales a page:\n"
@@ -342,7 +343,7 @@ def test_negative_control_stale_dirty_page_is_caught(mig_guest, xen_host, agent)
             f"staled page {index} (gfn {gfn:#x}, generation {older}), the check said:\n{report}")
         assert f"gfn {gfn:#x}: generation {older}," in report, report
     finally:
-        xen_host.remote.run_expect(f"xl unpause {name}", timeout=120)
+        xen_host.remote.run_expect(f"xl unpause {name}", timeout=XL_PAUSE_S)
 
 
 # ------------------------------------------------------------------ two hosts
@@ -351,7 +352,7 @@ def clock_offset_ns(remote, samples: int = 5) -> tuple[int, int]:
     best: tuple[int, int] | None = None
     for _ in range(samples):
         before = time.time_ns()
-        stamp = int(remote.check_output("date +%s%N", timeout=30).strip())
+        stamp = int(remote.check_output("date +%s%N", timeout=QUICK_COMMAND_S).strip())
         after = time.time_ns()
         sample = (stamp - (before + after) // 2, (after - before) // 2)
         if best is None or sample[1] < best[1]:

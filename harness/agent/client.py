@@ -25,16 +25,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import timeouts as t
+
+# Where dom0 keeps the agent zipapp (harness/agent/build.py builds it); REMOTE_AGENT_PATH is
+# this module's name for it, which callers import.
+from ..dom0_layout import AGENT_PATH as REMOTE_AGENT_PATH
 from .dirty_client import DirtyCommands, DirtyScan, PageStamp  # noqa: F401 - part of the client's API
 
 # The protocol's constants come from the agent itself (stdlib only, importable here),
 # not from a copy that could drift from what dom0 runs.
 from .nxagent import AGENT_VERSION, DEFAULT_TIMEOUT_S, MAP_CALLS
 from .nxagent import M2P_DEFAULT_TIMEOUT_S as M2P_TIMEOUT_S
-
-# Where dom0 keeps the agent: the package harness/agent/nxagent/ built into one zipapp
-# (harness/agent/build.py ``built_agent``, into the run's cache when first installed).
-REMOTE_AGENT_PATH = "/usr/local/lib/nested-xen/nxagent.py"
 
 #: Answers of these calls are parsed into MapResult.
 MAP_ANSWERS = (*MAP_CALLS, "restrict_then_map")
@@ -304,7 +305,7 @@ class Agent(DirtyCommands):
         *,
         remote_path: str = REMOTE_AGENT_PATH,
         python: str = "python3",
-        overhead_s: float = 60.0,
+        overhead_s: float = t.AGENT_OVERHEAD_S,
     ) -> None:
         self._run = run
         self.remote_path = remote_path
@@ -378,7 +379,7 @@ class Agent(DirtyCommands):
         return info
 
     def info(self) -> dict[str, Any]:
-        return self._checked("info", {}, 30.0)
+        return self._checked("info", {}, t.AGENT_INFO_S)
 
     def map_foreign(
         self,
@@ -426,7 +427,7 @@ class Agent(DirtyCommands):
         return answer
 
     def p2m(
-        self, domid: int, pfns: Sequence[int] | None = None, timeout_s: float = 120.0
+        self, domid: int, pfns: Sequence[int] | None = None, timeout_s: float = t.AGENT_P2M_S
     ) -> dict[int, int]:
         """pfn -> mfn of a PV guest, from `xen-mfndump dump-p2m` run by the agent.
 

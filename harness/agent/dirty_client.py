@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import timeouts as t
+
 
 @dataclass(frozen=True)
 class PageStamp:
@@ -58,13 +60,14 @@ class DirtyCommands:
     """Agent methods for the probe's dirty buffer (``self._checked`` is Agent's)."""
 
     def dirty_scan(self, domid: int, frames: Sequence[int], cursor_frame: int | None = None,
-                   timeout_s: float = 900.0) -> DirtyScan:
+                   timeout_s: float = t.AGENT_DIRTY_SCAN_S) -> DirtyScan:
         """Map ``frames`` (gfns; MFNs for PV) and the cursor page's frame and parse them."""
         frames = [int(f) for f in frames]
         req = {"domid": domid, "frames": frames, "cursor_frame": cursor_frame, "timeout_s": timeout_s}
         return DirtyScan.from_json(self._checked("dirty_scan", req, timeout_s), frames)  # type: ignore[attr-defined]
 
-    def write_page(self, domid: int, frame: int, data: bytes, timeout_s: float = 60.0) -> dict[str, Any]:
+    def write_page(self, domid: int, frame: int, data: bytes,
+                   timeout_s: float = t.AGENT_WRITE_PAGE_S) -> dict[str, Any]:
         """Write 4096 bytes into a guest frame through a writable foreign mapping. The answer's
         ``written`` says the bytes read back are the ones written; ``old`` is what was there."""
         req = {"domid": domid, "frame": int(frame), "bytes_b64": base64.b64encode(data).decode("ascii"),
