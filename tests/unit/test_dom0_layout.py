@@ -48,20 +48,6 @@ ALLOWED = {
     # The tools that run in dom0 alone cannot import the harness (see test_dom0_tools_agree).
     ("harness/agent/nxchannel.py", "/proc/uptime"): "runs in dom0 alone; agrees with PROC_UPTIME (test)",
 }
-# Files another engineer was changing while the leaf came in: each path is to be replaced
-# by the dom0_layout name beside it (then its entry goes).
-PENDING = {
-    ("harness/agent/client.py", layout.AGENT_PATH): "REMOTE_AGENT_PATH = dom0_layout.AGENT_PATH",
-    ("plugins/_migration_stream.py", "/tmp/nxwatch-"): "WATCH_LOG_PREFIX",
-    ("plugins/_migration_stream.py", "/tmp/nxstream-"): "STREAM_STATS_PREFIX",
-    ("plugins/_migration_stream.py", "/tmp/nxserve-"): "SERVE_LOG_PREFIX",
-    ("plugins/_migration_stream.py", "/var/log/xen/console/"): "CONSOLE_DIR",
-    ("plugins/_migration_stream.py", "/sys/bus/pci/"): "LINK_NIC_NET_DIRS",
-    ("plugins/_migration_stream.py", "/sys/class/net/"): "SYS_NET",
-    ("plugins/migration.py", "/tmp/nx"): "the same names, where they are still in migration.py",
-    ("plugins/migration.py", "/var/log/xen/console/"): "CONSOLE_DIR",
-    ("plugins/migration.py", "/sys/"): "LINK_NIC_NET_DIRS, SYS_NET",
-}
 # The dom0 agent's package keeps its own copies (it cannot import the harness).
 AGENT_PACKAGE = "harness/agent/nxagent/"
 
@@ -107,7 +93,7 @@ def path_literals(source: str) -> list[tuple[int, str]]:
 
 
 def _allowed(rel: str, path: str) -> bool:
-    return any(rel == f and path.startswith(prefix) for f, prefix in (*ALLOWED, *PENDING))
+    return any(rel == f and path.startswith(prefix) for f, prefix in ALLOWED)
 
 
 def test_no_dom0_path_literal_outside_the_leaf():
@@ -129,7 +115,7 @@ def test_every_allowance_has_a_reason_and_is_still_needed():
         rel = src.relative_to(ROOT).as_posix()
         for _, path in path_literals(src.read_text()):
             used |= {(f, p) for f, p in ALLOWED if f == rel and path.startswith(p)}
-    assert all(reason.strip() for reason in (*ALLOWED.values(), *PENDING.values()))
+    assert all(reason.strip() for reason in ALLOWED.values())
     assert set(ALLOWED) == used, f"allowances nothing needs any more: {sorted(set(ALLOWED) - used)}"
 
 
@@ -195,3 +181,14 @@ def test_the_harness_names_come_from_the_leaf():
     assert imaging.REMOTE_PAYLOAD_DIR == layout.PAYLOAD_DIR
     assert guests.GuestSpec(type="hvm", name="g").console_log == f"{layout.CONSOLE_DIR}/hvm-g.log"
     assert guests.GuestSpec(type="pvh", name="g").console_log == f"{layout.CONSOLE_DIR}/guest-g.log"
+
+
+def test_the_agent_client_and_the_migration_transport_take_their_paths_from_the_leaf():
+    import inspect
+
+    from harness.agent import client
+    from plugins import _migration_stream as stream
+
+    assert client.REMOTE_AGENT_PATH == layout.AGENT_PATH
+    assert inspect.signature(client.Agent).parameters["remote_path"].default == layout.AGENT_PATH
+    assert f"$(ls {layout.LINK_NIC_NET_DIRS})" == stream.LINK_DEV
