@@ -178,8 +178,8 @@ def test_the_agent_client_hosts_and_migration_defaults_are_the_named_ones(monkey
     assert migrate_defaults == {t.MIGRATION_XL_S}
     # ssh's ConnectTimeout takes whole seconds: "ConnectTimeout=20.0" would fail every ssh probe.
     assert isinstance(t.PEER_CONNECT_S, int) and not isinstance(t.PEER_CONNECT_S, bool)
-    # healthy() reads the patience from its own module at each call (tests and runs set it there).
-    assert hosts.HEALTH_PATIENCE_S == t.HEALTH_PATIENCE_S
+    # healthy() reads the patience from its own module at each call (tests and runs set it there;
+    # tests/unit/test_plugin_runs.py's in-process runs set it for the whole process).
     monkeypatch.setattr(hosts, "HEALTH_PATIENCE_S", 0.0)
     tries: list[float] = []
 
