@@ -26,6 +26,7 @@ from .imaging import ImageError, mirror_and_source
 from .machines.base import MachineError
 from .machines.qemu import qemu_candidates
 from .metrics import load
+from .mutants import add_parser as add_mutant_parser
 from .ownbuild import BuildError, add_parsers
 from .remote import RemoteError
 from .report import compare, plots, summary_table
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", metavar="DIR", help="write it here instead of plugins/")
     p.set_defaults(func=cmd_new_plugin)
     add_parsers(sub)
+    add_mutant_parser(sub)  # `nested-xen mutant list|run` (harness/mutants.py)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     options.add_arguments(p, scopes=options.SCOPES)  # and pytest's own: all go on to pytest
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
