@@ -177,10 +177,10 @@ def build(mutant: Mutant, src: Path, cache: Path, jobs: int, log=print) -> Path:
     """The mutant's dist tree: built once per key (patch, kconfig, base commit), then reused."""
     commit = base_commit(src, mutant.base)
     home = cache / "mutants" / f"{mutant.name}-{mutant.key(commit)}"
-    marker = home / "dist.path"
-    if marker.is_file() and Path(marker.read_text().strip()).is_dir():
-        log(f"[mutant] {mutant.name}: built before, {marker.read_text().strip()}")
-        return Path(marker.read_text().strip())
+    marker = home / "dist.path"  # the dist tree under home: the cache may move (a CI container's)
+    if marker.is_file() and (home / marker.read_text().strip()).is_dir():
+        log(f"[mutant] {mutant.name}: built before, {home / marker.read_text().strip()}")
+        return home / marker.read_text().strip()
     tree = cache / "mutants" / "work" / mutant.name
     checkout(src, commit, tree)
     try:
@@ -188,7 +188,7 @@ def build(mutant: Mutant, src: Path, cache: Path, jobs: int, log=print) -> Path:
         dist = build_xen(tree, home, jobs, kconfig=parse_kconfig(list(mutant.kconfig)))
     finally:
         remove_worktree(src, tree)
-    marker.write_text(f"{dist}\n")
+    marker.write_text(f"{dist.relative_to(home)}\n")
     return dist
 
 
@@ -306,9 +306,16 @@ def _cmd_mutant(args: argparse.Namespace) -> int:
     if not args.dist and not args.xen_src:
         raise MutantError("give --xen-src SRC (a Xen git checkout or bare repository with the base tag) "
                           "or --dist DIR (an already built mutant)")
+    if args.build_only and not args.xen_src:
+        raise MutantError("--build-only builds from --xen-src SRC")
     if args.dist and len(chosen) != 1:
         raise MutantError("--dist is one mutant's build: name exactly one mutant")
     cfg = _config(args)
+    if args.build_only:
+        src, cache = Path(args.xen_src).resolve(), cfg.resolved_cache_dir()
+        for mutant in chosen:
+            print(f"{mutant.name}: {build(mutant, src, cache, args.jobs)}", flush=True)
+        return 0
     artifacts = cfg.artifacts_dir.resolve()
     rows = []
     for mutant in chosen:
@@ -331,6 +338,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="run every mutant")
     p.add_argument("--xen-src", metavar="SRC", help="a Xen git checkout (or bare repo) holding the base tag")
     p.add_argument("--dist", metavar="DIR", help="skip the build: this dist tree is the mutant's")
+    p.add_argument("--build-only", action="store_true",
+                   help="build the mutants into the cache and stop (a later run reuses the builds)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--mutants-dir", default=str(MUTANTS_DIR), metavar="DIR")
     p.add_argument("--mutant-config", default=str(MUTANT_CONFIG), metavar="YAML",

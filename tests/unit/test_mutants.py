@@ -178,13 +178,31 @@ def test_a_built_mutant_is_not_built_again(tmp_path, src, monkeypatch):
     m = parse_header(HEADER + DIFF, patch_file(tmp_path, HEADER + DIFF))
     home = tmp_path / "cache" / "mutants" / f"m1-{m.key(mutants.base_commit(src, 'v1'))}"
     (home / "builds" / "xen-1").mkdir(parents=True)
-    (home / "dist.path").write_text(f"{home / 'builds' / 'xen-1'}\n")
+    (home / "dist.path").write_text("builds/xen-1\n")  # relative: the cache may have moved
 
     def no_build(*a, **k):
         raise AssertionError("built again")
 
     monkeypatch.setattr(mutants, "build_xen", no_build)
     assert mutants.build(m, src, tmp_path / "cache", 1, log=lambda s: None) == home / "builds" / "xen-1"
+
+
+def test_build_applies_the_patch_at_the_base_and_keeps_the_dist(tmp_path, src, monkeypatch):
+    """The compile itself (make dist, minutes) is replaced; what it is handed is checked."""
+    m = parse_header(HEADER + DIFF, patch_file(tmp_path, HEADER + DIFF))
+    seen = {}
+
+    def make_dist(tree, home, jobs, kconfig):
+        seen.update(source=(tree / "f.c").read_text(), kconfig=kconfig, tree=tree)
+        (home / "builds" / "xen-1").mkdir(parents=True)
+        return home / "builds" / "xen-1"
+
+    monkeypatch.setattr(mutants, "build_xen", make_dist)
+    dist = mutants.build(m, src, tmp_path / "cache", 1, log=lambda s: None)
+    assert seen["source"] == "int a;\nint b = 1;\nint c;\n"
+    assert seen["kconfig"] == {"CONFIG_SHADOW_PAGING": "y", "CONFIG_X": "n"}
+    assert not seen["tree"].exists(), "the worktree is removed after the build"
+    assert dist.is_dir() and (dist.parent.parent / "dist.path").read_text() == "builds/xen-1\n"
 
 
 def test_the_workload_goes_into_the_run_config(tmp_path):
