@@ -333,7 +333,8 @@ def _cmd_mutant(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mutant", help="list the Xen mutants, or build one (or --all) and run the checks "
                        "that must catch it")
-    p.add_argument("action", choices=["list", "run"])
+    p.add_argument("action", nargs="?", choices=["list", "run"], default="list",
+                   help="list (the default) or run")
     p.add_argument("names", nargs="*", metavar="NAME", help="mutants to run (mutants/NAME.patch)")
     p.add_argument("--all", action="store_true", help="run every mutant")
     p.add_argument("--xen-src", metavar="SRC", help="a Xen git checkout (or bare repo) holding the base tag")

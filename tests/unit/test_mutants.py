@@ -220,7 +220,9 @@ def test_the_workload_goes_into_the_run_config(tmp_path):
 
 def test_list_and_a_run_without_a_name_through_the_cli(capsys):
     assert cli.main(["mutant", "list"]) == 0
-    assert "logdirty-2m-tail" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "logdirty-2m-tail" in listed
+    assert cli.main(["mutant"]) == 0 and capsys.readouterr().out == listed  # list is the default
     assert cli.main(["mutant", "run", "--xen-src", "/nonexistent"]) == 2
     assert "name a mutant" in capsys.readouterr().err
     assert cli.main(["mutant", "run", "nope", "--dist", "/x"]) == 2
