@@ -64,6 +64,7 @@ class Evidence:
     reruns_left: bool = True
     budget: str = ""  # "N of CAP this run": the reruns taken, for the reader
     strict: bool = False  # passed after an emulator fault fails (--strict-emulator)
+    found: str = ""  # harness.verdict.found: failures established on a live guest
 
     def kinds(self, death: Death | None = None) -> dict[str, str]:
         """Every kind of evidence of this attempt, a death's own on top."""
@@ -92,6 +93,8 @@ class Outcome:
 
 def judge(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
     """The outcome of one attempt of one check."""
+    if ev.found:
+        return _found(ev)
     if ev.death is not None:
         return _death(ev, facts, issues)
     if ev.lost is not None and ev.outcome in ("failed", "xfailed"):
@@ -101,6 +104,17 @@ def judge(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
     if ev.outcome == "passed":
         return _passed(ev, facts, issues)
     return Outcome(KEEP)
+
+
+def _found(ev: Evidence) -> Outcome:
+    """What the check established on a live guest fails it, whatever came after: a death that
+    followed is recorded, never the reason (no rerun, no expected failure)."""
+    after = ""
+    if ev.death is not None:
+        after = (f"\n\n{ev.death.name} died afterwards ({ev.death.detail}); that does not undo what was "
+                 f"read from it alive.\n{evidence_text(ev.death.evidence)}")
+    return Outcome(FAILED, message=f"{ev.found}{after}\n\ncheck's own result:\n{ev.failure}",
+                   death_action=(FAILED, None) if ev.death is not None else None)
 
 
 def judge_setup_loss(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:

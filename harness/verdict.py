@@ -133,6 +133,18 @@ def add_evidence(node: pytest.Item, kind: str, text: str) -> None:
         node.stash.setdefault(EVIDENCE_KEY, {}).setdefault(kind, []).append(text)
 
 
+FOUND_KEY = pytest.StashKey[list]()
+
+
+def found(node: pytest.Item, text: str) -> None:
+    """A failure this check established while its guest was alive and the domain it was
+    given (dirty pages read wrong from a paused guest, say): it stands whatever befalls the
+    guest afterwards, so a later death (an emulator fault or not) cannot turn it into a
+    rerun or an expected failure."""
+    if text:
+        node.stash.setdefault(FOUND_KEY, []).append(text)
+
+
 def show(node: pytest.Item, title: str, text: str) -> None:
     """Context for the reader of a failure (a host-wide ``xl dmesg`` tail, say): shown in
     its report, never matched by any signature."""
@@ -231,7 +243,7 @@ class VerdictPlugin:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Any:
         state_of(item).setup_from = len(incidents.INCIDENTS)
-        item.stash[EVIDENCE_KEY], item.stash[SHOWN_KEY] = {}, []  # this attempt's own
+        item.stash[EVIDENCE_KEY], item.stash[SHOWN_KEY], item.stash[FOUND_KEY] = {}, [], []  # this attempt's
         return (yield)
 
     @pytest.hookimpl(wrapper=True)
@@ -267,6 +279,7 @@ class VerdictPlugin:
         return Evidence(
             check=check_id(item), guest_type=guest_type_of(item), outcome=outcome,
             failure=_text(report) if report.failed else "", extra=extra,
+            found="\n".join(item.stash.get(FOUND_KEY, [])),
             death=_as_death(deaths[0]) if deaths else None,
             lost=_as_death(lost) if lost is not None else None,
             attempt=state.attempt, first_fault=state.fault, reruns_left=len(self.reruns) < self.cap,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from types import SimpleNamespace
 
 from harness.remote import CommandResult
 from harness.xen import created_domid, follow_domid
@@ -167,16 +169,58 @@ def test_the_dirty_check_unpauses_the_guest_even_when_the_agent_fails(tmp_path):
 
     frames = migration.dirty_pages.DirtyFrames(NONCE16, [1, 2], 3)
     spec = type("S", (), {"dirty_mb": 64, "dirty_pct": 10})()
-    guest = type("G", (), {"name": "nx-mig-pv-256", "xl": Xl(), "domid": 5, "spec": spec, "type": "pv",
+    guest = type("G", (), {"name": "nx-mig-pvh-256", "xl": Xl(), "domid": 5, "spec": spec, "type": "pvh",
                            "dirty_frames": frames, "resolve_mfns": lambda self, p2m: p2m(self.domid, [])})()
     holder: dict = {}
     import pytest
 
+    node = SimpleNamespace(stash={})
     with pytest.raises(AgentError):
-        migration.check_dirty_then_unpause(guest, BrokenAgent(), holder)
-    assert guest.domid == 12 and "xl unpause nx-mig-pv-256" in remote.commands[-1]
+        migration.check_dirty_then_unpause(guest, BrokenAgent(), holder, node)
+    assert guest.domid == 12 and "xl unpause nx-mig-pvh-256" in remote.commands[-1]
     assert holder["unpaused_ns"] > 1_500_000_000 * 10**9 and "dirty" not in holder
     assert migration.has_dirty(guest)
+
+
+def test_a_restored_pv_guest_runs_until_its_p2m_reads_then_is_checked_paused(tmp_path, monkeypatch):
+    """A PV guest's p2m is its own and reads only once it ran after the restore (seen on
+    bookworm: xen-mfndump "Bad mfn 0 during page table walk" on the paused domain): it is
+    unpaused, polled, paused again for the check, then unpaused; its downtime ends when it
+    first ran."""
+    from harness.agent.client import AgentError
+
+    remote = ShellRemote(tmp_path)
+    calls = []
+    fake_bin = tmp_path / "bin"  # dom0's xl, at the SSH boundary
+    fake_bin.mkdir()
+    (fake_bin / "xl").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "xl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+
+    class Xl:
+        def __init__(self):
+            self.remote = remote
+
+        def domid(self, name):
+            return 12
+
+    class SlowAgent:
+        def p2m(self, domid, pfns):
+            calls.append(pfns)
+            if len(calls) < 3:
+                raise AgentError("xc: error: Bad mfn 0 during page table walk")
+            return {pfn: 0x1000 + pfn for pfn in pfns}
+
+    monkeypatch.setattr(migration.dirty_pages, "scan", lambda guest, agent: SimpleNamespace(ok=True))
+    spec = type("S", (), {"dirty_mb": 64, "dirty_pct": 10})()
+    guest = type("G", (), {"name": "nx-mig-pv-256", "xl": Xl(), "domid": 5, "spec": spec, "type": "pv",
+                           "pages": [SimpleNamespace(pfn=0x100)]})()
+    holder: dict = {}
+    migration.check_dirty_then_unpause(guest, SlowAgent(), holder, SimpleNamespace(stash={}))
+    xl = [c for c in remote.commands if "xl " in c]
+    assert ["unpause" in xl[0], "xl pause" in xl[1], "unpause" in xl[2]] == [True, True, True], xl
+    assert len(calls) == 3 and holder["pv_p2m_window_s"] >= 0.4
+    assert holder["unpaused_ns"] > 1_500_000_000 * 10**9
 
 
 NONCE16 = "ab" * 16
