@@ -12,10 +12,13 @@ hold g - 1. A page that was not re-sent by a migration holds an older generation
 
 from __future__ import annotations
 
+import shlex
+import time
 from dataclasses import dataclass, field
 
 from .agent.dirty_client import PageStamp
 from .probe_report import ProbeReport
+from .timeouts import XL_PAUSE_S
 
 MAX_LISTED = 20  # pages named in a failure; the rest are counted
 
@@ -192,3 +195,34 @@ def stale_target(verdict: DirtyVerdict) -> tuple[int, int, int]:
         return index, g - 1, g - 2  # after the cursor: g - 1
     raise AssertionError(f"the dirty workload wrote too little to stage an older page "
                          f"(generation {g}, cursor {c} of {n} pages)")
+
+
+# How long a restored PV guest may run before its p2m reads (it sets it early in resume).
+PV_P2M_WAIT_S = 30.0
+
+
+def let_pv_guest_publish_its_p2m(guest, agent, holder: dict) -> int:
+    """A PV guest's pfn -> MFN table is the guest's own (its linear p2m, found through
+    ``p2m_cr3``, which a restored domain sets again only when it runs: before that
+    xen-mfndump fails "Bad mfn 0 during page table walk"). So a PV guest is let run until its
+    p2m reads, then paused again for the check; pages it rewrites in that window are not
+    checked as delivered (``pv_p2m_window_s`` says how long it ran). Returns when it first ran
+    (dom0's clock, ns): the operation's downtime ends there."""
+    name = shlex.quote(guest.name)
+    out = guest.xl.remote.run(f"date +%s.%N; xl unpause {name}", timeout=XL_PAUSE_S)
+    assert out.rc == 0, f"xl unpause {guest.name} failed: {out.stdout}{out.stderr}"
+    started, deadline = time.monotonic(), time.monotonic() + PV_P2M_WAIT_S
+    try:
+        while True:
+            try:
+                agent.p2m(guest.domid, [guest.pages[0].pfn])
+                break
+            except Exception:  # noqa: BLE001 - not published yet: the deadline decides
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        paused = guest.xl.remote.run(f"xl pause {name}", timeout=XL_PAUSE_S)
+        assert paused.rc == 0, f"xl pause {guest.name} failed: {paused.stdout}{paused.stderr}"
+        holder["pv_p2m_window_s"] = round(time.monotonic() - started, 2)
+    return int(float(out.stdout.split()[0]) * 1e9)

@@ -94,10 +94,6 @@ def mig_guest(request, _mig_guest, agent, nx_config):
     return _mig_guest
 
 
-# How long a restored PV guest may run before its p2m reads (it sets it early in resume).
-PV_P2M_WAIT_S = 30.0
-
-
 def has_dirty(guest) -> bool:
     """A dirty workload: the operation leaves the guest paused and its dirty buffer is checked."""
     return bool(guest.spec.dirty_mb and guest.spec.dirty_pct)
@@ -111,40 +107,13 @@ def check_dirty_then_unpause(guest, agent, holder: dict, node) -> None:
     try:
         guest.domid = guest.xl.domid(guest.name)
         if guest.type == "pv":
-            first_run_ns = let_pv_guest_publish_its_p2m(guest, agent, holder)
+            first_run_ns = dirty_pages.let_pv_guest_publish_its_p2m(guest, agent, holder)
         holder["dirty"] = dirty_pages.scan(guest, agent)
         if not holder["dirty"].ok:  # seen on a live guest: it stands, whatever befalls the guest next
             found(node, holder["dirty"].message(None))
     finally:
         out = guest.xl.remote.run(f"date +%s.%N; xl unpause {shlex.quote(guest.name)}", timeout=XL_PAUSE_S)
         holder["unpaused_ns"] = first_run_ns or int(float(out.stdout.split()[0]) * 1e9)
-
-
-def let_pv_guest_publish_its_p2m(guest, agent, holder: dict) -> int:
-    """A PV guest's pfn -> MFN table is the guest's own (its linear p2m, found through
-    ``p2m_cr3``, which a restored domain sets again only when it runs: before that
-    xen-mfndump fails "Bad mfn 0 during page table walk"). So a PV guest is let run until its
-    p2m reads, then paused again for the check; pages it rewrites in that window are not
-    checked as delivered (``pv_p2m_window_s`` says how long it ran). Returns when it first ran
-    (dom0's clock, ns): the operation's downtime ends there."""
-    name = shlex.quote(guest.name)
-    out = guest.xl.remote.run(f"date +%s.%N; xl unpause {name}", timeout=XL_PAUSE_S)
-    assert out.rc == 0, f"xl unpause {guest.name} failed: {out.stdout}{out.stderr}"
-    started, deadline = time.monotonic(), time.monotonic() + PV_P2M_WAIT_S
-    try:
-        while True:
-            try:
-                agent.p2m(guest.domid, [guest.pages[0].pfn])
-                break
-            except Exception:  # noqa: BLE001 - not published yet: the deadline decides
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    finally:
-        paused = guest.xl.remote.run(f"xl pause {name}", timeout=XL_PAUSE_S)
-        assert paused.rc == 0, f"xl pause {guest.name} failed: {paused.stdout}{paused.stderr}"
-        holder["pv_p2m_window_s"] = round(time.monotonic() - started, 2)
-    return int(float(out.stdout.split()[0]) * 1e9)
 
 
 def apply_dirty(rec: Record, verdict, pv_window_s: float | None = None) -> None:
@@ -273,6 +242,13 @@ def test_negative_control_corruption_is_detected(mig_guest, agent):
     finally:
         page.sha256 = original
     assert len(bad) == 1 and "page   0" in bad[0], bad
+
+
+@pytest.fixture
+def two_host_wanted(mig_guest, nx_config) -> None:
+    """Before the peer L1 is restored (``peer_host``, after this in the check's arguments):
+    skip a guest type the run config does not migrate between hosts (it cost a peer each)."""
+    _wanted(mig_guest, nx_config.migration.two_host_guest_types, "two_host_guest_types")
 
 
 def _wanted(guest, types: tuple[str, ...], key: str) -> None:
@@ -454,14 +430,13 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
 
 
 @check(guest_caps=LIVE_MIGRATION_CAPS)
-def test_two_host_migration(mig_guest, xen_host, peer_host, agent, metrics, nx_config, record_property,
-                            request):
+def test_two_host_migration(two_host_wanted, mig_guest, xen_host, peer_host, agent, metrics, nx_config,
+                            record_property, request):
     """Migrate the guest to a second L1 over a private link and back, ``repeats`` times."""
     from harness.agent.client import Agent
     from harness.host import LINK_NET
 
     mig = nx_config.migration
-    _wanted(mig_guest, mig.two_host_guest_types, "two_host_guest_types")
     agents = {xen_host.name: agent, peer_host.name: Agent(peer_host.remote.as_runner())}
     install_stream_tool(peer_host)
     here, there = (xen_host, f"{LINK_NET}.1"), (peer_host, f"{LINK_NET}.2")
