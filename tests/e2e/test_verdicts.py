@@ -116,7 +116,8 @@ def test_a_guest_dying_during_checks_is_an_incident_rerun_or_failed(tmp_path: Pa
 
 
 # Injected into the inner run: the receiving side of every `xl migrate` is killed a few
-# seconds into the stream (SIGKILL to `xl migrate-receive`, as a crashed or hung receiver).
+# seconds into the stream (SIGKILL to `xl migrate-receive` and its restore helper, as a
+# crashed receiver).
 RECEIVER_KILLER = '''
 import sys
 import threading
@@ -134,7 +135,10 @@ def pytest_collection_finish(session):
         def kill():
             time.sleep(3.0)
             while not done.is_set():
-                if dst.run("pkill -KILL -f '[m]igrate-receive'", timeout=60).rc == 0:
+                # xl and its restore helper (which holds the stream): a dead receiver. Killing xl
+                # alone leaves libxl-save-helper reading the stream, and the sender waits on.
+                if dst.run("pkill -KILL -f '[m]igrate-receive|[l]ibxl-save-helper --restore'",
+                           timeout=60).rc == 0:
                     print("nx-e2e: killed the migration receiver", flush=True)
                     return
                 time.sleep(0.5)
