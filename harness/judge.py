@@ -159,7 +159,7 @@ def _failed(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
     if suspect is not None:
         return Outcome(FAILED, message=f"{suspect}; known issue considered: {entry.label()}\n\n"
                                        f"check's own result:\n{ev.failure}", entry=entry)
-    return Outcome(EXPECTED, reason=entry.describe(), entry=entry)
+    return Outcome(EXPECTED, reason=_seen(entry, ev.kinds()), entry=entry)
 
 
 def _lost(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
@@ -169,7 +169,7 @@ def _lost(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
                        lost_action=(EXPECTED, None))
     decision = decide(issues, ev.check, ev.guest_type, facts, ev.kinds())
     if decision.matched is not None:
-        return Outcome(EXPECTED, reason=decision.matched.describe(), entry=decision.matched,
+        return Outcome(EXPECTED, reason=_seen(decision.matched, ev.kinds()), entry=decision.matched,
                        lost_action=(EXPECTED, decision.matched.label()))
     fault = decide(issues, HOST_DEATH, None, facts, ev.lost.evidence).matched
     if fault is not None:
@@ -209,8 +209,15 @@ def _death(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
     if suspect is not None:
         return Outcome(FAILED, message=f"{told}\n{why} [{label}]: {suspect}", entry=entry, fault=label,
                        death_action=(FAILED, label))
-    return Outcome(EXPECTED, reason=f"{why} [{label}]: {entry.describe()}", entry=entry, fault=label,
+    return Outcome(EXPECTED, reason=f"{why} [{label}]: {_seen(entry, ev.kinds(death))}", entry=entry,
+                   fault=label,
                    death_action=(EXPECTED, label))
+
+
+def _seen(entry: KnownIssue, evidence: dict[str, str]) -> str:
+    """An expected failure's reason: the entry, and where its signature was seen."""
+    where = entry.matched_line(evidence)
+    return f"{entry.describe()}; seen in {where}" if where else entry.describe()
 
 
 def _host_reason(lost: Death, fault: KnownIssue, during: str) -> str:

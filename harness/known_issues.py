@@ -132,6 +132,17 @@ class KnownIssue:
             return True
         return any(self.signature.search(evidence.get(kind) or "") for kind in self.evidence)
 
+    def matched_line(self, evidence: dict[str, str]) -> str:
+        """Where the signature was seen: ``kind: the line`` (for the reader of an expected failure)."""
+        if self.signature is None:
+            return ""
+        for kind in self.evidence:
+            for line in (evidence.get(kind) or "").splitlines():
+                if self.signature.search(line):
+                    return f"{kind}: {line.strip()[:240]}"
+        found = next((k for k in self.evidence if self.signature.search(evidence.get(k) or "")), None)
+        return f"{found}: (across lines)" if found else ""
+
     def label(self) -> str:
         """How reports name the entry: its check, scope and signature."""
         scope = ",".join(self.guests) if self.guests else "any guest"
