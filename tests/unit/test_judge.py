@@ -129,6 +129,11 @@ ROWS = [
     # issue 31: the device model's own sentence, matched on its log only, scoped to its version
     pytest.param(Evidence(TRANSLATION, "hvm", "failed", failure=LIBXL_DM, extra={"device-model": QEMU_DM_LOG}),
                  TESTING, EXPECTED, "incoming fd:<n>", id="issue31-dm-log-with-the-repositorys-entry"),
+    # measured on testing: `xl save` took the domain away and the restore failed, so the guest is
+    # "gone": the strict entry decides at once (no rerun: it is not the emulator's chance)
+    pytest.param(Evidence(SAVE_RESTORE, "hvm", "failed", failure=LIBXL_DM, extra={"device-model": QEMU_DM_LOG},
+                          death=guest_death("", kind="hvm")), TESTING, EXPECTED, "device-model: xen-qemu-system-i386",
+                 id="issue31-restore-failure-leaves-no-domain-no-rerun"),
     pytest.param(Evidence(TRANSLATION, "hvm", "failed", failure=f"{LIBXL_DM}\n{QEMU_DM_LOG}"),
                  TESTING, KEEP, "considered", id="issue31-dm-sentence-outside-the-dm-log-is-not-evidence"),
     pytest.param(Evidence(TRANSLATION, "hvm", "failed", failure=LIBXL_DM, extra={"device-model": QEMU_DM_LOG}),
