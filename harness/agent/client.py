@@ -30,7 +30,7 @@ from .. import timeouts as t
 # Where dom0 keeps the agent zipapp (harness/agent/build.py builds it); REMOTE_AGENT_PATH is
 # this module's name for it, which callers import.
 from ..dom0_layout import AGENT_PATH as REMOTE_AGENT_PATH
-from .dirty_client import DirtyCommands, DirtyScan, PageStamp  # noqa: F401 - part of the client's API
+from .dirty_client import ChildAnswer, DirtyCommands, DirtyScan, PageStamp  # noqa: F401 - part of the client's API
 
 # The protocol's constants come from the agent itself (stdlib only, importable here),
 # not from a copy that could drift from what dom0 runs.
@@ -139,7 +139,7 @@ def _int_keys(mapping: dict[str, Any] | None) -> dict[int, list[int]]:
 
 
 @dataclass
-class M2PResult:
+class M2PResult(ChildAnswer):
     """The answer of m2p: which MFNs' machine-to-phys entries hold each requested gfn.
 
     The M2P does not say which domain owns an MFN, so a gfn has one candidate per
@@ -207,14 +207,6 @@ class M2PResult:
     @property
     def complete(self) -> bool:
         return self.raw.get("complete") is True
-
-    @property
-    def crashed(self) -> dict[str, Any] | None:
-        return self.raw.get("crashed")
-
-    @property
-    def timed_out(self) -> bool:
-        return bool(self.raw.get("timed_out", False))
 
 
 def map_request(

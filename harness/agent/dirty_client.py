@@ -11,6 +11,21 @@ from typing import Any
 from .. import timeouts as t
 
 
+class ChildAnswer:
+    """An agent answer from a command run in a child process (``raw``: its JSON): whether
+    that child crashed or timed out. Shared by the client's answers (M2PResult, DirtyScan)."""
+
+    raw: dict[str, Any]
+
+    @property
+    def crashed(self) -> dict[str, Any] | None:
+        return self.raw.get("crashed")
+
+    @property
+    def timed_out(self) -> bool:
+        return bool(self.raw.get("timed_out", False))
+
+
 @dataclass(frozen=True)
 class PageStamp:
     """One dirty-buffer frame as dom0 found it: the mapping error (0: mapped) and, if it
@@ -27,7 +42,7 @@ class PageStamp:
 
 
 @dataclass
-class DirtyScan:
+class DirtyScan(ChildAnswer):
     """dirty_scan's answer, runs expanded to one :class:`PageStamp` per requested frame."""
 
     pages: list[PageStamp]
@@ -46,14 +61,6 @@ class DirtyScan:
         # a frame no run covers (the child died before it): unknown, never "fine"
         pages = [s if s is not None else PageStamp(frames[i], None) for i, s in enumerate(slots)]
         return cls(pages, d.get("cursor"), d)
-
-    @property
-    def crashed(self) -> dict[str, Any] | None:
-        return self.raw.get("crashed")
-
-    @property
-    def timed_out(self) -> bool:
-        return bool(self.raw.get("timed_out", False))
 
 
 class DirtyCommands:
