@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +33,20 @@ def _no_incidents_left() -> Iterator[None]:
     yield
     incidents.clear()
     incidents.set_classifier(None)
+
+
+@pytest.fixture(scope="session")
+def probe_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The guest probe (images/guests/probe.c) compiled as the payload builds it."""
+    from harness.guest_payload import PROBE_SOURCE, GuestPayloadError, compile_probe
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    out = tmp_path_factory.mktemp("probe") / "probe"
+    try:
+        compile_probe(PROBE_SOURCE, out)
+    except GuestPayloadError as exc:
+        if "cannot find -lc" in str(exc):
+            pytest.skip("static libc missing (apt-get install libc6-dev)")
+        raise
+    return out

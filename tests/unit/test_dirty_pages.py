@@ -10,7 +10,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -21,7 +20,6 @@ from harness.agent import nxagent
 from harness.agent.client import Agent, DirtyScan, PageStamp
 from harness.agent.nxagent.dirty import page_bytes, parse_cursor, parse_page
 from harness.dirty_pages import DirtyFrames, check_dirty, position, stale_target
-from harness.guest_payload import PROBE_SOURCE, GuestPayloadError, compile_probe
 from harness.metrics import Record, excise_pause
 from harness.probe_report import (
     ProbePage,
@@ -41,18 +39,6 @@ N = 64  # buffer pages in the synthetic snapshots
 # ------------------------------------------------------------------ the probe
 
 
-@pytest.fixture(scope="module")
-def probe_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    out = tmp_path_factory.mktemp("probe") / "probe"
-    try:
-        compile_probe(PROBE_SOURCE, out)
-    except GuestPayloadError as exc:
-        if "cannot find -lc" in str(exc):
-            pytest.skip("static libc missing (apt-get install libc6-dev)")
-        raise
-    return out
 
 
 def run_probe(probe: Path, *args: str) -> tuple[str, bytes]:

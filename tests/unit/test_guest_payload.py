@@ -225,18 +225,6 @@ def test_compile_probe_failure_includes_stderr(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the probe itself
 
 
-@pytest.fixture(scope="module")
-def probe_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    out = tmp_path_factory.mktemp("probe") / "probe"
-    try:
-        compile_probe(PROBE_SOURCE, out)
-    except GuestPayloadError as exc:
-        if "cannot find -lc" in str(exc):
-            pytest.skip("static libc missing (apt-get install libc6-dev)")
-        raise
-    return out
 
 
 def read_until(proc: subprocess.Popen[bytes], done: str, timeout: float = 20.0) -> str:

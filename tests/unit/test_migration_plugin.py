@@ -151,17 +151,16 @@ def test_a_dirty_workload_leaves_the_migrated_guest_paused_with_p(tmp_path):
     assert not any(" -p " in c for c in plain.commands)
 
 
+def dom0_xl(remote) -> SimpleNamespace:
+    """dom0's xl as the dirty check uses it: its remote, and `xl domid` answering 12 (the
+    domid after the operation)."""
+    return SimpleNamespace(remote=remote, domid=lambda name: 12)
+
+
 def test_the_dirty_check_unpauses_the_guest_even_when_the_agent_fails(tmp_path):
     from harness.agent.client import AgentError
 
     remote = ShellRemote(tmp_path)
-
-    class Xl:
-        def __init__(self):
-            self.remote = remote
-
-        def domid(self, name):
-            return 12
 
     class BrokenAgent:
         def p2m(self, domid, pfns):
@@ -169,7 +168,8 @@ def test_the_dirty_check_unpauses_the_guest_even_when_the_agent_fails(tmp_path):
 
     frames = migration.dirty_pages.DirtyFrames(NONCE16, [1, 2], 3)
     spec = type("S", (), {"dirty_mb": 64, "dirty_pct": 10})()
-    guest = type("G", (), {"name": "nx-mig-pvh-256", "xl": Xl(), "domid": 5, "spec": spec, "type": "pvh",
+    guest = type("G", (), {"name": "nx-mig-pvh-256", "xl": dom0_xl(remote), "domid": 5, "spec": spec,
+                           "type": "pvh",
                            "dirty_frames": frames, "resolve_mfns": lambda self, p2m: p2m(self.domid, [])})()
     holder: dict = {}
     import pytest
@@ -197,13 +197,6 @@ def test_a_restored_pv_guest_runs_until_its_p2m_reads_then_is_checked_paused(tmp
     (fake_bin / "xl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
 
-    class Xl:
-        def __init__(self):
-            self.remote = remote
-
-        def domid(self, name):
-            return 12
-
     class SlowAgent:
         def p2m(self, domid, pfns):
             calls.append(pfns)
@@ -213,7 +206,8 @@ def test_a_restored_pv_guest_runs_until_its_p2m_reads_then_is_checked_paused(tmp
 
     monkeypatch.setattr(migration.dirty_pages, "scan", lambda guest, agent: SimpleNamespace(ok=True))
     spec = type("S", (), {"dirty_mb": 64, "dirty_pct": 10})()
-    guest = type("G", (), {"name": "nx-mig-pv-256", "xl": Xl(), "domid": 5, "spec": spec, "type": "pv",
+    guest = type("G", (), {"name": "nx-mig-pv-256", "xl": dom0_xl(remote), "domid": 5, "spec": spec,
+                           "type": "pv",
                            "pages": [SimpleNamespace(pfn=0x100)]})()
     holder: dict = {}
     migration.check_dirty_then_unpause(guest, SlowAgent(), holder, SimpleNamespace(stash={}))

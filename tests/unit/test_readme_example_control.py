@@ -6,33 +6,19 @@ is the template itself, run with a fake agent (the real MapResult); nothing else
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import types
 from types import SimpleNamespace
 
 import pytest
 
-from harness.agent.client import MapResult
 from harness.guests import ProbePageInfo
 from harness.scaffold import TEMPLATE
+from tests.unit.test_plugin_controls import MemoryAgent  # the real MapResult over a fake memory
 
 
 def _sha(index: int) -> str:
     return hashlib.sha256(bytes([index]) * 4096).hexdigest()
-
-
-class MemoryAgent:
-    """Maps a frame of ``memory`` (frame -> sha256); any other frame answers -EINVAL."""
-
-    def __init__(self, memory: dict[int, str]) -> None:
-        self.memory = memory
-
-    def map_foreign(self, domid, frames, want="sha256"):
-        shas = [self.memory.get(f) for f in frames]
-        pages = [{"frame": f, "sha256": s} for f, s in zip(frames, shas, strict=True)]
-        return MapResult.from_json({"ok": True, "call": "mmapbatch_v2", "rc": 0, "pages": pages,
-                                    "errors": [0 if s else -errno.EINVAL for s in shas]})
 
 
 def _template() -> types.ModuleType:
