@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .known_issues import GUEST_DEATH, HOST_DEATH, KnownIssue, chance, decide
+from .known_issues import GUEST_DEATH, HOST_DEATH, KnownIssue, chance, decide, match
 
 PASSED = "passed"
 PASSED_AFTER_FAULT = "passed after emulator fault"
@@ -131,7 +131,7 @@ def judge_setup_loss(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outc
 
 
 def _passed(ev: Evidence, facts: Any, issues: list[KnownIssue]) -> Outcome:
-    entry = next((i for i in issues if i.applies(ev.check, ev.guest_type, facts)), None)
+    entry = match(issues, ev.check, ev.guest_type, facts)
     if entry is not None and not entry.flaky:
         return Outcome(FAILED, message=f"[XPASS(strict)] {entry.describe()} -- the check passed: remove "
                                        "the entry from known_issues.yaml", entry=entry)
