@@ -67,6 +67,18 @@ class MigrationConfig:
     max_downtime_s: float | None = None
 
 
+# How PVH and HVM guests' memory is translated: "hap" (Xen's default: EPT/NPT, emulated
+# under TCG) or "shadow" (the xl config's `hap = 0`: Xen's shadow page tables).
+PAGING_MODES = ("hap", "shadow")
+
+
+@dataclass(frozen=True)
+class GuestsConfig:
+    """How the run's L2 guests are created (`guests:` in the run config)."""
+
+    paging: str = "hap"  # a PAGING_MODES entry, for PVH and HVM guests (PV has neither)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, after merging YAML and command-line options."""
@@ -95,6 +107,7 @@ class RunConfig:
     # Your own Xen / kernel / device model over every host image's recipe (harness/inputs.py).
     inputs: Inputs = field(default_factory=Inputs)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    guests: GuestsConfig = field(default_factory=GuestsConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     source: str = "<defaults>"
 
@@ -233,6 +246,12 @@ def _convert_run_key(source: str, key: str, value: Any) -> Any:
             raise ConfigError(str(exc)) from None
     if key == "migration":
         return _migration(source, _typed(source, key, value, dict))
+    if key == "guests":
+        items = _typed(source, key, value, dict)
+        _check_keys(source, items, {f.name for f in dataclasses.fields(GuestsConfig)}, where="guests: ")
+        paging = _typed(source, "guests.paging", items.get("paging", "hap"), str)
+        _choice(source, "guests.paging (hap: EPT/NPT; shadow: the xl config's hap = 0)", paging, PAGING_MODES)
+        return GuestsConfig(paging=paging)
     if key == "timeouts":
         items = _typed(source, key, value, dict)
         allowed = {f.name for f in dataclasses.fields(Timeouts)}
