@@ -185,6 +185,7 @@ class XenBuilder:
     def _checkout(self, commit: str) -> bool:
         """The worktree at ``commit`` (made once); whether ./configure must run again."""
         if not (self.tree / ".git").exists():
+            subprocess.run(["rm", "-rf", str(self.tree)], check=False)  # a half-made one
             self.tree.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["git", "worktree", "prune"], cwd=self.src, capture_output=True)
             git(self.src, "worktree", "add", "--detach", "--force", str(self.tree), commit)
@@ -212,9 +213,9 @@ class PytestRunner:
                 *(["-p", "harness.bisect_fault"] if forced else []), "--nx-config", str(self.config),
                 "--known-issues", str(known), "--artifacts-dir", str(out), *self.extra]
 
-    def collect(self) -> list[str]:
+    def collect(self, out: Path) -> list[str]:
         """The node ids the selection collects (no host is booted); BisectError if none."""
-        cmd = [*self.command(Path("artifacts"), self.known_issues, False), "--collect-only", "-q"]
+        cmd = [a for a in self.command(out, self.known_issues, False) if a != "-v"] + ["--collect-only", "-q"]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                              env={**os.environ, "XEN_DIST": os.environ.get("XEN_DIST", "/nonexistent")})
         ids = [ln for ln in out.stdout.splitlines() if "::" in ln and not ln.startswith(" ")]
@@ -236,10 +237,28 @@ class PytestRunner:
             env["NX_BISECT_FAULT_REPORT"] = str(out / "forced-fault.json")
         started = time.monotonic()
         with open(out / "pytest.log", "w") as log:
-            rc = subprocess.call(self.command(out, known, forced), cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
+            rc = wait_for(subprocess.Popen(self.command(out, known, forced), cwd=REPO, env=env, stdout=log,
+                                           stderr=subprocess.STDOUT))
         return Run(out / "results.json", rc, round(time.monotonic() - started, 1),
                    fault_note(out / "forced-fault.json") if forced else "")
+
+
+def wait_for(proc: subprocess.Popen, teardown_s: float = 300.0) -> int:
+    """The step's pytest exit status. On Ctrl-C (which pytest got too) it is let tear its
+    hosts down; a pytest still running after ``teardown_s`` is sent SIGTERM (its own
+    KeyboardInterrupt), then killed: no QEMU is left behind."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        for stop, wait in ((None, teardown_s), (proc.terminate, 120.0), (proc.kill, 30.0)):
+            if stop is not None:
+                stop()
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
 
 
 def forced_known_issues(base: Path, dest: Path) -> Path:
@@ -358,7 +377,8 @@ def _cmd_bisect(args: argparse.Namespace) -> int:
     cache_arg = options.pytest_args(lambda name: getattr(args, name, None), ("cache_dir",))
     runner = PytestRunner(Path(inputs.config), inputs.keyword, inputs.nodeids, Path(args.known_issues),
                           [*cache_arg, *args.pytest_args])
-    print(f"[bisect] the selection: {len(runner.collect())} check(s)", flush=True)
+    print(f"[bisect] the selection: {len(runner.collect(artifacts / 'bisect' / 'collect'))} check(s)",
+          flush=True)
     builder = XenBuilder(src, cache, args.jobs, inputs.kconfig)
     try:
         state, answer = bisect(src, inputs, graph, builder, runner, artifacts, resume=args.resume)

@@ -6,9 +6,10 @@ A step is GOOD only when every selected check is a plain ``passed`` (no verdict,
 emulator incident on it); BAD when at least one is a plain ``failed`` (a failure with no
 emulator fault on that check: not a rerun's, not "the same emulator fault twice"); anything
 else (passed after an emulator fault, an emulator incident, an expected failure, an XPASS,
-an error, a skip, a build or boot failure, no results.json) is UNTESTABLE this time: the
-same commit is run again (``retries``), then skipped as ``git bisect skip`` does. A run
-that collected no check at all is the user's to fix (:class:`SelectionError`).
+an error, a build or boot failure, no results.json) is UNTESTABLE this time: the
+same commit is run again (``retries``), then skipped as ``git bisect skip`` does. A skipped
+check did not run (the run config leaves out its guest type, say) and counts for neither;
+a run where no check ran at all is the user's to fix (:class:`SelectionError`).
 
 The commits between good and bad are a graph (``git rev-list --ancestry-path --parents``,
 first-parent or full): the candidates are the ancestors of the newest bad not reachable
@@ -74,15 +75,21 @@ def classify(results_json: Path, returncode: int | None = None) -> StepOutcome:
     checks = data.get("results", []) if isinstance(data, dict) else []
     if not checks:
         raise SelectionError(f"{results_json}: no check ran; fix the selection (-k or node ids)")
-    failed = [c for c in checks if is_plain(c, "failed")]
+    ran = [c for c in checks if c.get("outcome") != "skipped"]  # a skip did not run (the run config's)
+    if not ran:
+        raise SelectionError(f"{results_json}: every selected check skipped ({checks[0].get('reason', '')}); "
+                             "no check ran: fix the selection or the run config (--bisect-config)")
+    skipped = f", {len(checks) - len(ran)} skipped (not run)" if len(ran) < len(checks) else ""
+    failed = [c for c in ran if is_plain(c, "failed")]
     if failed:
         first = failed[0]
         name = first.get("check") or first["nodeid"]
         return StepOutcome(BAD, f"{name} failed: {first.get('reason', '')}"[:240],
                            "\n".join(f"{c['nodeid']}: {c.get('reason', '')}" for c in failed))
-    if all(is_plain(c, "passed") for c in checks):
-        return StepOutcome(GOOD, f"{len(checks)} passed", "\n".join(f"{c['nodeid']}: passed" for c in checks))
-    return StepOutcome(UNTESTABLE, _why_untestable(checks))
+    if all(is_plain(c, "passed") for c in ran):
+        return StepOutcome(GOOD, f"{len(ran)} passed{skipped}",
+                           "\n".join(f"{c['nodeid']}: passed" for c in ran))
+    return StepOutcome(UNTESTABLE, _why_untestable(ran))
 
 
 def _why_untestable(checks: list[dict]) -> str:

@@ -51,7 +51,9 @@ SAMPLES = {
     "passed-with-emulator-incident": [result("passed", incidents=[FAULT])],
     "xfailed": [result("xfailed", reason="known issue")],
     "xpassed": [result("xpassed")],
-    "skipped": [result("skipped", reason="no device model")],
+    "passed+skipped": [result("passed"), result("skipped", reason="hvm is not in guest_types")],
+    "failed+skipped": [result("failed", reason="boom"), result("skipped", reason="hvm")],
+    "error+skipped": [result("error", reason="boot"), result("skipped", reason="hvm")],
     "error": [result("error", reason="boot failed")],
     "passed+failed": [result("passed"), result("failed", reason="boom")],
     "failed+passed-after-fault": [
@@ -61,7 +63,8 @@ SAMPLES = {
 }
 EXPECTED = {"passed": GOOD, "failed": BAD, "passed-after-fault": UNTESTABLE, "failed-after-fault": UNTESTABLE,
             "passed-with-emulator-incident": UNTESTABLE, "xfailed": UNTESTABLE, "xpassed": UNTESTABLE,
-            "skipped": UNTESTABLE, "error": UNTESTABLE, "passed+failed": BAD,
+            "passed+skipped": GOOD, "failed+skipped": BAD, "error+skipped": UNTESTABLE,
+            "error": UNTESTABLE, "passed+failed": BAD,
             "failed+passed-after-fault": BAD, "passed+error": UNTESTABLE}
 
 
@@ -90,6 +93,9 @@ def test_a_selection_that_ran_no_check_is_the_users_to_fix(tmp_path):
         classify(tmp_path / "results.json", returncode=5)
     with pytest.raises(SelectionError, match="no check ran"):
         classify(write_results(tmp_path / "r.json", []), returncode=0)
+    with pytest.raises(SelectionError, match="every selected check skipped .no device model.; no check ran"):
+        classify(write_results(tmp_path / "s.json", [result("skipped", reason="no device model")]),
+                 returncode=0)
 
 
 # ---------------------------------------------------------------------- a real git history
@@ -385,7 +391,15 @@ def test_the_fault_plugin_resets_the_guest_once_and_reports_it(tmp_path, monkeyp
 
 def test_only_a_forced_step_loads_the_plugin_and_the_merged_known_issues(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(bisect_mod.subprocess, "call", lambda cmd, **kw: seen.append((cmd, kw["env"])) or 1)
+
+    class Proc:
+        def __init__(self, cmd, **kw):
+            seen.append((cmd, kw["env"]))
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(bisect_mod.subprocess, "Popen", Proc)
     runner = PytestRunner(Path("configs/bisect.yaml"), "save_restore", (), KNOWN_ISSUES, [])
     runner("a" * 40, Path("/dist"), tmp_path / "plain", forced=False)
     found = runner("a" * 40, Path("/dist"), tmp_path / "forced", forced=True)
@@ -406,3 +420,34 @@ def test_the_parser_takes_the_documented_command():
                               "--force-fault", "HEAD~3", "--confirm", "3", "--resume"])
     assert (args.good, args.keyword, args.force_fault, args.confirm, args.resume) == (
         "RELEASE-4.22.0", "save_restore and pv", ["HEAD~3"], 3, True)
+
+
+class Interrupted:
+    """A pytest process under Ctrl-C: the first wait is interrupted; it ends after ``ends_on``."""
+
+    def __init__(self, ends_on):
+        self.ends_on, self.calls = ends_on, []
+
+    def wait(self, timeout=None):
+        self.calls.append(("wait", timeout))
+        if timeout is None:
+            raise KeyboardInterrupt
+        if self.calls[-2:-1] and self.calls[-2][0] == self.ends_on or self.ends_on == "teardown":
+            return -2
+        raise subprocess.TimeoutExpired("pytest", timeout)
+
+    def terminate(self):
+        self.calls.append(("terminate", None))
+
+    def kill(self):
+        self.calls.append(("kill", None))
+
+
+@pytest.mark.parametrize("ends_on, stops", [("teardown", []), ("terminate", ["terminate"]),
+                                            ("kill", ["terminate", "kill"])])
+def test_ctrl_c_lets_the_steps_pytest_tear_down_before_it_is_stopped(ends_on, stops):
+    proc = Interrupted(ends_on)
+    with pytest.raises(KeyboardInterrupt):
+        bisect_mod.wait_for(proc, teardown_s=5)
+    assert [c for c, _ in proc.calls if c != "wait"] == stops
+    assert proc.calls[1] == ("wait", 5)  # pytest got the Ctrl-C too: its teardown is waited for first
