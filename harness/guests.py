@@ -14,13 +14,13 @@ import logging
 import shlex
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import dom0_layout as layout
 from . import incidents
 from . import timeouts as t
-from .config import RunConfig
+from .config import PAGING_MODES, RunConfig
 from .dirty_pages import DirtyFrames
 from .probe_report import ProbeReport, parse_probe_log
 from .remote import RemoteError
@@ -64,10 +64,12 @@ class GuestSpec:
     extra_args: str = ""
     kernel: str = layout.GUEST_KERNEL
     ramdisk: str = layout.GUEST_INITRAMFS
+    paging: str = ""  # PVH/HVM: "shadow" is `hap = 0`; "hap", or "" the host's (owned_guest: the run's)
 
     def __post_init__(self) -> None:
-        if self.type not in ("pv", "pvh", "hvm"):
-            raise ValueError(f"guest type {self.type!r}: choose pv, pvh or hvm")
+        if self.type not in ("pv", "pvh", "hvm") or self.paging not in ("", *PAGING_MODES):
+            raise ValueError(f"guest type {self.type!r} (choose pv, pvh or hvm), paging {self.paging!r} "
+                             f"(choose {' or '.join(PAGING_MODES)}, or '' for the host's)")
 
     @property
     def console_log(self) -> str:
@@ -96,6 +98,8 @@ class GuestSpec:
             'on_reboot = "destroy"',
             'on_crash = "preserve"',
         ]
+        if self.type != "pv" and self.paging == "shadow":
+            lines.append("hap = 0")  # Xen's shadow page tables instead of (emulated) EPT/NPT
         if self.type == "hvm":
             lines += [
                 f'serial = "file:{self.console_log}"',
@@ -307,10 +311,8 @@ class Guest:
             log.warning("destroying %s: %s", self.name, exc)
 
 
-# Every death below is an incident (harness/incidents.py): a PVH guest under TCG nested
-# SVM intermittently triple-faults in early boot (known_issues.yaml, guest-death).
-# How many times a shared guest (the one every check of its type reads, created before
-# the L1 snapshot) is created again after such a death: seen twice in a row here.
+# Every death below is an incident (harness/incidents.py). How many times a shared guest
+# (created before the L1 snapshot) is created again after an early-boot death: seen twice in a row here.
 SHARED_EARLY_CRASH_RETRIES = 3
 
 
@@ -342,12 +344,10 @@ def start_guest(xl: Xl, spec: GuestSpec, timeout: float,
                 early_crash_retries: int = SHARED_EARLY_CRASH_RETRIES, image: str = "") -> Guest:
     """Create a guest and wait for its probe; destroy it if it never gets ready.
 
-    A guest that disappears before its report, either before printing anything or
-    with a triple fault in `xl dmesg` (it died in early boot and ``on_reboot=destroy``
-    removed it), is created again, at most ``early_crash_retries`` times (as for the
-    shared guests: a check's own PVH guest died in early boot twice in a row on trixie's
-    QEMU 10 TCG), and each death is an incident. A guest that crashes otherwise is never
-    retried.
+    A guest that disappears before its report, silently or with a triple fault in `xl dmesg`
+    (it died in early boot; ``on_reboot=destroy`` removed it), is created again at most
+    ``early_crash_retries`` times (a check's own PVH guest died in early boot twice in a row
+    on trixie's QEMU 10 TCG); each death is an incident. Other crashes are never retried.
     """
     for attempt in range(early_crash_retries + 1):
         guest = Guest(spec, xl, image=image)
@@ -377,8 +377,8 @@ class GuestPool:
     """
 
     def __init__(self, xl: Xl, p2m: Callable[[int, list[int]], dict[int, int]], timeout: float,
-                 image: str = "") -> None:
-        self.xl, self.p2m, self.timeout, self.image = xl, p2m, timeout, image
+                 image: str = "", paging: str = "") -> None:
+        self.xl, self.p2m, self.timeout, self.image, self.paging = xl, p2m, timeout, image, paging
         self.guests: dict[str, Guest] = {}
 
     def get(self, guest_type: str, nodeid: str = "", domains: list[Domain] | None = None) -> Guest:
@@ -390,7 +390,7 @@ class GuestPool:
             guest.released = False  # a shared guest is never the check's to destroy
             guest.replace_if_dead(self.p2m, self.timeout, "when a check asked for it", nodeid, domains)
             return guest
-        spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
+        spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}", paging=self.paging)
         guest = start_guest(self.xl, spec, self.timeout, image=self.image)
         guest.resolve_mfns(self.p2m)
         self.guests[guest_type] = guest
@@ -402,7 +402,7 @@ class GuestPool:
         pending: list[Guest] = []
         died: dict[str, GuestCrashed] = {}
         for guest_type in types:
-            spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}")
+            spec = GuestSpec(type=guest_type, name=f"nx-shared-{guest_type}", paging=self.paging)
             dom = self.xl.domain(spec.name)
             guest = Guest(spec, self.xl, image=self.image)
             if dom is not None and not dom.crashed:
@@ -463,7 +463,10 @@ def attach_pool(host, cfg: RunConfig, create: bool) -> GuestPool:
     if host.guest_pool is None:
         agent = Agent(host.remote.as_runner())
         image = getattr(getattr(host, "image", None), "name", "")
-        host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready, image=image)
+        if getattr(host, "guest_paging", None) != cfg.guests.paging:  # facts say the guests' paging
+            host.guest_paging, host._facts = cfg.guests.paging, None
+        host.guest_pool = GuestPool(host.xl, agent.p2m, cfg.timeouts.guest_ready, image=image,
+                                    paging=cfg.guests.paging)
         # An HVM guest needs a device model built against this Xen; without one, none.
         types = tuple(t for t in cfg.snapshot_guests if t != "hvm" or host.facts().device_model != "")
         if types:
@@ -481,8 +484,11 @@ def save_console(guest: Guest, dest: Path) -> None:
 
 @contextlib.contextmanager
 def owned_guest(xen_host, spec: GuestSpec, agent, artifacts_dir: Path, timeout: float) -> Iterator[Guest]:
-    """A guest that lives for the ``with`` block: created, MFNs resolved, console kept, destroyed."""
+    """A guest for the ``with`` block (its paging the run's if the spec names none): created,
+    MFNs resolved, console kept, destroyed."""
     image = getattr(getattr(xen_host, "image", None), "name", "")
+    if not spec.paging:
+        spec = replace(spec, paging=getattr(xen_host, "guest_paging", "") or "")
     own = start_guest(xen_host.xl, spec, timeout, image=image)
     try:
         own.resolve_mfns(agent.p2m)

@@ -62,6 +62,10 @@ class HostFacts:
     # The L1's IOMMU device ("" none: a PV dom0's L1 has none), with `pt=off` where that
     # QEMU's AMD IOMMU has the unfixed pass-through mode (machines/qemu.py: iommu_device).
     l1_iommu: str = ""
+    # How the run's PVH and HVM guests' memory is translated here: "hap" (EPT/NPT, emulated
+    # under TCG) or "shadow" (the run's `guests: paging: shadow`, or a Xen without HAP); ""
+    # unknown or no HVM. What Xen offers is in virt_caps.
+    paging: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -79,6 +83,7 @@ class HostFacts:
             "device_model_version": self.device_model_version,
             "device_model_package": self.device_model_package,
             "l1_iommu": self.l1_iommu,
+            "paging": self.paging,
         }
 
 
@@ -122,6 +127,15 @@ def parse_device_model_probe(text: str) -> DeviceModel:
     path = lines[1]
     return DeviceModel(lines[0] or "debian", path, device_model_version(lines[2]) if path else "",
                        lines[3].strip() if path else "")
+
+
+def guest_paging(offered: str, asked: str) -> str:
+    """The paging PVH and HVM guests get on a Xen that offers ``offered`` (XenInfo.paging)
+    when the run asks for ``asked``: shadow when asked (`hap = 0`) or when Xen has no HAP
+    (libxl's default then); "" where Xen offers neither."""
+    if not offered:
+        return ""
+    return "shadow" if asked == "shadow" else offered
 
 
 def build_of(raw: dict[str, str]) -> str:
@@ -207,6 +221,8 @@ class XenHost:
     guest_pool: object = None  # harness.guests.GuestPool, attached by the pytest plugin
     # The virtio-serial channel to dom0's nxchannel.py (None: this backend has none).
     channel: Channel | None = None
+    # The paging the run asks for its PVH and HVM guests (run config guests.paging).
+    guest_paging: str = "hap"
 
     @property
     def xl(self) -> Xl:
@@ -254,6 +270,7 @@ class XenHost:
                 accel=accel.accel if accel else "unknown",
                 qemu_version=qemu_version_label(getattr(spec, "qemu_binary", "qemu-system-x86_64")),
                 l1_iommu=l1_iommu(spec),
+                paging=guest_paging(info.paging, self.guest_paging),
             )
         return self._facts
 

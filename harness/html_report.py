@@ -76,8 +76,8 @@ def results_section(artifacts: Path) -> str:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.get("outcome") or "?"] = counts.get(r.get("outcome") or "?", 0) + 1
-    head = ("check", "image", "guest", "outcome", "s", "Xen", "kernel", "device model", "reason")
-    rows = [(f"{r['plugin']}::{r['check']}", r.get("image", ""), r.get("guest_type", ""),
+    head = ("check", "image", "guest", "paging", "outcome", "s", "Xen", "kernel", "device model", "reason")
+    rows = [(f"{r['plugin']}::{r['check']}", image_label(r), r.get("guest_type", ""), r.get("paging", ""),
              r.get("outcome", ""), f"{r.get('duration', 0):.1f}", r.get("xen_version", ""),
              r.get("kernel_release", ""),
              device_model_label(*(r.get(f"device_model{k}", "") for k in ("", "_version", "_package"))),
@@ -85,6 +85,17 @@ def results_section(artifacts: Path) -> str:
     colours = [OUTCOME_COLOURS.get(r.get("outcome", ""), "") for r in results]
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     return f"<p>{esc(summary)}</p>" + table(head, rows, colours)
+
+
+def image_label(result: dict) -> str:
+    """A check's image; for a migration across Xen versions (plugins/cross_version.py) the
+    pair, labelled ``cross-version a -> b`` with its outcome, as its record is."""
+    props = result.get("properties") or {}
+    cross = props.get("cross_version")
+    if not cross:
+        return result.get("image", "")
+    outcome = props.get("cross_version_outcome")
+    return f"{result.get('image', '')} {cross}" + (f" ({outcome})" if outcome else "")
 
 
 def table(head: Iterable[str], rows: Iterable[Iterable[object]], colours: list[str] | None = None) -> str:

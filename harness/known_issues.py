@@ -3,7 +3,8 @@
 An entry names a check (``plugins/FILE.py::test_name``, ``boot``, ``guest-death``
 or ``host-death``), optionally the guest types, Xen and dom0-kernel version ranges
 (PEP 440 specifiers against what the booted host reports), dom0 modes,
-accelerators and QEMU versions it applies to, the reason and a link, and a
+accelerators, QEMU versions and guest paging modes (``paging: hap|shadow``, how a
+PVH or HVM guest's memory is translated: never a PV guest's) it applies to, the reason and a link, and a
 required ``signature:``: a regular expression over the evidence (the check's
 failure text, the dead domain's ``xl dmesg`` lines, its console, the serial
 tail). The decision is taken when the check has run (harness/pytest_plugin.py,
@@ -41,12 +42,12 @@ from typing import Any
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from .config import REPO_ROOT, ConfigError
+from .config import PAGING_MODES, REPO_ROOT, ConfigError
 from .plugins import version_of
 
 KNOWN_ISSUES = REPO_ROOT / "known_issues.yaml"
-KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "device_model", "reason", "link",
-        "flaky", "signature", "evidence", "rate",
+KEYS = {"check", "guests", "xen", "kernel", "dom0", "accel", "qemu", "device_model", "paging", "reason",
+        "link", "flaky", "signature", "evidence", "rate",
         "console"}  # console: the old name of a boot entry's signature, still accepted
 # What an entry's signature may be matched against (harness/verdict.py gathers each).
 EVIDENCE_KINDS = ("failure", "dmesg", "console", "serial", "device-model", "toolstack")
@@ -95,6 +96,7 @@ class KnownIssue:
     evidence: tuple[str, ...] = ("failure",)  # the EVIDENCE_KINDS the signature is matched on
     device_model: SpecifierSet | None = None  # the HVM device model's version (facts.device_model_version)
     rate: tuple[int, int] | None = None  # (hits, runs) measured for a flaky entry
+    paging: tuple[str, ...] = ()  # the translated guests' paging (facts.paging): hap, shadow
 
     def applies(self, check: str, guest_type: str | None, facts: Any) -> bool:
         if check != self.check:
@@ -110,6 +112,8 @@ class KnownIssue:
         if not _within(self.qemu, getattr(facts, "qemu_version", None)):
             return False
         if not _within(self.device_model, getattr(facts, "device_model_version", None)):
+            return False
+        if self.paging and paging_of(guest_type, facts) not in self.paging:
             return False
         return not (self.accel and facts.accel not in self.accel)
 
@@ -146,10 +150,18 @@ class KnownIssue:
     def label(self) -> str:
         """How reports name the entry: its check, scope and signature."""
         scope = ",".join(self.guests) if self.guests else "any guest"
-        versions = " ".join(f"{k} {v}" for k, v in (("xen", self.xen), ("qemu", self.qemu)) if v is not None)
+        scopes = (("xen", self.xen), ("qemu", self.qemu), ("paging", ",".join(self.paging) or None))
+        versions = " ".join(f"{k} {v}" for k, v in scopes if v is not None)
         pattern = self.signature.pattern if self.signature is not None else ""
         where = "+".join(self.evidence)
         return f"{self.check} [{scope}{', ' + versions if versions else ''}] /{pattern}/ in {where}"
+
+
+def paging_of(guest_type: str | None, facts: Any) -> str:
+    """The paging a guest of ``guest_type`` ran on (the host's ``facts.paging``; None: a
+    check of no guest, on the host's mode): "" for a PV guest, which has neither, and
+    where unknown, so that a paging-scoped entry never matches it."""
+    return "" if guest_type == "pv" else str(getattr(facts, "paging", "") or "")
 
 
 def _within(spec: SpecifierSet | None, version: str | None) -> bool:
@@ -219,6 +231,10 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
             raise ConfigError(f"{where}: check: expected plugins/FILE.py::test_name or one of "
                               f"{', '.join(SPECIAL_CHECKS)} (an entry no check can match is a typo)")
         kinds = _evidence_kinds(entry, name, where)
+        paging = _tuple(entry.get("paging"))
+        if set(paging) - set(PAGING_MODES) or (entry.get("paging") is not None and not paging):
+            raise ConfigError(f"{where}: paging: {entry.get('paging')!r}; give hap or shadow (or a list of "
+                              "them): the paging of the PVH and HVM guests the issue strikes")
         rate = _rate(entry, where)
         _not_healthy(signature, where)
         issues.append(KnownIssue(
@@ -226,7 +242,7 @@ def load_known_issues(path: Path = KNOWN_ISSUES) -> list[KnownIssue]:
             guests=_tuple(entry.get("guests")), xen=xen, kernel=kernel,
             dom0=_tuple(entry.get("dom0")), accel=_tuple(entry.get("accel")), qemu=qemu,
             flaky=bool(entry.get("flaky", False)), signature=signature, evidence=kinds,
-            device_model=device_model, rate=rate,
+            device_model=device_model, rate=rate, paging=paging,
         ))
     return issues
 

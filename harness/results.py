@@ -34,7 +34,8 @@ LEGEND = ("P passed, R passed only when run again after an emulator fault, F fai
 NO_GUEST = "no guest"
 CHECK_PROPERTIES = ("plugin", "check", "image", "guest_type")
 HOST_PROPERTIES = ("xen_version", "kernel_release", "dom0_mode", "accel", "origin", "xen_changeset",
-                   "device_model", "device_model_version", "device_model_package")
+                   "device_model", "device_model_version", "device_model_package", "paging")
+TRANSLATED = ("pvh", "hvm")  # the guest types that run on HAP or shadow paging (PV: neither)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class CheckResult:
     device_model: str = ""
     device_model_version: str = ""
     device_model_package: str = ""
+    paging: str = ""  # what its PVH or HVM guest ran on: hap or shadow ("" a PV guest, or none)
 
 
 def plugin_name(nodeid: str) -> str:
@@ -125,6 +127,8 @@ class Results:
         for key in (*CHECK_PROPERTIES[2:], *HOST_PROPERTIES, "verdict"):
             if key in props:
                 setattr(result, key, str(props[key]))
+        if result.guest_type not in TRANSLATED:
+            result.paging = ""  # the host's facts name the translated guests' paging
         for key, value in report.user_properties:
             if key == "incident" and json.loads(str(value)) not in result.incidents:
                 result.incidents.append(json.loads(str(value)))
@@ -273,14 +277,17 @@ def markdown(results: list[CheckResult], records: Sequence[Record] = (), found: 
     if results:
         times = image_times(results)
         dm = any(r.device_model for r in results)  # a column once a host named its device model
+        paging = {r.image: r.paging for r in results if r.paging}  # a column once a PVH/HVM check ran
         hosts = sorted({(r.image, r.dom0_mode, xen_label(r), r.kernel_release, *([dm_label(r)] if dm else []),
-                         r.accel) for r in results if r.xen_version})
+                         r.accel, *([paging.get(r.image, "-")] if paging else []))
+                        for r in results if r.xen_version})
         parts += [f"**{totals(results)}** ({len(results)} tests)", ""]
         if hosts:
             origins = {r.image: r.origin for r in results if r.origin}
             rows = [(image_label(h[0], origins.get(h[0], "")), *h[1:], str(times[h[0]][0]),
                      f"{times[h[0]][1]:.0f} s") for h in hosts]
-            header = ("image", "dom0", "Xen", "dom0 kernel", *(["device model"] if dm else []), "accel")
+            header = ("image", "dom0", "Xen", "dom0 kernel", *(["device model"] if dm else []), "accel",
+                      *(["PVH/HVM paging"] if paging else []))
             parts += [markdown_table((*header, "tests", "time"), rows), ""]
         parts += [markdown_table(*_matrix_rows(results)), "", LEGEND, ""]
         order = list(OUTCOMES)

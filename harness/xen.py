@@ -7,6 +7,7 @@ error text when xl fails, so that text reaches the test report verbatim.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shlex
 from collections.abc import Iterable, Iterator
@@ -42,6 +43,15 @@ class XenInfo:
         return frozenset(self.raw.get("virt_caps", "").split())
 
     @property
+    def paging(self) -> str:
+        """How a PVH or HVM guest's memory is translated unless its config says `hap = 0`:
+        "hap" where Xen offers it (virt_caps; `hap=0` on Xen's command line takes it away),
+        "shadow" where only shadow paging is offered, "" where xl names neither."""
+        if "hap" in self.virt_caps and not HAP_OFF.search(self.raw.get("xen_commandline", "")):
+            return "hap"
+        return "shadow" if "shadow" in self.virt_caps else ""
+
+    @property
     def xen_caps(self) -> frozenset[str]:
         return frozenset(self.raw.get("xen_caps", "").split())
 
@@ -56,6 +66,10 @@ class XenInfo:
     @property
     def dom0_kernel(self) -> str:
         return self.raw.get("release", "")
+
+
+# Xen's command line turning HAP off for every guest (its boolean_param "hap").
+HAP_OFF = re.compile(r"(?:^|\s)(?:hap=(?:0|no|false|off|disable)|no-hap)(?=\s|$)")
 
 
 def parse_xl_info(text: str) -> XenInfo:
@@ -94,6 +108,21 @@ class Domain:
     @property
     def dying(self) -> bool:
         return "d" in self.state
+
+
+def domain_paging(text: str) -> str:
+    """A domain's paging from `xl list -l` (libxl's stored config, c_info.hap): "hap",
+    "shadow", or "" for a PV domain or a config that does not say."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ""
+    if isinstance(data, list):
+        data = data[0] if data else {}
+    c_info = ((data or {}).get("config") or {}).get("c_info") or {}
+    if str(c_info.get("type", "")).lower() == "pv":
+        return ""
+    return {"true": "hap", "false": "shadow"}.get(str(c_info.get("hap", "")).lower(), "")
 
 
 def parse_xl_list(text: str) -> list[Domain]:
@@ -159,6 +188,10 @@ class Xl:
 
     def domid(self, name: str) -> int:
         return int(self._xl(f"domid {shlex.quote(name)}").stdout.strip())
+
+    def paging(self, domain: int | str) -> str:
+        """How this domain's memory is translated (:func:`domain_paging`)."""
+        return domain_paging(self._xl(f"list -l {shlex.quote(str(domain))}").stdout)
 
     def dmesg(self, clear: bool = False) -> str:
         return self._xl("dmesg -c" if clear else "dmesg").stdout
