@@ -17,9 +17,10 @@ little-endian, bodies padded to 8 octets).
         # the receiving dom0: accept one TCP connection on ADDR:PORT and run CMD
         # (xl migrate-receive) on it; CMD's stderr goes to LOG, each line prefixed
         # with the wall clock ("<epoch s> <line>", like the sender's xl log)
-    nxstream.py connect OUT.json ADDR PORT
+    nxstream.py connect OUT.json ADDR PORT [--truncate-after N]
         # the sending dom0: xl migrate -s '' DOMAIN "nxstream.py connect ...":
-        # xl's stream to ADDR:PORT, counted; the receiver's answers back to xl
+        # xl's stream to ADDR:PORT, counted; the receiver's answers back to xl.
+        # --truncate-after N: only N bytes reach the receiver (a negative control)
 
 The TCP transport (serve + connect) carries the stream unencrypted between two
 dom0s on the harness's private link (or on 127.0.0.1): under TCG, ssh's cipher
@@ -28,8 +29,10 @@ emulated instruction by instruction costs more than the migration itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -159,27 +162,33 @@ def parse_file(path: str) -> dict:
     return stats.as_dict()
 
 
-def pump(src: int, dst: int, stats: StreamStats) -> None:
+def pump(src: int, dst: int, stats: StreamStats, limit: int | None = None) -> bool:
     """Copy ``src`` to ``dst`` until EOF, counting the stream. Only record headers
     and pfn arrays are read into this process: page contents (and everything after
     the libxc part) are splice(2)d in the kernel, so under TCG the copy costs a few
-    syscalls per batch, not a pass of the guest's memory through Python."""
+    syscalls per batch, not a pass of the guest's memory through Python. With ``limit``
+    it stops after that many bytes: False then, True at EOF."""
     can_splice = hasattr(os, "splice")
     while True:
+        left = None if limit is None else limit - stats.bytes
+        if left is not None and left <= 0:
+            return False
         want = stats.need()
         if want == 0 and can_splice:
+            size = min(stats.skip, CHUNK) if stats.skip else CHUNK
             try:
-                moved = os.splice(src, dst, min(stats.skip, CHUNK) if stats.skip else CHUNK)
+                moved = os.splice(src, dst, size if left is None else min(size, left))
             except OSError:  # neither end is a pipe: copy instead
                 can_splice = False
                 continue
             if not moved:
-                return
+                return True
             stats.passed(moved)
             continue
-        chunk = os.read(src, want or CHUNK)
+        size = want or CHUNK
+        chunk = os.read(src, size if left is None else min(size, left))
         if not chunk:
-            return
+            return True
         stats.feed(chunk)
         view = memoryview(chunk)
         while view:
@@ -203,20 +212,52 @@ def relay(out_path: str, cmd: list[str]) -> int:
     return rc
 
 
-def _copy_back(sock: socket.socket, dst: int) -> None:
-    """The receiver's answers (a few lines of xl's protocol) back to xl."""
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            break
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view):]
-    os.close(dst)
+def _copy_back(sock: socket.socket, dst: int, hung_up: threading.Event) -> None:
+    """The receiver's answers (a few lines of xl's protocol) back to xl. At the receiver's
+    end of the connection the stream is shut too: a sender still writing (the receiver died
+    mid-stream) fails at once instead of filling socket buffers nobody reads."""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view):]
+    except OSError:
+        pass
+    finally:
+        hung_up.set()
+        _hang_up(sock)
+        os.close(dst)
 
 
-def connect(out_path: str, address: str, port: int, timeout: float = 60.0) -> int:
-    """The sender's end: stdin (xl's stream) to the socket, the socket to stdout."""
+def _hang_up(sock: socket.socket) -> None:
+    """Shut both directions of the connection, whoever else holds its descriptor (a child's
+    child, libxl-save-helper, inherits it): the peer reads EOF and its writes fail."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _drain(src: int, stop: threading.Event) -> int:
+    """Read and drop ``src`` until EOF or ``stop`` (a truncated stream's rest: the sender
+    must not block on a pipe nobody reads)."""
+    dropped = 0
+    while not stop.is_set():
+        ready, _, _ = select.select([src], [], [], 0.2)
+        if ready:
+            chunk = os.read(src, CHUNK)
+            if not chunk:
+                break
+            dropped += len(chunk)
+    return dropped
+
+
+def connect(out_path: str, address: str, port: int, timeout: float = 60.0,
+            truncate_after: int | None = None) -> int:
+    """The sender's end: stdin (xl's stream) to the socket, the socket to stdout. With
+    ``truncate_after`` (a negative control) only that many bytes of the stream reach the
+    receiver, then its end of the stream: its restore is fed a truncated stream."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -228,23 +269,44 @@ def connect(out_path: str, address: str, port: int, timeout: float = 60.0) -> in
                 return 1
             time.sleep(0.2)
     sock.settimeout(None)
-    back = threading.Thread(target=_copy_back, args=(sock, 1), daemon=True)
+    hung_up = threading.Event()
+    back = threading.Thread(target=_copy_back, args=(sock, 1, hung_up), daemon=True)
     back.start()
-    stats = StreamStats()
+    stats, extra, rc = StreamStats(), {}, 0
     try:
-        pump(0, sock.fileno(), stats)
+        whole = pump(0, sock.fileno(), stats, truncate_after)
         sock.shutdown(socket.SHUT_WR)
-    except (BrokenPipeError, ConnectionError):
-        pass
+        if not whole:
+            print(f"nxstream connect: truncated the stream after {stats.bytes} bytes (--truncate-after)",
+                  file=sys.stderr)
+            extra = {"truncated_after": stats.bytes, "dropped_bytes": _drain(0, hung_up)}
+    except OSError as exc:  # BrokenPipeError, ConnectionError: the receiver is gone
+        print(f"nxstream connect: the receiver hung up after {stats.bytes} bytes of the stream: {exc}",
+              file=sys.stderr)
+        rc = 1
     back.join()
     sock.close()
     with open(out_path, "w") as f:
-        json.dump(stats.as_dict(), f)
-    return 0
+        json.dump({**stats.as_dict(), **extra}, f)
+    return rc
+
+
+STDERR_GRACE_S = 2.0  # the receiver's last lines, once it exited, before serve does
+
+
+def _stamp_lines(stream, log, lock: threading.Lock, closed: list) -> None:
+    for line in stream:
+        with lock:
+            if closed:
+                return
+            log.write(f"{time.time():.6f} {line.decode(errors='replace')}")
 
 
 def serve(address: str, port: int, log_path: str, cmd: list[str], timeout: float = 900.0) -> int:
-    """The receiver's end: one connection, ``cmd`` run on it; its stderr timestamped."""
+    """The receiver's end: one connection, ``cmd`` run on it; its stderr timestamped. When
+    ``cmd`` exits the connection is shut at once, though its children may hold it still
+    (xl migrate-receive's libxl-save-helper): the sender gets an error instead of waiting
+    out its timeout on a stream nobody reads."""
     server = socket.create_server((address, port))
     server.settimeout(timeout)
     try:
@@ -257,11 +319,17 @@ def serve(address: str, port: int, log_path: str, cmd: list[str], timeout: float
     conn.settimeout(None)
     with open(log_path, "w", buffering=1) as log:
         child = subprocess.Popen(cmd, stdin=conn, stdout=conn, stderr=subprocess.PIPE)
+        lock, closed = threading.Lock(), []
+        # its stderr is read aside: a child of cmd holding the pipe keeps it open past cmd's exit
+        reader = threading.Thread(target=_stamp_lines, args=(child.stderr, log, lock, closed), daemon=True)
+        reader.start()
+        rc = child.wait()
+        _hang_up(conn)
         conn.close()
-        assert child.stderr is not None
-        for line in child.stderr:
-            log.write(f"{time.time():.6f} {line.decode(errors='replace')}")
-        return child.wait()
+        reader.join(STDERR_GRACE_S)
+        with lock:
+            closed.append(True)
+    return rc
 
 
 def main(argv: list[str]) -> int:
@@ -272,6 +340,8 @@ def main(argv: list[str]) -> int:
         return relay(argv[2], argv[4:])
     if len(argv) == 5 and argv[1] == "connect":
         return connect(argv[2], argv[3], int(argv[4]))
+    if len(argv) == 7 and argv[1] == "connect" and argv[5] == "--truncate-after":
+        return connect(argv[2], argv[3], int(argv[4]), truncate_after=int(argv[6]))
     if len(argv) >= 7 and argv[1] == "serve" and argv[5] == "--":
         return serve(argv[2], int(argv[3]), argv[4], argv[6:])
     print(__doc__, file=sys.stderr)

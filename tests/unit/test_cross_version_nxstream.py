@@ -1,0 +1,126 @@
+"""nxstream.py for cross-version migration (issue 29): serve hangs up when its command
+exits though a child of it still holds the connection (xl migrate-receive's
+libxl-save-helper, measured: the sender waited out the 1800 s migration timeout), connect
+stops at once when the receiver hangs up, and --truncate-after feeds the receiver a
+truncated stream (the negative control). Each runs the real tool as local processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+from harness.agent import nxstream
+
+TOOL = nxstream.__file__
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(tmp_path, command: list[str]):
+    """nxstream serve in a process group of its own (its command's children go with it)."""
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, TOOL, "serve", "127.0.0.1", str(port), str(log), "--", *command],
+                            start_new_session=True, stderr=subprocess.PIPE)
+    try:
+        yield proc, port, log
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, the orphan included
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+# The receiver dies, its child keeps the connection (stdin, stdout) and the stderr pipe:
+# what killing xl migrate-receive left (libxl-save-helper holding the stream).
+DIES_LEAVING_A_CHILD = ["sh", "-c", "sleep 60 & sleep 0.5; echo 'receiver: dying' >&2; exit 7"]
+
+
+def connect_when_listening(port: int) -> socket.socket:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_serve_hangs_up_when_its_command_dies_though_a_child_holds_the_stream(tmp_path) -> None:
+    """The sender's end reads EOF at once (nxstream connect then stops the stream: the
+    next test), and serve ends with its command, not with the orphan."""
+    with serving(tmp_path, DIES_LEAVING_A_CHILD) as (serve, port, log):
+        sender = connect_when_listening(port)
+        sender.settimeout(10)
+        started = time.monotonic()
+        sender.sendall(b"\0" * 65536)
+        try:
+            answer = sender.recv(100)
+        except TimeoutError:
+            answer = None
+        took = time.monotonic() - started
+        assert answer == b"" and took < 5, f"no end of the connection within {took:.1f} s ({answer!r})"
+        assert serve.wait(timeout=5) == 7
+        assert "receiver: dying" in log.read_text()
+        sender.close()
+
+
+def test_connect_stops_at_once_when_the_receiver_hangs_up(tmp_path) -> None:
+    """xl's stream never ends here (an endless writer): connect must end with an error
+    soon after the receiver died, so xl migrate fails instead of waiting out its timeout."""
+    with serving(tmp_path, DIES_LEAVING_A_CHILD) as (serve, port, _):
+        out = tmp_path / "stats.json"
+        writer = subprocess.Popen([sys.executable, "-c", "import sys\nwhile True: sys.stdout.buffer.write(b'x' * 65536)"],
+                                  stdout=subprocess.PIPE)
+        try:
+            started = time.monotonic()
+            sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
+                                  stdin=writer.stdout, capture_output=True, timeout=30)
+            took = time.monotonic() - started
+        finally:
+            writer.kill()
+            writer.wait()
+        assert sent.returncode == 1 and b"the receiver hung up after" in sent.stderr, sent.stderr
+        assert took < 10, f"connect took {took:.1f} s to notice"
+        assert serve.wait(timeout=10) == 7
+
+
+def test_truncate_after_feeds_the_receiver_that_many_bytes(tmp_path) -> None:
+    receiver = tmp_path / "receiver.py"
+    receiver.write_text("import sys\ndata = sys.stdin.buffer.read()\nsys.stdout.write(f'got {len(data)}\\n')\n")
+    with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
+        out = tmp_path / "stats.json"
+        data = b"\xab" * 300_000
+        sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port),
+                               "--truncate-after", "4096"], input=data, capture_output=True, timeout=30)
+        assert serve.wait(timeout=10) == 0
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout == b"got 4096\n"
+    assert b"truncated the stream after 4096 bytes" in sent.stderr
+    stats = json.loads(out.read_text())
+    assert stats["stream_bytes"] == 4096 and stats["truncated_after"] == 4096
+    assert stats["dropped_bytes"] <= len(data) - 4096
+
+
+def test_negative_control_without_truncation_the_receiver_gets_it_all(tmp_path) -> None:
+    receiver = tmp_path / "receiver.py"
+    receiver.write_text("import sys\ndata = sys.stdin.buffer.read()\nsys.stdout.write(f'got {len(data)}\\n')\n")
+    with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
+        out = tmp_path / "stats.json"
+        sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
+                              input=b"\xab" * 300_000, capture_output=True, timeout=30)
+        assert serve.wait(timeout=10) == 0
+    assert sent.returncode == 0 and sent.stdout == b"got 300000\n", sent.stderr
+    assert "truncated_after" not in json.loads(out.read_text())
