@@ -16,6 +16,7 @@ import platformdirs
 import yaml
 
 from . import timeouts as t
+from .cross_version import CrossPair, parse_pairs
 from .inputs import InputError, Inputs, from_options, parse_inputs
 from .inputs import key_material as inputs_key_material
 from .options import ACCELS, BACKENDS, DOM0_MODES, SNAPSHOT_MODES, Getter, overrides
@@ -65,6 +66,10 @@ class MigrationConfig:
     transport: str = "tcp"
     max_total_s: float | None = None
     max_downtime_s: float | None = None
+    # (source, destination) host-image pairs migrated both ways across Xen versions
+    # (plugins/cross_version.py, harness/cross_version.py): which is old is the booted Xens'.
+    # Empty: none (the default; configs/cross-version.yaml lists one).
+    cross_version: tuple[CrossPair, ...] = ()
 
 
 # How PVH and HVM guests' memory is translated: "hap" (Xen's default: EPT/NPT, emulated
@@ -282,6 +287,8 @@ def _migration(source: str, items: dict[str, Any]) -> MigrationConfig:
         elif key == "transport":
             kwargs[key] = _typed(source, where, value, str)
             _choice(source, where, kwargs[key], ("tcp", "ssh"))
+        elif key == "cross_version":
+            kwargs[key] = _cross_pairs(source, value)
         else:
             kwargs[key] = None if value is None else _typed(source, where, value, float)
     cfg = MigrationConfig(**kwargs)
@@ -293,6 +300,17 @@ def _migration(source: str, items: dict[str, Any]) -> MigrationConfig:
         if w != "idle" and not (w.startswith("dirty:") and w[6:].isdigit()):
             raise ConfigError(f"{source}: migration.workloads: {w!r}; use idle or dirty:<percent>")
     return cfg
+
+
+def _cross_pairs(source: str, value: Any) -> tuple[CrossPair, ...]:
+    """``migration.cross_version``: each pair well formed, each image a recipe."""
+    try:
+        pairs = parse_pairs(value)
+        check_host_images(tuple(dict.fromkeys(n for p in pairs for n in p.images())))
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"{source}: migration.cross_version{'' if str(exc).startswith('[') else ': '}{exc}"
+                          ) from None
+    return pairs
 
 
 # --------------------------------------------------------------------------- recipes
