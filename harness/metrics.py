@@ -23,7 +23,7 @@ TICK = re.compile(r"NXTICK (\d+) (\d+) (\d+)")
 
 @dataclass
 class Record:
-    kind: str  # localhost_migrate | save_restore | two_host_migrate | boot
+    kind: str  # localhost_migrate | save_restore | two_host_migrate | cross_version_migrate | boot
     guest_type: str = ""
     memory_mb: int = 0
     workload: str = "idle"
@@ -43,13 +43,30 @@ class Record:
     dirty_pages_verified: int | None = None  # dirty-buffer pages checked after the operation
     dirty_generation: int | None = None  # the dirty buffer's generation then (harness/dirty_pages.py)
     ok: bool = True
+    # Between two Xen releases (plugins/cross_version.py): "cross-version 4.17.5 -> 4.22.0",
+    # the source's Xen first; the outcome ("migrated-intact", "refused-cleanly", "failed"),
+    # and each side's build ("debian xen-hypervisor-4.17-amd64 4.17.5+..." or "xen_dist PATH
+    # changeset ..."). Empty for a migration within one Xen.
+    cross_version: str = ""
+    cross_outcome: str = ""
+    source_build: str = ""
+    destination_build: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def label(r: Record) -> str:
+    """How a record is named in tables and plots: its image, and for a migration across
+    Xen versions that label and its outcome (``bookworm cross-version 4.17.5 -> 4.22.0
+    (refused-cleanly)``)."""
+    if not r.cross_version:
+        return r.image
+    return f"{r.image} {r.cross_version}" + (f" ({r.cross_outcome})" if r.cross_outcome else "")
 
 
 def describe(r: Record) -> str:
     """One line for a measured operation: ``bookworm pv 256 MiB: localhost_migrate done in
     5.2 s, downtime 0.41 s, 3 iterations, 66000 pages, 262 MiB sent``."""
-    what = " ".join(x for x in (r.image, r.guest_type, f"{r.memory_mb} MiB" if r.memory_mb else "") if x)
+    what = " ".join(x for x in (label(r), r.guest_type, f"{r.memory_mb} MiB" if r.memory_mb else "") if x)
     parts = [f"{r.kind} {'done' if r.ok else 'FAILED'}"
              + (f" in {r.total_s:.1f} s" if r.total_s is not None else "")]
     if r.downtime_s is not None:

@@ -8,10 +8,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .metrics import Record
+from .metrics import label as record_label
 
 
 def _key(r: Record) -> tuple[str, str, str, int, str]:
-    return (r.image, r.kind, r.guest_type, r.memory_mb, r.workload)
+    # the image column names a cross-version migration as such (metrics.label)
+    return (record_label(r), r.kind, r.guest_type, r.memory_mb, r.workload)
 
 
 def _spread(values: list[float]) -> str:
@@ -91,7 +93,8 @@ def plots(records: list[Record], outdir: Path) -> list[Path]:
         for r in migr:
             value = getattr(r, metric)
             if value is not None:
-                groups[f"{r.kind}\n{r.guest_type} {r.memory_mb} MiB"].append(value)
+                cross = f"\n{r.cross_version}" if r.cross_version else ""
+                groups[f"{r.kind}{cross}\n{r.guest_type} {r.memory_mb} MiB"].append(value)
         if not groups:
             continue
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
@@ -111,6 +114,7 @@ def plots(records: list[Record], outdir: Path) -> list[Path]:
         if r.pages_per_iteration:
             ax.plot(range(len(r.pages_per_iteration)), r.pages_per_iteration, marker="o",
                     label=f"{r.kind} {r.guest_type} #{r.repeat}"
+                    + (f" {r.cross_version}" if r.cross_version else "")
                     + (f" ({r.extra['direction']})" if r.extra.get("direction") else ""))
             drawn = True
     ax.set_xlabel("iteration (the last one is sent after the guest is suspended)")
@@ -133,7 +137,7 @@ def compare(old: list[Record], new: list[Record], threshold: float = 0.2) -> lis
         groups: dict[tuple, list[Record]] = defaultdict(list)
         for r in records:
             if r.ok:
-                groups[(r.kind, r.guest_type, r.memory_mb, r.workload)].append(r)
+                groups[(r.kind, r.guest_type, r.memory_mb, r.workload, r.cross_version)].append(r)
         out = {}
         for key, rs in groups.items():
             out[key] = {m: statistics.median(v) for m in ("total_s", "downtime_s")
@@ -146,6 +150,7 @@ def compare(old: list[Record], new: list[Record], threshold: float = 0.2) -> lis
         for metric, was in before[key].items():
             now = after[key].get(metric)
             if now is not None and was > 0 and (now - was) / was > threshold:
-                found.append(f"{' '.join(map(str, key))}: {metric} {_num(was)} -> {_num(now)} "
+                name = " ".join(str(k) for k in key if k != "")
+                found.append(f"{name}: {metric} {_num(was)} -> {_num(now)} "
                              f"(+{(now - was) / was:.0%}, threshold {threshold:.0%})")
     return found

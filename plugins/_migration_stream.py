@@ -94,9 +94,11 @@ SPLIT = "=====nxstream-serve-stderr====="
 
 
 def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_s: float = 0.0,
-                timeout: float = t.MIGRATION_XL_S, pause: bool = False):
+                timeout: float = t.MIGRATION_XL_S, pause: bool = False, truncate_after: int | None = None):
     """`xl migrate` over the TCP transport (nxstream.py serve on the receiving dom0,
-    connect on the sender, always counted); (result with both sides' logs, stats)."""
+    connect on the sender, always counted); (result with both sides' logs, stats).
+    ``truncate_after``: the receiver gets only that many bytes of the stream (a negative
+    control: its restore must fail, saying so)."""
     stamp = time.time_ns()
     log, out = f"{layout.SERVE_LOG_PREFIX}{stamp}.log", f"{layout.STREAM_STATS_PREFIX}{stamp}.json"
     pid = dst_remote.check_output(
@@ -104,7 +106,8 @@ def migrate_tcp(src_remote, dst_remote, name: str, address: str, receiver_shift_
         f"xl -vvv migrate-receive{' -p' if pause else ''} "
         f"> {log}.err 2>&1 & echo $!", timeout=t.QUICK_COMMAND_S).strip()
     try:
-        connect = f"python3 {REMOTE_STREAM_TOOL} connect {out} {address} {TCP_PORT}"
+        connect = f"python3 {REMOTE_STREAM_TOOL} connect {out} {address} {TCP_PORT}" + (
+            f" --truncate-after {int(truncate_after)}" if truncate_after is not None else "")
         p = " -p" if pause else ""
         result = timed_xl(src_remote, f"migrate -s ''{p} {shlex.quote(name)} {shlex.quote(connect)}", timeout)
     finally:

@@ -6,6 +6,7 @@ truncated stream (the negative control). Each runs the real tool as local proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,16 +36,17 @@ def serving(tmp_path, command: list[str]):
     try:
         yield proc, port, log
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, the orphan included
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):  # the group this test started, the orphan included
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
 
 # The receiver dies, its child keeps the connection (stdin, stdout) and the stderr pipe:
 # what killing xl migrate-receive left (libxl-save-helper holding the stream).
 DIES_LEAVING_A_CHILD = ["sh", "-c", "sleep 60 & sleep 0.5; echo 'receiver: dying' >&2; exit 7"]
+
+
+COUNTING_RECEIVER = "import sys\ndata = sys.stdin.buffer.read()\nsys.stdout.write(f'got {len(data)}\\n')\n"
 
 
 def connect_when_listening(port: int) -> socket.socket:
@@ -82,8 +84,8 @@ def test_connect_stops_at_once_when_the_receiver_hangs_up(tmp_path) -> None:
     soon after the receiver died, so xl migrate fails instead of waiting out its timeout."""
     with serving(tmp_path, DIES_LEAVING_A_CHILD) as (serve, port, _):
         out = tmp_path / "stats.json"
-        writer = subprocess.Popen([sys.executable, "-c", "import sys\nwhile True: sys.stdout.buffer.write(b'x' * 65536)"],
-                                  stdout=subprocess.PIPE)
+        endless = "import sys\nwhile True: sys.stdout.buffer.write(b'x' * 65536)"
+        writer = subprocess.Popen([sys.executable, "-c", endless], stdout=subprocess.PIPE)
         try:
             started = time.monotonic()
             sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
@@ -99,7 +101,7 @@ def test_connect_stops_at_once_when_the_receiver_hangs_up(tmp_path) -> None:
 
 def test_truncate_after_feeds_the_receiver_that_many_bytes(tmp_path) -> None:
     receiver = tmp_path / "receiver.py"
-    receiver.write_text("import sys\ndata = sys.stdin.buffer.read()\nsys.stdout.write(f'got {len(data)}\\n')\n")
+    receiver.write_text(COUNTING_RECEIVER)
     with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
         out = tmp_path / "stats.json"
         data = b"\xab" * 300_000
@@ -116,7 +118,7 @@ def test_truncate_after_feeds_the_receiver_that_many_bytes(tmp_path) -> None:
 
 def test_negative_control_without_truncation_the_receiver_gets_it_all(tmp_path) -> None:
     receiver = tmp_path / "receiver.py"
-    receiver.write_text("import sys\ndata = sys.stdin.buffer.read()\nsys.stdout.write(f'got {len(data)}\\n')\n")
+    receiver.write_text(COUNTING_RECEIVER)
     with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
         out = tmp_path / "stats.json"
         sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
