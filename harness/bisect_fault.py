@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from harness import timeouts as t
+
 REPORT_ENV = "NX_BISECT_FAULT_REPORT"
 SIGNATURE = r"(?i)sysrq.{0,3}resetting"
 ENTRY = {
@@ -49,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def reset(guest: Any, timeout: float = DEAD_WITHIN_S) -> None:
     """``xl sysrq <guest> b``, then wait until the domain is gone or crashed."""
-    guest.xl.remote.run_expect(f"xl sysrq {guest.name} b", timeout=60)
+    guest.xl.remote.run_expect(f"xl sysrq {guest.name} b", timeout=t.SMALL_COMMAND_S)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         dom = guest.xl.domain(guest.name)

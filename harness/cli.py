@@ -19,6 +19,9 @@ from . import options
 from . import results as check_results
 from .accel import HostFacts, nested_kvm_problem
 from .bench import bench_boot
+from .bench_guests import add_arguments as add_bench_guests_arguments
+from .bench_guests import cmd_bench_guests
+from .bisect import add_parser as add_bisect_parser
 from .config import ConfigError, RunConfig, available_recipes, load_recipe
 from .config import run_config_from_args as _config
 from .html_report import write as write_html_report
@@ -174,6 +177,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "guests":
+        return cmd_bench_guests(args)
     cfg = _config(args)
     results = bench_boot(cfg, runs=args.runs, cold_image=args.cold_image,
                          progress=lambda line: print(line, flush=True))
@@ -286,12 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", help="run this in dom0, then stop")
     p.set_defaults(func=cmd_boot)
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("what", choices=["boot"])
+    p.add_argument("what", choices=["boot", "guests"])
     common(p)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--cold-image", action="store_true",
                    help="also time an image build into an empty cache (~2 min)")
     p.add_argument("--json", metavar="FILE", help="also write the results here")
+    add_bench_guests_arguments(p)  # `nested-xen bench guests` (harness/bench_guests.py)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("report", help="summarize a run's results and measurements; compare with a baseline")
     p.add_argument("run", metavar="RUN", help="a run's artifacts dir, or its results.json or metrics.json")
@@ -309,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_new_plugin)
     add_parsers(sub)
     add_mutant_parser(sub)  # `nested-xen mutant list|run` (harness/mutants.py)
+    add_bisect_parser(sub)  # `nested-xen bisect` (harness/bisect.py)
     p = sub.add_parser("run", help="run the plugin checks (pytest)")
     options.add_arguments(p, scopes=options.SCOPES)  # and pytest's own: all go on to pytest
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)

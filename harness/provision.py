@@ -189,7 +189,9 @@ class Provisioner:
             machine = LibvirtMachine(spec, self.cfg.libvirt_uri)
         else:
             machine = QemuMachine(spec, self.registry)
-        return XenHost.create(label, machine, image, recipe, self.cfg.timeouts)
+        host = XenHost.create(label, machine, image, recipe, self.cfg.timeouts)
+        host.guest_paging = self.cfg.guests.paging  # what the facts say the PVH/HVM guests run on
+        return host
 
     def _cold(self, label: str, spec: MachineSpec, recipe: HostRecipe, image: HostImage,
               payload: GuestPayload | None) -> XenHost:
@@ -313,6 +315,7 @@ class Provisioner:
             "iommu": spec.iommu,
             "prepare": [PREPARE_VERSION, _file_digest(prep), files],
             "guests": list(self.cfg.snapshot_guests) if self.setup_guests else [],
+            "guest_paging": self.cfg.guests.paging,
         }
         if self.cfg.backend != "qemu":  # another snapshot format, on the libvirt host
             material["backend"] = [self.cfg.backend, self.cfg.libvirt_uri]

@@ -57,7 +57,8 @@ log = logging.getLogger("nested_xen")
 
 # The fixtures, registered in this order (their autouse fixtures run in it: the range
 # gate, the guest liveness check, then the failure artifacts).
-pytest_plugins = ["harness.fixtures.hosts", "harness.fixtures.guests", "harness.fixtures.run"]
+pytest_plugins = ["harness.fixtures.hosts", "harness.fixtures.guests", "harness.fixtures.run",
+                  "harness.fixtures.pair"]
 
 
 # ---------------------------------------------------------------------- options

@@ -578,6 +578,7 @@ def test_provisioner_picks_the_machine_class(tmp_path: Path, monkeypatch) -> Non
 
     def fake_create(label, machine, image, recipe, timeouts):
         made[label] = machine
+        return types.SimpleNamespace()
 
     monkeypatch.setattr(provision.XenHost, "create", staticmethod(fake_create))
     for backend in ("qemu", "libvirt"):

@@ -132,7 +132,7 @@ def test_results_json_round_trip(tmp_path: Path) -> None:
     assert set(json.loads((tmp_path / "results.json").read_text())["results"][0]) == {
         "nodeid", "plugin", "check", "image", "guest_type", "dom0_mode", "xen_version", "kernel_release",
         "accel", "outcome", "duration", "reason", "verdict", "incidents", "finding", "properties", "origin",
-        "xen_changeset", "device_model", "device_model_version", "device_model_package"}
+        "xen_changeset", "device_model", "device_model_version", "device_model_package", "paging"}
 
 
 def test_a_checks_own_properties_are_kept() -> None:
