@@ -253,6 +253,27 @@ def _drain(src: int, stop: threading.Event) -> int:
     return dropped
 
 
+HANG_UP_GRACE_S = 5.0  # after the receiver hung up, for the sender to close the stream
+
+
+def _send(sock: socket.socket, stats: StreamStats, truncate_after: int | None, hung_up: threading.Event,
+          sent: threading.Event, extra: dict, outcome: dict) -> None:
+    """stdin (xl's stream) to the socket; ``sent`` when stdin ends or the receiver is gone."""
+    try:
+        whole = pump(0, sock.fileno(), stats, truncate_after)
+        sock.shutdown(socket.SHUT_WR)
+        if not whole:
+            print(f"nxstream connect: truncated the stream after {stats.bytes} bytes (--truncate-after)",
+                  file=sys.stderr)
+            extra.update(truncated_after=stats.bytes, dropped_bytes=_drain(0, hung_up))
+    except OSError as exc:  # BrokenPipeError, ConnectionError: the receiver is gone
+        print(f"nxstream connect: the receiver hung up after {stats.bytes} bytes of the stream: {exc}",
+              file=sys.stderr)
+        outcome["rc"] = 1
+    finally:
+        sent.set()
+
+
 def connect(out_path: str, address: str, port: int, timeout: float = 60.0,
             truncate_after: int | None = None) -> int:
     """The sender's end: stdin (xl's stream) to the socket, the socket to stdout. With
@@ -269,21 +290,23 @@ def connect(out_path: str, address: str, port: int, timeout: float = 60.0,
                 return 1
             time.sleep(0.2)
     sock.settimeout(None)
-    hung_up = threading.Event()
+    hung_up, sent = threading.Event(), threading.Event()
     back = threading.Thread(target=_copy_back, args=(sock, 1, hung_up), daemon=True)
     back.start()
-    stats, extra, rc = StreamStats(), {}, 0
-    try:
-        whole = pump(0, sock.fileno(), stats, truncate_after)
-        sock.shutdown(socket.SHUT_WR)
-        if not whole:
-            print(f"nxstream connect: truncated the stream after {stats.bytes} bytes (--truncate-after)",
-                  file=sys.stderr)
-            extra = {"truncated_after": stats.bytes, "dropped_bytes": _drain(0, hung_up)}
-    except OSError as exc:  # BrokenPipeError, ConnectionError: the receiver is gone
-        print(f"nxstream connect: the receiver hung up after {stats.bytes} bytes of the stream: {exc}",
-              file=sys.stderr)
-        rc = 1
+    stats, extra, outcome = StreamStats(), {}, {}
+    sender = threading.Thread(target=_send, args=(sock, stats, truncate_after, hung_up, sent, extra, outcome),
+                              daemon=True)
+    sender.start()
+    # xl keeps the stream's pipe open while it waits for the receiver's answer: a receiver
+    # that exits after the whole stream (a refused restore) must end this process too, or
+    # the shell between xl and this process holds the answer pipe and xl waits forever.
+    while not sent.wait(0.2):
+        if hung_up.is_set() and not sent.wait(HANG_UP_GRACE_S):
+            print(f"nxstream connect: the receiver hung up after {stats.bytes} bytes of the stream "
+                  "while the sender still held it open", file=sys.stderr)
+            outcome.setdefault("rc", 1)
+            break
+    rc = outcome.get("rc", 0)
     back.join()
     sock.close()
     with open(out_path, "w") as f:

@@ -126,3 +126,28 @@ def test_negative_control_without_truncation_the_receiver_gets_it_all(tmp_path) 
         assert serve.wait(timeout=10) == 0
     assert sent.returncode == 0 and sent.stdout == b"got 300000\n", sent.stderr
     assert "truncated_after" not in json.loads(out.read_text())
+
+
+def test_connect_ends_when_the_receiver_refuses_after_the_whole_stream(tmp_path) -> None:
+    """Measured 4.22 -> 4.17 PVH: the receiver read the whole stream, refused the restore and
+    exited, while xl migrate held its end of the stream open waiting for an answer. connect
+    must end (so xl reads EOF and resumes the guest), not wait with it: the sender waited
+    more than five minutes before this. The writer here sends a stream, then holds it open."""
+    receiver = tmp_path / "receiver.py"
+    receiver.write_text("import sys\nsys.stdin.buffer.read(4096)\nsys.stderr.write('refused\\n')\nsys.exit(3)\n")
+    with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
+        out = tmp_path / "stats.json"
+        holds = "import sys,time\nsys.stdout.buffer.write(b'x' * 4096)\nsys.stdout.flush()\ntime.sleep(60)"
+        writer = subprocess.Popen([sys.executable, "-c", holds], stdout=subprocess.PIPE)
+        try:
+            started = time.monotonic()
+            sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
+                                  stdin=writer.stdout, capture_output=True, timeout=30)
+            took = time.monotonic() - started
+        finally:
+            writer.kill()
+            writer.wait()
+        assert serve.wait(timeout=10) == 3
+    assert sent.returncode == 1 and b"while the sender still held it open" in sent.stderr, sent.stderr
+    assert took < nxstream.HANG_UP_GRACE_S + 5, f"connect took {took:.1f} s to end"
+    assert json.loads(out.read_text())["stream_bytes"] == 4096
