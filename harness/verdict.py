@@ -83,8 +83,12 @@ def check_id(item: pytest.Item) -> str:
 
 
 def guest_type_of(item: pytest.Item) -> str | None:
+    """The check's ``guest_type`` parameter, else the guest type it declared as a property
+    (a check parametrized by a case of its own, as plugins/cross_version.py's)."""
     callspec = getattr(item, "callspec", None)
-    return callspec.params.get("guest_type") if callspec is not None else None
+    if callspec is not None and "guest_type" in callspec.params:
+        return callspec.params["guest_type"]
+    return next((value for key, value in item.user_properties if key == "guest_type"), None)
 
 
 WATCHED_KEY = pytest.StashKey[list]()
@@ -432,10 +436,21 @@ def _timed_list(xl: Any) -> Any:
         VERIFY_COST["seconds"] += time.monotonic() - started
 
 
+DEATHS_KEY = pytest.StashKey[list]()
+
+
+def add_death(item: pytest.Item, incident: Incident) -> None:
+    """A death a check saw of a guest it holds itself (not a fixture, so :func:`verify_after`
+    cannot look for it), e.g. a migrated guest gone from its source: judged like a death
+    :func:`verify_after` finds, by the signature of that domain's own evidence."""
+    item.stash.setdefault(DEATHS_KEY, []).append(incident)
+
+
 def verify_after(item: pytest.Item) -> list[Incident]:
     """After the call: each of the check's guests still the domain it was given (one
-    `xl list` per host)? A death is an incident (during-check)."""
-    found, lists = [], {}
+    `xl list` per host)? A death is an incident (during-check); deaths the check itself
+    reported (:func:`add_death`) come first."""
+    found, lists = list(item.stash.get(DEATHS_KEY, [])), {}
     for guest in guests_of(item):
         if guest.released or guest.death_recorded:
             continue
