@@ -134,7 +134,8 @@ def test_connect_ends_when_the_receiver_refuses_after_the_whole_stream(tmp_path)
     must end (so xl reads EOF and resumes the guest), not wait with it: the sender waited
     more than five minutes before this. The writer here sends a stream, then holds it open."""
     receiver = tmp_path / "receiver.py"
-    receiver.write_text("import sys\nsys.stdin.buffer.read(4096)\nsys.stderr.write('refused\\n')\nsys.exit(3)\n")
+    receiver.write_text("import sys\nsys.stdin.buffer.read(4096)\n"
+                        "sys.stderr.write('refused\\n')\nsys.exit(3)\n")
     with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
         out = tmp_path / "stats.json"
         holds = "import sys,time\nsys.stdout.buffer.write(b'x' * 4096)\nsys.stdout.flush()\ntime.sleep(60)"
