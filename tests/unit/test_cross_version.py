@@ -2,10 +2,9 @@
 (harness/cross_version.py judge, pure), the run config's pairs, and the record's labels.
 
 The toolstack texts are xl -vvv's lines as plugins/migration.py's logs keep them
-(``<dom0 epoch> <line>``). SUCCESS is a real two-host log's tail (bookworm, Xen 4.17.5,
-/tmp/nx/ci/artifacts/migration/nx-mig-pv-256-two-host-0-bookworm-main-0.log). The failures
-are put together from Xen's own messages at the lines named beside each (no cross-version
-failure had been captured when these were written): replace them with the first real run's.
+(``<dom0 epoch> <line>``), captured from real runs and kept in tests/unit/data/cross_version/
+(each file's ``#`` header says which run, which lines, what was dropped). A branch no real
+run has produced uses a line put together by hand, marked "assembled" where it is.
 """
 
 from __future__ import annotations
@@ -23,41 +22,26 @@ from harness.xen import Domain
 from harness.xen_compat import BACKWARD_RULE, FORWARD_RULE
 
 GUEST = "nx-xv-pv"
+DATA = Path(__file__).parent / "data" / "cross_version"
 
-SUCCESS = """\
-1796684226.812783 migration target: Transfer complete, requesting permission to start domain.
-1796684226.841024 migration sender: Target has acknowledged transfer.
-1796684227.102682 migration sender: Giving target permission to start.
-1796684227.512000 migration target: Got permission, starting domain.
-1796684227.900000 migration target: Domain started successsfully.
-1796684227.950000 migration sender: Target reports successful startup.
-1796684228.010000 Migration successful.
-"""
-# A receiver fed a truncated stream: xg_sr_common.c:102 (read_record), xg_sr_restore.c:886
-# ("Restore failed"), libxl_stream_read.c:850, libxl_create.c:1653, xl_migrate.c:356 (4.22.0);
-# the sender's libxl_read_exactly of the ready message, xl_migrate.c:223 and :301.
-TRUNCATED = """\
-1796700000.100000 migration target: Ready to receive domain.
-1796700001.300000 xc: info: Found x86 PV domain from Xen 4.17
-1796700003.400000 xc: error: Failed to read Record Header from stream (0 = Success): Internal error
-1796700003.410000 xc: error: Restore failed (0 = Success): Internal error
-1796700003.500000 libxl: error: libxl_stream_read.c:850:libxl__xc_domain_restore_done: Domain 7:restoring domain: Success
-1796700003.600000 libxl: error: libxl_create.c:1653:domcreate_rebuild_done: Domain 7:cannot (re-)build domain: -3
-1796700004.000000 migration target: Domain creation failed (code -3).
-1796700004.400000 libxl: error: libxl_utils.c:510:libxl_read_exactly: file/stream truncated reading ready message from migration receiver stream
-1796700004.500000 Migration failed, resuming at sender.
-nxstream connect: truncated the stream after 1048576 bytes (--truncate-after)
-"""  # noqa: E501
-# An older receiver meeting a record it does not know: xg_sr_restore.c:810 at 4.17.0.
-REFUSED_RECORD = """\
-1796700100.100000 migration target: Ready to receive domain.
-1796700101.200000 xc: info: Found x86 PVH domain from Xen 4.22
-1796700101.300000 xc: error: Mandatory record 0x13 (unknown) not handled
-1796700101.310000 xc: error: Restore failed (0 = Success): Internal error
-1796700101.900000 migration target: Domain creation failed (code -3).
-1796700102.100000 libxl: error: libxl_utils.c:510:libxl_read_exactly: file/stream truncated reading ready message from migration receiver stream
-1796700102.200000 Migration failed, resuming at sender.
-"""  # noqa: E501
+
+def captured(name: str) -> str:
+    """A captured log without its ``#`` provenance header."""
+    lines = (DATA / name).read_text().splitlines()
+    return "".join(line + "\n" for line in lines if not line.startswith("#"))
+
+
+# captured 2026-12-07, 4.17.5 -> 4.17.5 two hosts, pv: migrated (the cross-version pv forward
+# run that migrated intact lost its log to the negative control's, which has the same name)
+SUCCESS = captured("success-pv-same-version.log")
+# captured 2026-12-08, 4.17.5 -> 4.22.0, pv forward, negative control: stream truncated at 1 MiB
+TRUNCATED = captured("pv-forward-truncated-stream.log")
+# captured 2026-12-08, 4.17.5 -> 4.22.0, pvh forward: the source guest triple-faulted at suspend
+PVH_FORWARD = captured("pvh-forward-suspend-triple-fault.log")
+# captured 2026-12-08, 4.22.0 -> 4.17.5, pvh backward: refused by the 4.17 receiver; the sender's
+# xl migrate log (what judge() was given) and the receiver's own log
+REFUSED_HVM_CONTEXT = captured("pvh-backward-refused.log")
+REFUSED_RECEIVER = captured("pvh-backward-receiver.log")
 
 
 def dom(domid: int, state: str = "-b----", name: str = GUEST) -> Domain:
@@ -74,7 +58,7 @@ def observed(**changes) -> Observed:
 
 
 def refused(**changes) -> Observed:
-    return observed(**{"rc": 1, "log": REFUSED_RECORD, "source_after": [DOM0, dom(5)],
+    return observed(**{"rc": 1, "log": REFUSED_HVM_CONTEXT, "source_after": [DOM0, dom(5)],
                        "destination_after": [DOM0], **changes})
 
 
@@ -89,14 +73,24 @@ def test_forward_refused_fails_citing_the_rule_with_the_toolstacks_words() -> No
     message = j.message()
     assert "where Xen documents it as supported" in message
     assert "xen.git RELEASE-4.22.0:docs/specs/libxc-migration-stream.pandoc:100-104" in message
-    assert "xc: error: Failed to read Record Header from stream" in j.words
-    assert "1796700003" not in j.words  # the toolstack's words, without dom0's timestamps
+    assert ("xc: error: Failed to read 4202504 bytes of data for record (0x00000001, Page data)"
+            in j.words)
+    assert "1796690480" not in j.words  # the toolstack's words, without dom0's timestamps
 
 
-def test_backward_refused_cleanly_passes_labelled_so() -> None:
-    j = judge(refused(), BACKWARD_RULE)
+def test_forward_with_the_source_guest_dead_at_suspend_fails_with_both_reasons() -> None:
+    j = judge(refused(log=PVH_FORWARD, source_after=[DOM0]), FORWARD_RULE)
+    assert not j.passed and j.outcome == FAILED
+    assert j.reasons == ("the forward migration was refused (exit status 1), where Xen documents it "
+                         "as supported", "the source guest d5 is gone from the source")
+    assert "Domain 5:guest didn't acknowledge suspend, cancelling request" in j.words
+
+
+@pytest.mark.parametrize("log", [REFUSED_HVM_CONTEXT, REFUSED_RECEIVER], ids=["xl-migrate", "receiver"])
+def test_backward_refused_cleanly_passes_labelled_so(log: str) -> None:
+    j = judge(refused(log=log), BACKWARD_RULE)
     assert j.passed and j.outcome == REFUSED, j.message()
-    assert "Mandatory record 0x13 (unknown) not handled" in j.words
+    assert "xc: error: Unable to restore HVM context (22 = Invalid argument): Internal error" in j.words
 
 
 def test_backward_refused_with_a_half_created_domain_fails() -> None:
@@ -123,7 +117,11 @@ def test_backward_refused_with_the_source_memory_changed_fails() -> None:
 
 
 def test_a_refusal_without_a_word_is_not_clean() -> None:
-    j = judge(refused(log="1796700101.3 libxl: debug: libxl_event.c:2067: complete, rc=0\n"), BACKWARD_RULE)
+    # assembled: no real run has failed without a word; these are the real refusal's lines that
+    # say nothing went wrong
+    quiet = "".join(line + "\n" for line in REFUSED_HVM_CONTEXT.splitlines() if "libxl: debug:" in line)
+    assert quiet and toolstack_words(quiet) == ""
+    j = judge(refused(log=quiet), BACKWARD_RULE)
     assert not j.passed and "without a word saying why" in j.message()
 
 
@@ -148,9 +146,13 @@ def test_migrated_but_corrupted_unchecked_or_on_both_hosts_fails() -> None:
 
 def test_toolstack_words_are_the_failing_lines() -> None:
     words = toolstack_words(TRUNCATED).splitlines()
-    assert words[0] == "xc: error: Failed to read Record Header from stream (0 = Success): Internal error"
+    assert words[0] == "nxstream connect: truncated the stream after 1048576 bytes (--truncate-after)"
+    assert words[1] == ("xc: error: Failed to read 4202504 bytes of data for record (0x00000001, "
+                        "Page data) (0 = Success): Internal error")
     assert "migration target: Ready to receive domain." not in words
-    assert words[-1].startswith("nxstream connect: truncated")
+    assert "xc: info: Found x86 PV domain from Xen 4.17" not in words
+    assert words[-1] == ("libxl: error: libxl_dom_suspend.c:666:domain_resume_done: Domain 7:"
+                         "xc_domain_resume failed: Invalid argument")
 
 
 # ------------------------------------------------------------------ the run config
