@@ -79,21 +79,26 @@ def test_serve_hangs_up_when_its_command_dies_though_a_child_holds_the_stream(tm
         sender.close()
 
 
+def connect_from_writer(out, port: int, writer_code: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``nxstream connect`` to ``port`` fed by a Python writer (``writer_code``) standing
+    in for xl's stream; the writer is killed afterwards. Returns the result and its seconds."""
+    writer = subprocess.Popen([sys.executable, "-c", writer_code], stdout=subprocess.PIPE)
+    try:
+        started = time.monotonic()
+        sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
+                              stdin=writer.stdout, capture_output=True, timeout=30)
+        return sent, time.monotonic() - started
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_connect_stops_at_once_when_the_receiver_hangs_up(tmp_path) -> None:
     """xl's stream never ends here (an endless writer): connect must end with an error
     soon after the receiver died, so xl migrate fails instead of waiting out its timeout."""
     with serving(tmp_path, DIES_LEAVING_A_CHILD) as (serve, port, _):
-        out = tmp_path / "stats.json"
         endless = "import sys\nwhile True: sys.stdout.buffer.write(b'x' * 65536)"
-        writer = subprocess.Popen([sys.executable, "-c", endless], stdout=subprocess.PIPE)
-        try:
-            started = time.monotonic()
-            sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
-                                  stdin=writer.stdout, capture_output=True, timeout=30)
-            took = time.monotonic() - started
-        finally:
-            writer.kill()
-            writer.wait()
+        sent, took = connect_from_writer(tmp_path / "stats.json", port, endless)
         assert sent.returncode == 1 and b"the receiver hung up after" in sent.stderr, sent.stderr
         assert took < 10, f"connect took {took:.1f} s to notice"
         assert serve.wait(timeout=10) == 7
@@ -139,15 +144,7 @@ def test_connect_ends_when_the_receiver_refuses_after_the_whole_stream(tmp_path)
     with serving(tmp_path, [sys.executable, str(receiver)]) as (serve, port, _):
         out = tmp_path / "stats.json"
         holds = "import sys,time\nsys.stdout.buffer.write(b'x' * 4096)\nsys.stdout.flush()\ntime.sleep(60)"
-        writer = subprocess.Popen([sys.executable, "-c", holds], stdout=subprocess.PIPE)
-        try:
-            started = time.monotonic()
-            sent = subprocess.run([sys.executable, TOOL, "connect", str(out), "127.0.0.1", str(port)],
-                                  stdin=writer.stdout, capture_output=True, timeout=30)
-            took = time.monotonic() - started
-        finally:
-            writer.kill()
-            writer.wait()
+        sent, took = connect_from_writer(out, port, holds)
         assert serve.wait(timeout=10) == 3
     assert sent.returncode == 1 and b"while the sender still held it open" in sent.stderr, sent.stderr
     assert took < nxstream.HANG_UP_GRACE_S + 5, f"connect took {took:.1f} s to end"
