@@ -53,7 +53,15 @@ from .bisect_state import (
 )
 from .config import run_config_from_args as _config
 from .known_issues import KNOWN_ISSUES, load_known_issues
-from .ownbuild import BuildError, build_xen, parse_kconfig, require, xen_build_missing, xen_configure_flags
+from .ownbuild import (
+    BuildError,
+    build_xen,
+    parse_kconfig,
+    require,
+    run_as_build_error,
+    xen_build_missing,
+    xen_configure_flags,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BISECT_CONFIG = REPO / "configs" / "bisect.yaml"
@@ -356,10 +364,7 @@ def inputs_from_args(args: argparse.Namespace, src: Path) -> Inputs:
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
-    try:
-        return _cmd_bisect(args)
-    except BisectError as exc:
-        raise BuildError(str(exc)) from None  # printed by cli.main as one line, exit 2
+    return run_as_build_error(_cmd_bisect, args, BisectError)
 
 
 def _cmd_bisect(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ import yaml
 from . import options
 from .config import ConfigError, load_run_config
 from .config import run_config_from_args as _config
-from .ownbuild import BuildError, build_xen, parse_kconfig
+from .ownbuild import BuildError, build_xen, parse_kconfig, run_as_build_error
 
 REPO = Path(__file__).resolve().parent.parent
 MUTANTS_DIR = REPO / "mutants"
@@ -290,10 +290,7 @@ def write_summary(rows: list[MutantRun], path: Path) -> None:
 
 
 def cmd_mutant(args: argparse.Namespace) -> int:
-    try:
-        return _cmd_mutant(args)
-    except MutantError as exc:
-        raise BuildError(str(exc)) from None  # printed by cli.main as one line, exit 2
+    return run_as_build_error(_cmd_mutant, args, MutantError)
 
 
 def _cmd_mutant(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import options
@@ -40,6 +41,16 @@ XEN_CONFIGURE = ("--disable-stubdom", "--disable-docs", "--disable-ocamltools", 
 
 class BuildError(RuntimeError):
     """A build could not run or failed; the message says what to do."""
+
+
+def run_as_build_error(command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                       errors: type[Exception] | tuple[type[Exception], ...]) -> int:
+    """Run a subcommand; one of its own ``errors`` becomes a BuildError with the same message,
+    which cli.main prints as one line (exit 2)."""
+    try:
+        return command(args)
+    except errors as exc:
+        raise BuildError(str(exc)) from None
 
 
 def xen_configure_flags() -> list[str]:
