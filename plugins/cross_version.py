@@ -193,6 +193,11 @@ def _send(run: XvRun, guest, mig, shift_s: float, truncate_after: int | None):
                         mig.stream_stats, shift_s, pause=has_dirty(guest))
 
 
+def _truncated(truncate_after: int | None) -> str:
+    """The negative control's log has a name of its own: it ran the same case."""
+    return "" if truncate_after is None else f"-truncated-{truncate_after}"
+
+
 def migrate_once(run: XvRun, guest, metrics, node, mig, truncate_after: int | None = None):
     """One live migration of ``guest`` from the run's source to its destination, timed and
     checked like plugins/migration.py's migrate_between; (record, toolstack result, the
@@ -220,7 +225,7 @@ def migrate_once(run: XvRun, guest, metrics, node, mig, truncate_after: int | No
     shift = src_off - dst_off
     finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds,
                   ticks=src_ticks + [(at + shift, seq) for at, seq in dst_ticks],
-                  log_path=metrics.path.parent / "migration" / f"{guest.name}-{run.case.id}.log",
+                  log_path=metrics.path.parent / "migration" / f"{guest.name}-{run.case.id}{_truncated(truncate_after)}.log",
                   dmesg=lambda: dst.xl.dmesg(), intact=lambda: memory_intact(moved, agents[dst.name]),
                   unpaused_ns=holder["unpaused_ns"] + shift if "unpaused_ns" in holder else None)
     apply_stream_stats(rec, stream)
