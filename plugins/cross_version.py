@@ -223,9 +223,10 @@ def migrate_once(run: XvRun, guest, metrics, node, mig, truncate_after: int | No
         time.sleep(2.0)
         src_ticks, dst_ticks = (tick_arrivals(w.stop()) for w in watches)
     shift = src_off - dst_off
+    log_name = f"{guest.name}-{run.case.id}{_truncated(truncate_after)}.log"
     finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds,
                   ticks=src_ticks + [(at + shift, seq) for at, seq in dst_ticks],
-                  log_path=metrics.path.parent / "migration" / f"{guest.name}-{run.case.id}{_truncated(truncate_after)}.log",
+                  log_path=metrics.path.parent / "migration" / log_name,
                   dmesg=lambda: dst.xl.dmesg(), intact=lambda: memory_intact(moved, agents[dst.name]),
                   unpaused_ns=holder["unpaused_ns"] + shift if "unpaused_ns" in holder else None)
     apply_stream_stats(rec, stream)
