@@ -31,36 +31,26 @@ import pytest
 from harness import dirty_pages, verdict
 from harness.cross_version import FAILED, MIGRATED, CrossPair, Judgement, Observed, judge
 from harness.fixtures import run_config
-
-# cross_pairs: the fixture, here until harness/pytest_plugin.py registers harness.fixtures.pair
-from harness.fixtures.pair import build_origin, cross_pairs, no_device_model  # noqa: F401
+from harness.fixtures.pair import build_origin, no_device_model
 from harness.guest_logs import Side
 from harness.guests import GuestSpec, save_console, start_guest
-from harness.metrics import tick_arrivals
 from harness.plugins import check
 from harness.timeouts import XL_PAUSE_S
-from harness.xen import created_domid, follow_domid
+from harness.xen import created_domid
 from harness.xen_compat import BACKWARD, FORWARD, Rule, SameXen, direction, rule_for
 
 from ._migration_stream import (
-    LINK_DEV,
-    Watch,
-    apply_stream_stats,
     install_stream_tool,
     migrate_tcp,
     migrate_with,
-    tx_bytes,
 )
 from .migration import (
     DIRTY_MB,
     _assert_good,
-    apply_dirty,
-    check_dirty_then_unpause,
-    clock_offset_ns,
     evidence,
-    finish_record,
     has_dirty,
     memory_intact,
+    move_between,
     record_base,
 )
 
@@ -200,40 +190,17 @@ def _truncated(truncate_after: int | None) -> str:
 
 def migrate_once(run: XvRun, guest, metrics, node, mig, truncate_after: int | None = None):
     """One live migration of ``guest`` from the run's source to its destination, timed and
-    checked like plugins/migration.py's migrate_between; (record, toolstack result, the
-    holder of the dirty verdict)."""
-    src, dst, agents = run.src, run.dst, run.agents
+    checked by plugins/migration.py's move_between, as two-host migration is; (record,
+    toolstack result, the holder of the dirty verdict)."""
+    src, dst = run.src, run.dst
     rec = record_base("cross_version_migrate", guest, src.facts(), f"{src.image.name} -> {dst.image.name}", 0)
     _label(rec, run)
-    src_off, src_err = clock_offset_ns(src.remote)
-    dst_off, dst_err = clock_offset_ns(dst.remote)
-    rec.extra["clock_uncertainty_s"] = round((src_err + dst_err) / 1e9, 3)
-    watches = (Watch(src.remote, guest.name), Watch(dst.remote, guest.name))
-    moved = dataclasses.replace(guest, xl=dst.xl)
-    holder: dict = {}
-    time.sleep(1.0)
-    try:
-        before = tx_bytes(src.remote, LINK_DEV)
-        result, stream = _send(run, guest, mig, (src_off - dst_off) / 1e9, truncate_after)
-        after = tx_bytes(src.remote, LINK_DEV)
-        follow_domid(moved, result.stdout, ok=result.rc == 0)
-        if has_dirty(guest) and result.rc == 0:
-            check_dirty_then_unpause(moved, agents[dst.name], holder, node)
-    finally:
-        time.sleep(2.0)
-        src_ticks, dst_ticks = (tick_arrivals(w.stop()) for w in watches)
-    shift = src_off - dst_off
     log_name = f"{guest.name}-{run.case.id}{_truncated(truncate_after)}.log"
-    finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds,
-                  ticks=src_ticks + [(at + shift, seq) for at, seq in dst_ticks],
-                  log_path=metrics.path.parent / "migration" / log_name,
-                  dmesg=lambda: dst.xl.dmesg(), intact=lambda: memory_intact(moved, agents[dst.name]),
-                  unpaused_ns=holder["unpaused_ns"] + shift if "unpaused_ns" in holder else None)
-    apply_stream_stats(rec, stream)
-    apply_dirty(rec, holder.get("dirty"), holder.get("pv_p2m_window_s"))
+    result, holder = move_between(rec, guest, src, dst, run.agents, node,
+                                  lambda shift_s: _send(run, guest, mig, shift_s, truncate_after),
+                                  metrics.path.parent / "migration" / log_name, lambda: dst.xl.dmesg())
     rec.extra.update(transport="tcp" if truncate_after is not None else mig.transport,
-                     wire_bytes=after - before if before is not None and after is not None else None,
-                     truncated_after=truncate_after, log_tail=result.stdout[-3000:])
+                     truncated_after=truncate_after)
     return rec, result, holder
 
 

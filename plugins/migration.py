@@ -376,14 +376,14 @@ def clock_offset_ns(remote, samples: int = 5) -> tuple[int, int]:
     return best
 
 
-def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, repeat: int,
-                    counted: bool = True, transport: str = "tcp", *, node) -> Record:
-    """Migrate ``guest`` from ``src`` to ``dst`` over the private link, timed like the
-    localhost case; the memory check runs on ``dst``, where the guest now lives. A failure's
-    evidence, from both dom0s, goes to the check ``node``."""
-    rec = record_base("two_host_migrate", guest, src.facts(), src.image.name, repeat)
-    domid = guest.domid  # on src
-    rec.extra["direction"] = f"{src.name} -> {dst.name}"
+def move_between(rec: Record, guest, src, dst, agents: dict, node, send, log_path, dst_dmesg) -> tuple:
+    """The timed move of ``guest`` from ``src`` to ``dst`` that two-host and cross-version
+    migration share: clock offsets, console watches on both sides, ``send(shift_s)`` (the
+    toolstack's migration, returning (result, stream stats); ``shift_s`` puts the receiver's
+    log lines, stamped by dst's clock, on src's), the dirty buffer checked at arrival, and the
+    record finished (``dst_dmesg()`` on failure). (toolstack result, holder of the dirty
+    verdict); the source dom0's link NIC tx bytes, the stream as carried on the wire, are in
+    ``rec.extra["wire_bytes"]``."""
     src_off, src_err = clock_offset_ns(src.remote)
     dst_off, dst_err = clock_offset_ns(dst.remote)
     rec.extra["clock_uncertainty_s"] = round((src_err + dst_err) / 1e9, 3)
@@ -393,10 +393,7 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     time.sleep(1.0)
     try:
         before = tx_bytes(src.remote, LINK_DEV)
-        # the receiver's log lines, stamped by dst's clock, put on src's
-        shift_s = (src_off - dst_off) / 1e9
-        result, stream = migrate_with(transport, src.remote, dst.remote, guest.name, dst_address, counted,
-                                      shift_s, pause=has_dirty(guest))
+        result, stream = send((src_off - dst_off) / 1e9)
         after = tx_bytes(src.remote, LINK_DEV)
         follow_domid(moved, result.stdout, ok=result.rc == 0)
         if has_dirty(guest) and result.rc == 0:
@@ -408,22 +405,43 @@ def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, re
     # Put the destination's arrivals on the source's clock, where the window is.
     shift = src_off - dst_off
     ticks = src_ticks + [(t + shift, seq) for t, seq in dst_ticks]
-    log_name = f"{guest.name}-two-host-{repeat}-{src.name}.log"
-    dmesg = (src.xl.dmesg(), dst.xl.dmesg()) if result.rc != 0 else ("", "")
     finish_record(rec, log=result.stdout, rc=result.rc, seconds=result.seconds, ticks=ticks,
-                  log_path=metrics.path.parent / "migration" / log_name,
-                  dmesg=lambda: dmesg[1], intact=lambda: memory_intact(moved, agents[dst.name]),
+                  log_path=log_path,
+                  dmesg=dst_dmesg, intact=lambda: memory_intact(moved, agents[dst.name]),
                   unpaused_ns=holder["unpaused_ns"] + shift if "unpaused_ns" in holder else None)
-    if not rec.ok:
-        evidence(node, rec, [Side(src.name, src.remote, dmesg[0], (domid,)),
-                             Side(dst.name, dst.remote, dmesg[1], (created_domid(result.stdout),))],
-                 guest.name, metrics)
     rec.extra["log_tail"] = result.stdout[-3000:]
     apply_stream_stats(rec, stream)
     apply_dirty(rec, holder.get("dirty"), holder.get("pv_p2m_window_s"))
-    rec.extra["transport"] = transport
-    # The source dom0's link NIC tx bytes: the stream as carried on the wire.
     rec.extra["wire_bytes"] = after - before if before is not None and after is not None else None
+    return result, holder
+
+
+def migrate_between(guest, src, dst, dst_address: str, agents: dict, metrics, repeat: int,
+                    counted: bool = True, transport: str = "tcp", *, node) -> Record:
+    """Migrate ``guest`` from ``src`` to ``dst`` over the private link, timed like the
+    localhost case; the memory check runs on ``dst``, where the guest now lives. A failure's
+    evidence, from both dom0s, goes to the check ``node``."""
+    rec = record_base("two_host_migrate", guest, src.facts(), src.image.name, repeat)
+    domid = guest.domid  # on src
+    rec.extra["direction"] = f"{src.name} -> {dst.name}"
+    dmesg: list = []  # both dom0s' xl dmesg, taken once on failure
+
+    def dst_dmesg() -> str:
+        if not dmesg:
+            dmesg.extend((src.xl.dmesg(), dst.xl.dmesg()))
+        return dmesg[1]
+
+    result, _ = move_between(
+        rec, guest, src, dst, agents, node,
+        lambda shift_s: migrate_with(transport, src.remote, dst.remote, guest.name, dst_address, counted,
+                                     shift_s, pause=has_dirty(guest)),
+        metrics.path.parent / "migration" / f"{guest.name}-two-host-{repeat}-{src.name}.log", dst_dmesg)
+    if not rec.ok:
+        dst_dmesg()
+        evidence(node, rec, [Side(src.name, src.remote, dmesg[0], (domid,)),
+                             Side(dst.name, dst.remote, dmesg[1], (created_domid(result.stdout),))],
+                 guest.name, metrics)
+    rec.extra["transport"] = transport
     metrics.add(rec)
     metrics.write()
     return rec
